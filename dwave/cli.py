@@ -1,0 +1,151 @@
+"""`dwave` command line: a thin layer that parses flags and calls the modules.
+
+Every user error (bad flag, bad config, missing input) ends as one line on stderr and exit
+status 2; a traceback means a bug in dwave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import DwaveError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _add_preprocess(sub) -> None:
+    p = sub.add_parser(
+        "preprocess",
+        help="decode songs into a store of mu-law tracks (Dask)",
+        description=(
+            "Decode songs, mix to mono, resample, peak-normalise and mu-law encode them into a "
+            "Zarr store, in parallel with Dask. Rerunning on the same store skips finished "
+            "tracks; bad files are reported and skipped."
+        ),
+        epilog=(
+            "SOURCE is a file, a directory (recursive), a glob ('songs/**/*.mp3', quoted), a .zip "
+            "archive (read in place), s3://bucket/prefix, or an http(s):// URL (append "
+            "#sha256=HEX to check it). STORE is a directory or s3://bucket/prefix; S3 "
+            "credentials and endpoint come from the AWS_* environment variables."
+        ),
+    )
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="songs to process")
+    p.add_argument("--out", "-o", required=True, metavar="STORE", help="the store to write")
+    p.add_argument("--sample-rate", type=_positive_int, metavar="HZ",
+                   help="output sample rate (default: the store's, else 16000)")
+    p.add_argument("--quantization-channels", type=_positive_int, metavar="N",
+                   help="mu-law levels, 2..65536 (default: the store's, else 256)")
+    p.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="local Dask worker processes (default: one per core)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="use a running Dask cluster (tcp://host:8786 or a scheduler JSON file)")
+    p.add_argument("--metadata", metavar="CSV",
+                   help="genres: FMA's tracks.csv, or a CSV with track_id,genre columns")
+    p.add_argument("--overwrite", action="store_true", help="delete the store's contents first")
+    p.add_argument("--storage-options", type=_json_object, metavar="JSON", default={},
+                   help='fsspec options for s3:// (e.g. \'{"anon": true}\')')
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="where http(s) downloads go (default: $DWAVE_CACHE_DIR or "
+                        "~/.cache/dwave/downloads)")
+    p.add_argument("--strict", action="store_true", help="exit non-zero if any song failed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_preprocess)
+
+
+def _cmd_preprocess(args) -> int:
+    from .preprocess import run_preprocess
+
+    summary = run_preprocess(
+        args.sources,
+        args.out,
+        sample_rate=args.sample_rate,
+        quantization_channels=args.quantization_channels,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        metadata=args.metadata,
+        overwrite=args.overwrite,
+        storage_options=args.storage_options,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+        log=_log,
+    )
+    for line in summary.lines():
+        _log(line)
+    if summary.store_tracks == 0:
+        _log("dwave: error: no track could be written")
+        return 1
+    if args.strict and summary.failures:
+        _log(f"dwave: error: {len(summary.failures)} songs failed (--strict)")
+        return 1
+    return 0
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="describe a store", description="Tracks, hours, sample "
+                       "rate, genres and failures of a store.")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--storage-options", type=_json_object, metavar="JSON", default={})
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(args) -> int:
+    from .info import describe_store, format_description
+
+    description = describe_store(args.store, args.storage_options)
+    if args.json:
+        print(json.dumps(description, indent=2))
+    else:
+        print(format_description(description))
+    return 0
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dwave",
+        description="A music archive in, a WaveNet that writes new songs out.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_preprocess(sub)
+    _add_info(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DwaveError as exc:
+        print(f"dwave: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dwave: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""HTTP download with resume (Range requests), standard library only."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import time
+import urllib.error
+import urllib.request
+
+from .errors import DwaveError
+
+_BLOCK = 1 << 20
+
+
+def fetch_with_resume(url: str, part_path: str, attempts: int = 5, timeout: float = 60.0) -> None:
+    """Fetch `url` into `part_path`, continuing from whatever `part_path` already holds.
+
+    Each attempt asks for the bytes after the ones already on disk. A server that ignores Range
+    (answers 200 instead of 206) gets the download restarted from zero. Connection drops and
+    5xx answers are retried with back-off; 4xx answers fail at once.
+    """
+    for attempt in range(1, attempts + 1):
+        have = os.path.getsize(part_path) if os.path.exists(part_path) else 0
+        request = urllib.request.Request(url, headers={"User-Agent": "dwave"})
+        if have:
+            request.add_header("Range", f"bytes={have}-")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                if have and response.status == 206:
+                    mode, expected = "ab", _content_length(response, have)
+                elif have and response.status == 416:  # nothing left: we have it all
+                    return
+                else:
+                    mode, expected = "wb", _content_length(response, 0)
+                with open(part_path, mode) as out:
+                    for block in iter(lambda: response.read(_BLOCK), b""):
+                        out.write(block)
+            size = os.path.getsize(part_path)
+            if expected is not None and size < expected:
+                raise http.client.IncompleteRead(b"", expected - size)
+            return
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416 and have:
+                return
+            if exc.code < 500:
+                raise DwaveError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
+            error: Exception = exc
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
+                TimeoutError) as exc:
+            error = exc
+        if attempt < attempts:
+            time.sleep(min(0.2 * 2**attempt, 5.0))
+    raise DwaveError(f"cannot download {url} after {attempts} attempts: {error}")
+
+
+def _content_length(response, offset: int) -> int | None:
+    length = response.headers.get("Content-Length")
+    return offset + int(length) if length is not None else None

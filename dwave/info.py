@@ -1,0 +1,51 @@
+"""`dwave info`: what a store holds, from its index (one read over S3)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .store import TrackStore, index_entry
+
+
+def describe_store(url: str, storage_options: dict | None = None) -> dict:
+    store = TrackStore(url, storage_options)
+    config = store.config()
+    index = store.read_index()
+    tracks = index["tracks"]
+    if index["updated"] is None:  # no run has finished yet (e.g. the first one was killed)
+        tracks = [index_entry(tid, attrs) for tid, attrs in sorted(store.completed_tracks().items())]
+    seconds = sum(t["duration"] for t in tracks)
+    return {
+        "store": store.url,
+        "sample_rate": config.sample_rate,
+        "quantization_channels": config.quantization_channels,
+        "num_tracks": len(tracks),
+        "num_samples": sum(t["length"] for t in tracks),
+        "hours": seconds / 3600,
+        "genres": dict(Counter(t["genre"] for t in tracks if t["genre"]).most_common()),
+        "tracks": tracks,
+        "failures": index["failures"],
+        "index_updated": index["updated"],
+    }
+
+
+def format_description(d: dict, max_rows: int = 50) -> str:
+    lines = [
+        f"store      {d['store']}",
+        f"tracks     {d['num_tracks']} ({d['hours']:.2f} h, {d['num_samples']:,} samples)",
+        f"format     {d['sample_rate']} Hz, {d['quantization_channels']}-level mu-law",
+        "genres     " + (", ".join(f"{g} ({n})" for g, n in d["genres"].items()) or "none"),
+        f"failures   {len(d['failures'])}",
+        f"indexed    {d['index_updated'] or 'never (no run has finished)'}",
+    ]
+    if d["tracks"]:
+        lines += ["", f"{'id':<24} {'seconds':>9} {'genre':<16} source"]
+        for t in d["tracks"][:max_rows]:
+            lines.append(f"{t['id']:<24} {t['duration']:>9.1f} {(t['genre'] or '-'):<16} "
+                         f"{t['source']}")
+        if len(d["tracks"]) > max_rows:
+            lines.append(f"... and {len(d['tracks']) - max_rows} more (--json for all)")
+    if d["failures"]:
+        lines += ["", "failures:"]
+        lines += [f"  {f['source']}: {f['reason']}" for f in d["failures"]]
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""Genres from a metadata CSV: FMA's ``tracks.csv`` (three header rows) or a plain
+``track_id,genre`` file (one header row)."""
+
+from __future__ import annotations
+
+import csv
+
+from .errors import DwaveError
+
+
+def _normalise_id(track_id: str) -> str:
+    track_id = track_id.strip()
+    return str(int(track_id)) if track_id.isdigit() else track_id
+
+
+def load_genres(path: str) -> dict[str, str]:
+    """Map track id -> genre. Tracks without a genre are left out."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = csv.reader(f)
+            header = next(rows, None)
+            if header is None:
+                raise DwaveError(f"metadata file {path} is empty")
+            if "track_id" in header:
+                id_col = header.index("track_id")
+                genre_col = _find(header, ("genre", "genre_top"), path)
+            else:
+                # FMA's tracks.csv: row 1 names the table (album/artist/set/track) of each
+                # column, row 2 the field, row 3 is "track_id" and blanks.
+                fields = next(rows, [])
+                third = next(rows, [])
+                if not third or third[0] != "track_id":
+                    raise DwaveError(
+                        f"metadata file {path}: expected a 'track_id' header column, or FMA's "
+                        "tracks.csv with its three header rows"
+                    )
+                pairs = list(zip(header, fields))
+                if ("track", "genre_top") not in pairs:
+                    raise DwaveError(f"metadata file {path}: no track/genre_top column")
+                id_col, genre_col = 0, pairs.index(("track", "genre_top"))
+            genres = {}
+            for row in rows:
+                if len(row) > max(id_col, genre_col) and row[genre_col].strip():
+                    genres[_normalise_id(row[id_col])] = row[genre_col].strip()
+            return genres
+    except OSError as exc:
+        raise DwaveError(f"cannot read metadata file {path}: {exc.strerror}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DwaveError(f"metadata file {path} is not a readable CSV: {exc}") from None
+
+
+def _find(header: list[str], names: tuple[str, ...], path: str) -> int:
+    for name in names:
+        if name in header:
+            return header.index(name)
+    raise DwaveError(f"metadata file {path}: no column named {' or '.join(names)}")

@@ -1,0 +1,217 @@
+"""Songs -> mu-law tracks in the store, in parallel with a Dask bag.
+
+The driver expands the sources, decides which tracks still need doing (resume), and hands one
+song per bag partition to the cluster; each worker decodes, resamples, encodes and writes its
+song straight to the store; the driver collects a small result per song, then rebuilds the index.
+Nothing but those small results travels back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .audio import AudioError, decode_to_mono, iter_code_chunks, normalisation_gain
+from .errors import DwaveError
+from .sources import Source, expand_sources
+from .store import CHUNK_SAMPLES, StoreConfig, TrackStore
+
+
+@dataclass(frozen=True)
+class TrackTask:
+    source: Source
+    track_id: str
+    genre: str | None
+
+
+def process_track(task: TrackTask, store_url: str, storage_options: dict, config: StoreConfig):
+    """Decode one song and write it as a track. Runs on a worker; returns a small dict.
+
+    Bad audio is a result ("failed" with the reason), not an exception: exceptions are kept for
+    infrastructure trouble (an S3 hiccup, a dead disk), which Dask retries.
+    """
+    started = time.perf_counter()
+    result = {"track_id": task.track_id, "source": task.source.uri}
+    try:
+        with task.source.open() as file:
+            decoded = decode_to_mono(file, config.sample_rate)
+        gain = normalisation_gain(decoded)
+        attrs = {
+            "sample_rate": config.sample_rate,
+            "quantization_channels": config.quantization_channels,
+            "length": len(decoded.samples),
+            "duration": round(decoded.duration, 6),
+            "source": task.source.uri,
+            "fingerprint": task.source.fingerprint,
+            "genre": task.genre,
+            "source_sample_rate": decoded.source_sample_rate,
+            "source_channels": decoded.source_channels,
+            "peak": decoded.peak,
+        }
+        chunks = iter_code_chunks(decoded, gain, CHUNK_SAMPLES, config.quantization_channels)
+        TrackStore(store_url, storage_options).write_track(
+            task.track_id, chunks, len(decoded.samples), config.dtype, attrs
+        )
+    except AudioError as exc:
+        return {**result, "status": "failed", "reason": str(exc)}
+    except (FileNotFoundError, PermissionError, IsADirectoryError, DwaveError) as exc:
+        return {**result, "status": "failed", "reason": _os_reason(exc)}
+    return {
+        **result,
+        "status": "written",
+        "duration": decoded.duration,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _os_reason(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"cannot read: {exc.strerror}"
+    return str(exc)
+
+
+@dataclass
+class Summary:
+    store: str
+    config: StoreConfig
+    sources: int
+    written: list[dict] = field(default_factory=list)
+    skipped: int = 0
+    failures: list[dict] = field(default_factory=list)
+    ignored: int = 0
+    wall_seconds: float = 0.0
+    store_tracks: int = 0
+    store_hours: float = 0.0
+
+    @property
+    def audio_seconds(self) -> float:
+        return sum(r["duration"] for r in self.written)
+
+    @property
+    def realtime_factor(self) -> float:
+        return self.audio_seconds / self.wall_seconds if self.wall_seconds else 0.0
+
+    def lines(self) -> list[str]:
+        out = [
+            f"store {self.store}: {self.store_tracks} tracks, {self.store_hours:.2f} h of audio "
+            f"at {self.config.sample_rate} Hz",
+            f"this run: {len(self.written)} written, {self.skipped} already done, "
+            f"{len(self.failures)} failed, {self.ignored} non-audio files ignored",
+        ]
+        if self.written:
+            out.append(
+                f"processed {self.audio_seconds / 3600:.2f} h of audio in {self.wall_seconds:.1f} s "
+                f"({self.realtime_factor:,.0f}x real time, "
+                f"{len(self.written) / self.wall_seconds:.2f} songs/s)"
+            )
+        for failure in self.failures:
+            out.append(f"  FAILED {failure['source']}: {failure['reason']}")
+        return out
+
+
+def plan_tasks(
+    sources: list[Source], genres: dict[str, str], done: dict[str, dict]
+) -> tuple[list[TrackTask], int, list[dict]]:
+    """Which songs still need processing: (tasks, number already done, duplicate-id failures)."""
+    tasks, skipped, failures = [], 0, []
+    claimed: dict[str, str] = {}
+    for source in sources:
+        track_id = source.track_id
+        if track_id in claimed:
+            failures.append({
+                "source": source.uri, "track_id": track_id,
+                "reason": f"duplicate track id {track_id} (also from {claimed[track_id]})",
+            })
+            continue
+        claimed[track_id] = source.uri
+        previous = done.get(track_id)
+        if previous and previous.get("fingerprint") == source.fingerprint:
+            skipped += 1
+            continue
+        tasks.append(TrackTask(source, track_id, genres.get(track_id)))
+    return tasks, skipped, failures
+
+
+def run_preprocess(
+    specs: list[str],
+    out: str,
+    *,
+    sample_rate: int | None = None,
+    quantization_channels: int | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    metadata: str | None = None,
+    overwrite: bool = False,
+    storage_options: dict | None = None,
+    cache_dir: str | None = None,
+    progress: bool = True,
+    log=print,
+) -> Summary:
+    from .cluster import dask_client
+    from .metadata import load_genres
+
+    genres = load_genres(metadata) if metadata else {}
+    store = TrackStore(out, storage_options)
+    expansion = expand_sources(specs, store.storage_options, cache_dir)
+    config = store.prepare(sample_rate, quantization_channels, overwrite)
+    tasks, skipped, failures = plan_tasks(expansion.sources, genres, store.completed_tracks())
+    summary = Summary(store.url, config, len(expansion.sources), skipped=skipped,
+                      ignored=len(expansion.ignored))
+    log(f"{len(expansion.sources)} songs found: {len(tasks)} to process, {skipped} already in "
+        f"the store" + (f", {len(expansion.ignored)} non-audio files ignored"
+                        if expansion.ignored else ""))
+
+    if tasks:
+        with dask_client(workers=workers, scheduler=scheduler, log=log) as client:
+            started = time.perf_counter()  # the work, not the cluster's start-up
+            results = _compute(client, tasks, store, config, progress)
+            summary.wall_seconds = time.perf_counter() - started
+        summary.written = [r for r in results if r["status"] == "written"]
+        failures += [r for r in results if r["status"] == "failed"]
+    summary.failures = failures
+
+    # Keep earlier runs' failures for sources this run did not touch; drop those now handled.
+    touched = {s.uri for s in expansion.sources}
+    kept = [f for f in store.read_index()["failures"] if f["source"] not in touched]
+    index = store.write_index(kept + [{"source": f["source"], "reason": f["reason"]}
+                                      for f in failures])
+    summary.store_tracks = len(index["tracks"])
+    summary.store_hours = sum(t["duration"] for t in index["tracks"]) / 3600
+    return summary
+
+
+def _compute(client, tasks, store, config, progress) -> list[dict]:
+    import dask.bag as db
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    # One song per partition: songs differ in length by 10x, so small tasks balance best.
+    bag = db.from_sequence(tasks, npartitions=len(tasks)).map(
+        process_track, store.url, store.storage_options, config
+    )
+    partitions = bag.to_delayed()
+    # retries: a task whose worker died (OOM, node lost) is rerun elsewhere; the rewrite of a
+    # half-written track is safe because tracks become visible only when complete.
+    futures = client.compute(partitions, retries=2)
+    task_of = {future.key: task for future, task in zip(futures, tasks)}
+    results: list[dict] = []
+    bar = tqdm(total=len(tasks), unit="song", disable=not progress, dynamic_ncols=True,
+               mininterval=0.5, desc="preprocess")
+    audio_seconds = 0.0
+    with bar:
+        for future in as_completed(futures):
+            try:
+                batch = future.result()
+            except Exception as exc:  # noqa: BLE001 - any worker-side crash becomes a failure
+                task = task_of[future.key]
+                batch = [{"track_id": task.track_id, "source": task.source.uri, "status": "failed",
+                          "reason": f"worker error: {exc.__class__.__name__}: {exc}"}]
+            for result in batch:
+                results.append(result)
+                if result["status"] == "failed":
+                    bar.write(f"  failed, skipped: {result['source']}: {result['reason']}")
+                else:
+                    audio_seconds += result["duration"]
+                    bar.set_postfix_str(f"{audio_seconds / 3600:.2f} h audio", refresh=False)
+            bar.update(1)
+    return results

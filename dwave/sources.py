@@ -1,0 +1,256 @@
+"""What a SOURCE can be, expanded to individual songs that any worker can open.
+
+A SOURCE is a file, a directory (walked recursively), a glob, a ``.zip`` archive (members read
+in place, never extracted), an ``s3://`` prefix or object, or an ``http(s)://`` URL (downloaded
+with resume; ``#sha256=HEX`` after the URL checks the result). Each song becomes a
+:class:`Source`: a small, plain value that a Dask worker can open on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import os
+import re
+import zipfile
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator
+
+from .errors import DwaveError
+
+#: Extensions of the formats libsndfile decodes. Files with other extensions found while walking
+#: a directory, glob or archive are not songs (cover art, READMEs, checksums) and are counted,
+#: not reported as failures. A file named explicitly is always tried.
+AUDIO_EXTENSIONS = frozenset(
+    ".mp3 .wav .wave .flac .ogg .oga .opus .aif .aiff .aifc .au .snd .caf .w64 .rf64".split()
+)
+
+_FMA_NAME = re.compile(r"^(\d+)$")  # FMA names its songs 000002.mp3, 155320.mp3, ...
+
+
+@dataclass(frozen=True)
+class Source:
+    """One song: where it is, and how to tell if it changed since it was processed."""
+
+    uri: str  # local path, "ARCHIVE.zip::MEMBER", "s3://bucket/key" or "https://..."
+    fingerprint: str  # size + mtime, zip CRC, S3 ETag, or URL + checksum
+    storage_options: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def name(self) -> str:
+        return re.split(r"[/\\]|::", self.uri)[-1]
+
+    @property
+    def track_id(self) -> str:
+        return track_id_for(self.uri)
+
+    def open(self) -> contextlib.AbstractContextManager[BinaryIO]:
+        """A seekable binary file of the song's bytes (what libsndfile's virtual IO needs)."""
+        return _open_source(self)
+
+
+def track_id_for(uri: str) -> str:
+    """FMA file names give their number (``000002.mp3`` -> ``2``); anything else a readable,
+    stable id: the file's stem plus a hash of the full URI (so equal names never collide)."""
+    name = re.split(r"[/\\]|::", uri)[-1]
+    stem = os.path.splitext(name)[0]
+    if _FMA_NAME.match(stem):
+        return str(int(stem))
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._")[:40] or "track"
+    return f"{slug}-{hashlib.sha1(uri.encode()).hexdigest()[:10]}"
+
+
+def is_audio_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in AUDIO_EXTENSIONS
+
+
+# --------------------------------------------------------------------------------------------
+# Expansion: SOURCE arguments -> songs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Expansion:
+    sources: list[Source]
+    ignored: list[str]  # files passed over because their extension is not an audio format
+
+
+def expand_sources(
+    specs: list[str], storage_options: dict | None = None, cache_dir: str | None = None
+) -> Expansion:
+    """Turn SOURCE arguments into songs, in a deterministic order, without duplicates."""
+    storage_options = storage_options or {}
+    sources: list[Source] = []
+    ignored: list[str] = []
+    for spec in specs:
+        if spec.startswith("s3://"):
+            found = _expand_s3(spec, storage_options, ignored)
+        elif spec.startswith(("http://", "https://")):
+            found = _expand_http(spec, cache_dir)
+            if found is None:  # a downloaded .zip archive: expand its members
+                found = _expand_zip(download(spec, cache_dir), ignored)
+        else:
+            found = _expand_local(spec, ignored)
+        if not found:
+            raise DwaveError(f"no audio files found in {spec!r}")
+        sources.extend(found)
+    unique = list(dict.fromkeys(sources))  # same URI twice on the command line: once
+    return Expansion(unique, ignored)
+
+
+def _expand_local(spec: str, ignored: list[str]) -> list[Source]:
+    if glob.has_magic(spec):
+        paths = sorted(glob.glob(spec, recursive=True))
+        if not paths:
+            raise DwaveError(f"no files match {spec!r}")
+        return [s for p in paths for s in _expand_local_path(p, ignored, explicit=False)]
+    if not os.path.exists(spec):
+        raise DwaveError(f"no such file or directory: {spec}")
+    return _expand_local_path(spec, ignored, explicit=True)
+
+
+def _expand_local_path(path: str, ignored: list[str], explicit: bool) -> list[Source]:
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        found = []
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                found.extend(_expand_local_path(os.path.join(root, name), ignored, explicit=False))
+        return found
+    if path.lower().endswith(".zip"):
+        return _expand_zip(path, ignored)
+    if not explicit and not is_audio_name(path):
+        ignored.append(path)
+        return []
+    stat = os.stat(path)
+    return [Source(path, f"size={stat.st_size},mtime_ns={stat.st_mtime_ns}")]
+
+
+def _expand_zip(path: str, ignored: list[str]) -> list[Source]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.infolist() if not m.is_dir()]
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DwaveError(f"cannot read zip archive {path}: {exc}") from None
+    found = []
+    for member in sorted(members, key=lambda m: m.filename):
+        uri = f"{path}::{member.filename}"
+        if not is_audio_name(member.filename):
+            ignored.append(uri)
+            continue
+        found.append(Source(uri, f"crc32={member.CRC:08x},size={member.file_size}"))
+    return found
+
+
+def _expand_s3(spec: str, storage_options: dict, ignored: list[str]) -> list[Source]:
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **storage_options)
+    path = spec[len("s3://") :].rstrip("/")
+    try:
+        if glob.has_magic(path):
+            listing = fs.glob(path, detail=True)
+        elif fs.isfile(path):
+            listing = {path: fs.info(path)}
+        else:
+            listing = fs.find(path, detail=True)
+    except (OSError, PermissionError) as exc:  # botocore errors surface as OSError subclasses
+        raise DwaveError(f"cannot list {spec}: {exc}") from None
+    found = []
+    for key in sorted(listing):
+        meta = listing[key]
+        if meta.get("type") == "directory":
+            continue
+        if not is_audio_name(key):
+            ignored.append(f"s3://{key}")
+            continue
+        etag = str(meta.get("ETag", meta.get("etag", ""))).strip('"')
+        fingerprint = f"etag={etag},size={meta.get('size')}"
+        found.append(Source(f"s3://{key}", fingerprint, storage_options))
+    return found
+
+
+def _expand_http(spec: str, cache_dir: str | None) -> list[Source] | None:
+    url, _ = split_checksum(spec)
+    if url.lower().split("?")[0].endswith(".zip"):
+        return None
+    return [Source(spec, f"url={spec}", {"cache_dir": cache_dir} if cache_dir else {})]
+
+
+def split_checksum(spec: str) -> tuple[str, str | None]:
+    """``URL#sha256=HEX`` -> (URL, HEX). The fragment is never sent to the server."""
+    url, _, fragment = spec.partition("#")
+    if not fragment:
+        return url, None
+    key, _, value = fragment.partition("=")
+    if key.lower() != "sha256" or not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise DwaveError(f"bad checksum in {spec!r}: expected #sha256=<64 hex digits>")
+    return url, value.lower()
+
+
+# --------------------------------------------------------------------------------------------
+# Opening one song (runs on a worker)
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _open_source(source: Source) -> Iterator[BinaryIO]:
+    uri = source.uri
+    if uri.startswith("s3://"):
+        import fsspec
+
+        # A 4 MiB read-ahead keeps libsndfile's small reads from becoming HTTP requests.
+        with fsspec.open(uri, "rb", block_size=4 << 20, **source.storage_options) as f:
+            yield f
+    elif uri.startswith(("http://", "https://")):
+        with open(download(uri, source.storage_options.get("cache_dir")), "rb") as f:
+            yield f
+    elif "::" in uri:
+        archive_path, member = uri.split("::", 1)
+        with zipfile.ZipFile(archive_path) as archive, archive.open(member) as f:
+            yield f
+    else:
+        with open(uri, "rb") as f:
+            yield f
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("DWAVE_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "dwave", "downloads"
+    )
+
+
+def download(spec: str, cache_dir: str | None = None, attempts: int = 5) -> str:
+    """Download ``URL[#sha256=HEX]`` into the cache and return the local path.
+
+    Resumes an interrupted download with an HTTP Range request (from a previous attempt in this
+    call, or a previous run: the partial file is kept as ``NAME.part``). A finished download is
+    reused. With a checksum, a mismatch deletes the file and raises.
+    """
+    from .http import fetch_with_resume
+
+    url, sha256 = split_checksum(spec)
+    cache_dir = cache_dir or default_cache_dir()
+    os.makedirs(cache_dir, exist_ok=True)
+    base = os.path.basename(url.split("?")[0]) or "download"
+    target = os.path.join(cache_dir, f"{hashlib.sha1(url.encode()).hexdigest()[:12]}-{base}")
+    if not os.path.exists(target):
+        fetch_with_resume(url, target + ".part", attempts=attempts)
+        if sha256:
+            _verify_sha256(target + ".part", sha256, url)
+        os.replace(target + ".part", target)
+    elif sha256:
+        _verify_sha256(target, sha256, url)
+    return target
+
+
+def _verify_sha256(path: str, expected: str, url: str) -> None:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        os.remove(path)
+        raise DwaveError(f"checksum mismatch for {url}: got sha256 {digest.hexdigest()}")

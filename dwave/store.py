@@ -1,0 +1,242 @@
+"""The track store: a Zarr (format 3) group, on local disk or ``s3://bucket/prefix``.
+
+Layout (a contract that ``train``, ``info`` and users' own scripts read)::
+
+    STORE/                      root attrs: dwave_store_version, sample_rate, quantization_channels
+      tracks/<track_id>         1-D uint8 (uint16 above 256 channels) mu-law codes,
+                                chunks of 2^20 samples; attrs: sample_rate, quantization_channels,
+                                length, duration, source, fingerprint, genre, source_sample_rate,
+                                source_channels, peak, complete
+      index/                    attrs: tracks [{id, length, duration, sample_rate, genre, source}],
+                                failures [{source, reason}], updated
+
+A track counts only once its ``complete`` attribute is set, which is written after every chunk:
+a killed writer leaves an array without it, which readers ignore and the next run rewrites. The
+index is rebuilt and the metadata consolidated at the end of every run, so a reader opens the
+whole store in one round trip.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from .errors import DwaveError
+
+STORE_FORMAT_VERSION = 1
+CHUNK_SAMPLES = 1 << 20
+DEFAULT_SAMPLE_RATE = 16000
+DEFAULT_QUANTIZATION_CHANNELS = 256
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def resolve_storage_options(url: str, storage_options: dict | None) -> dict:
+    """Storage options for `url`, with the S3 endpoint taken from AWS_ENDPOINT_URL if set.
+
+    Credentials come from the usual AWS_* variables through botocore; the endpoint is passed
+    explicitly because not every botocore that s3fs pins reads AWS_ENDPOINT_URL itself.
+    """
+    options = dict(storage_options or {})
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    client_kwargs = options.get("client_kwargs", {})
+    if (url.startswith("s3://") and endpoint and "endpoint_url" not in options
+            and "endpoint_url" not in client_kwargs):
+        options["endpoint_url"] = endpoint
+    return options
+
+
+def _normalise(url: str) -> str:
+    return url if is_remote(url) else os.path.abspath(url)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    sample_rate: int
+    quantization_channels: int
+
+    @property
+    def dtype(self) -> np.dtype:
+        from .audio import code_dtype
+
+        return code_dtype(self.quantization_channels)
+
+
+class TrackStore:
+    """A handle on one store. Cheap to create; every method opens what it needs."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = _normalise(url)
+        self.storage_options = resolve_storage_options(self.url, storage_options)
+
+    # -- opening --------------------------------------------------------------------------------
+
+    def _open(self, mode: str = "r", consolidated: bool = False):
+        import zarr
+
+        kwargs = {"storage_options": self.storage_options} if is_remote(self.url) else {}
+        return zarr.open_group(
+            self.url, mode=mode, zarr_format=3, use_consolidated=consolidated, **kwargs
+        )
+
+    def exists(self) -> bool:
+        try:
+            root = self._open("r")
+        except (FileNotFoundError, KeyError, ValueError, OSError):
+            return False
+        return "dwave_store_version" in root.attrs
+
+    def config(self) -> StoreConfig:
+        try:
+            attrs = self._open("r", consolidated=None).attrs
+        except (FileNotFoundError, KeyError, ValueError, OSError) as exc:
+            raise DwaveError(f"{self.url} is not a dwave store ({exc.__class__.__name__})") from None
+        if "dwave_store_version" not in attrs:
+            raise DwaveError(f"{self.url} is a Zarr group but not a dwave store")
+        return StoreConfig(int(attrs["sample_rate"]), int(attrs["quantization_channels"]))
+
+    def prepare(
+        self, sample_rate: int | None, quantization_channels: int | None, overwrite: bool = False
+    ) -> StoreConfig:
+        """Create the store (or wipe it with `overwrite`), or check an existing one's config.
+
+        A value left as None takes the existing store's, else the default.
+        """
+        if self.exists() and not overwrite:
+            config = self.config()
+            for name, wanted, have in [
+                ("--sample-rate", sample_rate, config.sample_rate),
+                ("--quantization-channels", quantization_channels, config.quantization_channels),
+            ]:
+                if wanted is not None and wanted != have:
+                    raise DwaveError(
+                        f"store {self.url} holds tracks made with {name} {have}; pass {have} to "
+                        f"add to it, or --overwrite to start it again with {wanted}"
+                    )
+            return config
+        config = StoreConfig(
+            sample_rate or DEFAULT_SAMPLE_RATE,
+            quantization_channels or DEFAULT_QUANTIZATION_CHANNELS,
+        )
+        config.dtype  # validates the channel count before anything is written
+        root = self._open("w")
+        root.attrs.update(
+            {
+                "dwave_store_version": STORE_FORMAT_VERSION,
+                "sample_rate": config.sample_rate,
+                "quantization_channels": config.quantization_channels,
+            }
+        )
+        root.create_group("tracks")
+        root.create_group("index")
+        return config
+
+    # -- tracks ---------------------------------------------------------------------------------
+
+    def _tracks_group(self):
+        return _cached_tracks_group(self.url, json.dumps(self.storage_options, sort_keys=True))
+
+    def completed_tracks(self) -> dict[str, dict]:
+        """Every complete track's attributes, read from the arrays themselves (not the index,
+        which a killed run did not get to rebuild)."""
+        tracks = self._open("r")["tracks"]
+        return {
+            name: dict(array.attrs)
+            for name, array in tracks.arrays()
+            if array.attrs.get("complete") is True
+        }
+
+    def track_attrs(self, track_id: str) -> dict | None:
+        try:
+            return dict(self._tracks_group()[track_id].attrs)
+        except KeyError:
+            return None
+
+    def write_track(
+        self,
+        track_id: str,
+        code_chunks: Iterable[np.ndarray],
+        length: int,
+        dtype: np.dtype,
+        attrs: dict,
+    ) -> None:
+        """Write one track chunk by chunk; mark it complete only after the last chunk."""
+        array = self._tracks_group().create_array(
+            track_id,
+            shape=(length,),
+            chunks=(CHUNK_SAMPLES,),
+            dtype=dtype,
+            attributes={**attrs, "complete": False},
+            overwrite=True,
+        )
+        written = 0
+        for codes in code_chunks:
+            array[written : written + len(codes)] = codes
+            written += len(codes)
+        if written != length:
+            raise RuntimeError(f"track {track_id}: wrote {written} codes, expected {length}")
+        array.attrs.update({"complete": True})  # last write: the track is visible from here on
+
+    def read_codes(self, track_id: str) -> np.ndarray:
+        return self._open("r", consolidated=None)["tracks"][track_id][:]
+
+    # -- index ----------------------------------------------------------------------------------
+
+    def read_index(self) -> dict:
+        """The index written at the end of the last run: {"tracks": [...], "failures": [...]}."""
+        root = self._open("r", consolidated=None)
+        attrs = dict(root["index"].attrs) if "index" in root else {}
+        return {"tracks": attrs.get("tracks", []), "failures": attrs.get("failures", []),
+                "updated": attrs.get("updated")}
+
+    def write_index(self, failures: list[dict]) -> dict:
+        """Rebuild the index from the complete tracks, record `failures`, consolidate."""
+        import zarr
+
+        tracks = [index_entry(tid, attrs) for tid, attrs in sorted(self.completed_tracks().items())]
+        index = {
+            "tracks": tracks,
+            "failures": sorted(failures, key=lambda f: f["source"]),
+            "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        root = self._open("a")
+        root.require_group("index").attrs.update(index)
+        kwargs = {}
+        if is_remote(self.url):
+            from zarr.storage import FsspecStore
+
+            kwargs = {"store": FsspecStore.from_url(self.url, storage_options=self.storage_options)}
+        else:
+            kwargs = {"store": self.url}
+        with warnings.catch_warnings():
+            # Zarr 3 warns that consolidated metadata is not (yet) in the v3 spec; we rely on
+            # zarr-python's implementation and read it back with zarr-python only.
+            warnings.simplefilter("ignore", UserWarning)
+            zarr.consolidate_metadata(**kwargs)
+        return index
+
+
+def index_entry(track_id: str, attrs: dict) -> dict:
+    return {
+        "id": track_id,
+        "length": int(attrs["length"]),
+        "duration": float(attrs["duration"]),
+        "sample_rate": int(attrs["sample_rate"]),
+        "genre": attrs.get("genre"),
+        "source": attrs.get("source"),
+    }
+
+
+# Workers write many tracks to the same store: open it once per process, not once per track.
+@functools.lru_cache(maxsize=8)
+def _cached_tracks_group(url: str, options_json: str):
+    return TrackStore(url, json.loads(options_json))._open("a")["tracks"]
