@@ -43,11 +43,12 @@ def mu_law_encode(audio: np.ndarray, quantization_channels: int = 256) -> np.nda
     f(x) = sign(x) * ln(1 + mu*|x|) / ln(1 + mu), mu = channels - 1, then f in [-1, 1] is
     mapped linearly to [0, mu] and rounded to the nearest integer (so 0.0 -> 128 for 256).
     """
+    dtype = code_dtype(quantization_channels)
     mu = quantization_channels - 1
     x = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
     companded = np.sign(x) * (np.log1p(mu * np.abs(x)) / np.float32(np.log1p(mu)))
     codes = np.floor((companded + 1.0) * (mu / 2.0) + 0.5)
-    return codes.astype(code_dtype(quantization_channels))
+    return codes.astype(dtype)
 
 
 def mu_law_decode(codes: np.ndarray, quantization_channels: int = 256) -> np.ndarray:

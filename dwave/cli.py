@@ -120,6 +120,27 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="run the whole job end to end on a synthesised corpus",
+        description="Synthesise a small corpus of songs (or take --source DIR), preprocess it "
+                    "with Dask and report the store. Needs no data and no network.")
+    p.add_argument("--out", default="demo-output", metavar="DIR",
+                   help="where the corpus, store and results go (default: demo-output)")
+    p.add_argument("--source", metavar="DIR", help="use these songs instead of synthesising")
+    p.add_argument("--songs", type=_positive_int, default=6, help="songs to synthesise (6)")
+    p.add_argument("--seconds", type=_positive_int, default=20, help="length of each (20)")
+    p.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="Dask worker processes (default: one per core)")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, args.source, args.songs, args.seconds, args.workers, log=_log)
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -132,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_preprocess(sub)
     _add_info(sub)
+    _add_demo(sub)
     return parser
 
 

@@ -1,0 +1,116 @@
+"""Shared fixtures: synthetic audio files, a corpus, a real S3 endpoint (moto) on loopback, and
+a helper that runs the `dwave` command line as a user would."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASC_MUSIC = "/usr/share/games/asc/music"
+
+FORMATS = {  # extension -> (libsndfile format, subtype)
+    "mp3": ("MP3", "MPEG_LAYER_III"),
+    "ogg": ("OGG", "VORBIS"),
+    "opus": ("OGG", "OPUS"),
+    "flac": ("FLAC", "PCM_16"),
+    "wav": ("WAV", "PCM_16"),
+}
+
+
+def tone(seconds: float, rate: int, channels: int = 1, freq: float = 1000.0,
+         amplitude: float = 0.5) -> np.ndarray:
+    t = np.arange(int(round(seconds * rate))) / rate
+    mono = amplitude * np.sin(2 * np.pi * freq * t)
+    return np.stack([mono * (1.0 - 0.3 * c) for c in range(channels)], axis=1).astype(np.float32)
+
+
+def write_audio(path, audio: np.ndarray, rate: int) -> str:
+    import soundfile as sf
+
+    ext = str(path).rsplit(".", 1)[-1]
+    fmt, subtype = FORMATS[ext]
+    sf.write(str(path), audio, rate, format=fmt, subtype=subtype)
+    return str(path)
+
+
+def write_tone(path, seconds=2.0, rate=44100, channels=2, freq=1000.0) -> str:
+    return write_audio(path, tone(seconds, rate, channels, freq), rate)
+
+
+def run_dwave(*args, env=None, timeout=300, check=None, cwd=None) -> subprocess.CompletedProcess:
+    """Run `dwave ARGS` in a subprocess, exactly as a user would from the shell."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dwave.cli", *map(str, args)],
+        capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or ROOT,
+    )
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> tuple[str, str]:
+    """Six synthetic 8-second MP3 songs with FMA-style names, and their genre CSV."""
+    from dwave.synth import write_corpus
+
+    directory = str(tmp_path_factory.mktemp("corpus"))
+    csv_path = write_corpus(directory, songs=6, seconds=8)
+    return directory, csv_path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint (moto's server) on 127.0.0.1, with dummy credentials exported
+    the way a user would export real ones (so subprocesses and Dask workers see them too)."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+         "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.2)
+    saved = {k: os.environ.get(k) for k in
+             ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_ENDPOINT_URL=endpoint, AWS_DEFAULT_REGION="us-east-1")
+    yield endpoint
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.terminate()
+    server.wait(10)
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request) -> str:
+    import boto3
+
+    name = "dwave-" + request.node.name.lower().replace("_", "-")[:40]
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
