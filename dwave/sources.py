@@ -201,8 +201,9 @@ def _open_source(source: Source) -> Iterator[BinaryIO]:
     if uri.startswith("s3://"):
         import fsspec
 
+        fs = fsspec.filesystem("s3", **source.storage_options)
         # A 4 MiB read-ahead keeps libsndfile's small reads from becoming HTTP requests.
-        with fsspec.open(uri, "rb", block_size=4 << 20, **source.storage_options) as f:
+        with fs.open(uri, "rb", block_size=4 << 20) as f:
             yield f
     elif uri.startswith(("http://", "https://")):
         with open(download(uri, source.storage_options.get("cache_dir")), "rb") as f:

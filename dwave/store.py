@@ -52,6 +52,10 @@ def resolve_storage_options(url: str, storage_options: dict | None) -> dict:
     if (url.startswith("s3://") and endpoint and "endpoint_url" not in options
             and "endpoint_url" not in client_kwargs):
         options["endpoint_url"] = endpoint
+    if url.startswith("s3://"):
+        # Workers add tracks while the driver holds the same (cached) filesystem: a cached
+        # listing would hide them from the final index.
+        options.setdefault("use_listings_cache", False)
     return options
 
 
@@ -127,7 +131,10 @@ class TrackStore:
             sample_rate or DEFAULT_SAMPLE_RATE,
             quantization_channels or DEFAULT_QUANTIZATION_CHANNELS,
         )
-        config.dtype  # validates the channel count before anything is written
+        try:
+            config.dtype  # validates the channel count before anything is written
+        except ValueError as exc:
+            raise DwaveError(f"--quantization-channels: {exc}") from None
         root = self._open("w")
         root.attrs.update(
             {

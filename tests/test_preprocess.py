@@ -1,0 +1,244 @@
+"""`dwave preprocess` and `dwave info` end to end, on real Dask clusters, real files, a real S3."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from dwave.audio import decode_to_mono, mu_law_encode
+from dwave.store import TrackStore
+
+from conftest import ASC_MUSIC, ROOT, run_dwave, tone, write_audio
+
+
+def independent_codes(path: str, rate: int = 16000) -> np.ndarray:
+    """The codes a track must hold, computed in one process without Dask or Zarr."""
+    decoded = decode_to_mono(path, rate)
+    return mu_law_encode(decoded.samples / decoded.peak)
+
+
+def store_contents(url: str) -> dict:
+    store = TrackStore(url)
+    return {tid: (store.read_codes(tid), {k: v for k, v in attrs.items()})
+            for tid, attrs in store.completed_tracks().items()}
+
+
+@pytest.fixture(scope="module")
+def long_songs(tmp_path_factory):
+    """Eight 40-second 48 kHz stereo FLAC songs: long enough to kill a run in the middle."""
+    directory = tmp_path_factory.mktemp("long")
+    for i in range(8):
+        write_audio(directory / f"{i + 1:06d}.flac", tone(40.0, 48000, 2, freq=200 + 50 * i), 48000)
+    return str(directory)
+
+
+def test_end_to_end_with_bad_files_genres_and_resume(tmp_path, corpus):
+    songs, genres_csv = corpus
+    source = tmp_path / "songs"
+    shutil.copytree(songs, source)
+    (source / "empty.mp3").write_bytes(b"")
+    (source / "notes.mp3").write_text("not audio\n" * 100)
+    data = open(source / "000001.mp3", "rb").read()
+    (source / "cut.mp3").write_bytes(data[: len(data) // 2])
+    sf.write(str(source / "silence.wav"), np.zeros(8000), 16000)
+    store = tmp_path / "store"
+
+    proc = run_dwave("preprocess", source, "--out", store, "--workers", "2",
+                     "--metadata", genres_csv, "--no-progress", check=0)
+    for name, reason in [("empty.mp3", "empty file"), ("notes.mp3", "not a decodable"),
+                         ("cut.mp3", "truncated"), ("silence.wav", "all-silent")]:
+        assert any(name in line and reason in line for line in proc.stderr.splitlines()), name
+    assert "6 written" in proc.stderr and "4 failed" in proc.stderr
+    assert "x real time" in proc.stderr and "dashboard http" in proc.stderr
+
+    info = json.loads(run_dwave("info", store, "--json", check=0).stdout)
+    assert [t["id"] for t in info["tracks"]] == ["1", "2", "3", "4", "5", "6"]
+    assert {t["genre"] for t in info["tracks"]} == {"tonal", "chiptune", "percussive"}
+    assert all(t["length"] == 8 * 16000 and t["sample_rate"] == 16000 for t in info["tracks"])
+    assert sorted(os.path.basename(f["source"]) for f in info["failures"]) == [
+        "cut.mp3", "empty.mp3", "notes.mp3", "silence.wav"]
+    assert all(f["reason"] for f in info["failures"])
+    assert info["hours"] == pytest.approx(6 * 8 / 3600)
+
+    contents = store_contents(str(store))
+    for tid in contents:
+        expected = independent_codes(str(source / f"{int(tid):06d}.mp3"))
+        np.testing.assert_array_equal(contents[tid][0], expected)
+        assert contents[tid][1]["complete"] is True
+
+    # A rerun skips the finished tracks, retries the failed files, and changes nothing.
+    again = run_dwave("preprocess", source, "--out", store, "--workers", "1", "--no-progress",
+                      check=0)
+    assert "4 to process, 6 already in the store" in again.stderr
+    assert "0 written" in again.stderr
+    after = store_contents(str(store))
+    assert after.keys() == contents.keys()
+    assert all(np.array_equal(after[t][0], contents[t][0]) for t in after)
+
+    strict = run_dwave("preprocess", source, "--out", store, "--strict", "--no-progress")
+    assert strict.returncode == 1 and "4 songs failed (--strict)" in strict.stderr
+
+    table = run_dwave("info", store, check=0).stdout
+    assert "6 (0.01 h" in table and "tonal (2)" in table and "failures   4" in table
+
+
+def test_real_mp3_songs_from_asc_music(tmp_path):
+    songs = sorted(os.listdir(ASC_MUSIC))
+    assert len(songs) == 3, "the asc-music package (installed by scripts/setup.sh) has 3 songs"
+    store = tmp_path / "store"
+    run_dwave("preprocess", ASC_MUSIC, "--out", store, "--no-progress", check=0)
+    info = json.loads(run_dwave("info", store, "--json", check=0).stdout)
+    assert len(info["tracks"]) == 3 and info["failures"] == []
+    for track in info["tracks"]:
+        source_info = sf.info(track["source"])
+        assert source_info.samplerate == 22050 and source_info.channels == 2
+        assert track["duration"] > 4 * 60  # full-length songs
+        # These MP3s have no Xing header, so the header's duration is only an estimate: count
+        # the frames libsndfile actually decodes (ffmpeg agrees with that count).
+        frames = len(sf.read(track["source"], dtype="float32")[0])
+        assert abs(track["length"] - frames / 22050 * 16000) <= 16
+
+
+def _complete_tracks_on_disk(store) -> int:
+    tracks = os.path.join(store, "tracks")
+    count = 0
+    for name in os.listdir(tracks) if os.path.isdir(tracks) else []:
+        try:
+            with open(os.path.join(tracks, name, "zarr.json")) as f:
+                count += json.load(f).get("attributes", {}).get("complete") is True
+        except (OSError, ValueError):
+            pass
+    return count
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_same_store(tmp_path, long_songs):
+    reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
+    run_dwave("preprocess", long_songs, "--out", reference, "--workers", "1", "--no-progress",
+              check=0)
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dwave.cli", "preprocess", long_songs, "--out", killed,
+         "--workers", "1", "--no-progress"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while _complete_tracks_on_disk(killed) < 2:
+        assert process.poll() is None, "the run finished before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and its Dask workers, mid-run
+    process.wait()
+    done_before = _complete_tracks_on_disk(killed)
+    assert 2 <= done_before < 8
+
+    rerun = run_dwave("preprocess", long_songs, "--out", killed, "--workers", "1",
+                      "--no-progress", check=0)
+    assert f"{8 - done_before} to process, {done_before} already in the store" in rerun.stderr
+    expected, got = store_contents(reference), store_contents(killed)
+    assert sorted(got) == sorted(expected) == [str(i) for i in range(1, 9)]
+    for tid in expected:
+        np.testing.assert_array_equal(got[tid][0], expected[tid][0])
+        assert got[tid][1] == expected[tid][1]
+
+
+def test_a_dask_worker_killed_mid_run_does_not_fail_the_run(tmp_path, long_songs):
+    from distributed import Client, LocalCluster
+
+    from dwave.preprocess import run_preprocess
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        outcome = {}
+        runner = threading.Thread(target=lambda: outcome.update(summary=run_preprocess(
+            [long_songs], str(tmp_path / "store"), scheduler=cluster.scheduler_address,
+            progress=False, log=lambda *_: None)))
+        runner.start()
+        deadline = time.time() + 60
+        while not any(client.processing().values()):
+            assert time.time() < deadline
+            time.sleep(0.02)
+        time.sleep(0.1)  # let the task get into its decode
+        busy = [addr for addr, tasks in client.processing().items() if tasks]
+        pids = client.run(os.getpid)
+        os.kill(pids[busy[0]], signal.SIGKILL)
+        runner.join(180)
+        assert not runner.is_alive()
+    summary = outcome["summary"]
+    assert summary.failures == []
+    assert len(summary.written) == 8 and summary.store_tracks == 8
+    assert _complete_tracks_on_disk(str(tmp_path / "store")) == 8
+
+
+def test_s3_round_trip_matches_a_local_store(tmp_path, corpus, s3_bucket):
+    import boto3
+
+    songs, _ = corpus
+    s3 = boto3.client("s3")
+    names = sorted(n for n in os.listdir(songs) if n.endswith(".mp3"))[:3]
+    for name in names:
+        s3.upload_file(os.path.join(songs, name), s3_bucket, f"music/{name}")
+    s3.put_object(Bucket=s3_bucket, Key="music/README.txt", Body=b"not a song")
+
+    local = str(tmp_path / "local")
+    run_dwave("preprocess", *[os.path.join(songs, n) for n in names], "--out", local,
+              "--workers", "1", "--no-progress", check=0)
+    remote = f"s3://{s3_bucket}/stores/fma"
+    proc = run_dwave("preprocess", f"s3://{s3_bucket}/music", "--out", remote, "--workers", "2",
+                     "--no-progress", check=0)
+    assert "1 non-audio files ignored" in proc.stderr
+
+    info = json.loads(run_dwave("info", remote, "--json", check=0).stdout)
+    assert [t["id"] for t in info["tracks"]] == ["1", "2", "3"]
+    assert info["tracks"][0]["source"] == f"s3://{s3_bucket}/music/000001.mp3"
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="stores/")["Contents"]}
+    assert "stores/fma/zarr.json" in keys and "stores/fma/tracks/1/zarr.json" in keys
+    remote_store, local_store = TrackStore(remote), TrackStore(local)
+    for tid in ("1", "2", "3"):
+        np.testing.assert_array_equal(remote_store.read_codes(tid), local_store.read_codes(tid))
+
+    again = run_dwave("preprocess", f"s3://{s3_bucket}/music", "--out", remote, "--no-progress",
+                      check=0)
+    assert "0 to process, 3 already in the store" in again.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["preprocess", "{src}", "--out", "{tmp}/s", "--storage-options", "nope"], "not valid JSON"),
+    (["preprocess", "{tmp}/missing", "--out", "{tmp}/s"], "no such file or directory"),
+    (["preprocess", "{src}", "--out", "{tmp}/s", "--workers", "0"], "positive integer"),
+    (["preprocess", "{src}", "--out", "{tmp}/s", "--quantization-channels", "1"], "2..65536"),
+    (["preprocess", "{src}", "--out", "{tmp}/s", "--metadata", "{tmp}/none.csv"], "cannot read"),
+    (["info", "{tmp}/nothing-here"], "not a dwave store"),
+])
+def test_bad_flags_are_one_line_errors(tmp_path, args, message):
+    src = write_audio(tmp_path / "a.wav", tone(0.5, 16000), 16000)
+    proc = run_dwave(*[a.format(src=src, tmp=tmp_path) for a in args])
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert message in lines[-1] and "Traceback" not in proc.stderr
+
+
+def test_store_settings_must_match_unless_overwritten(tmp_path):
+    src = write_audio(tmp_path / "a.wav", tone(0.5, 22050), 22050)
+    store = tmp_path / "s"
+    run_dwave("preprocess", src, "--out", store, "--sample-rate", "8000", "--workers", "1",
+              "--no-progress", check=0)
+    clash = run_dwave("preprocess", src, "--out", store, "--sample-rate", "16000")
+    assert clash.returncode == 2 and "--sample-rate 8000" in clash.stderr
+    run_dwave("preprocess", src, "--out", store, "--sample-rate", "16000", "--overwrite",
+              "--workers", "1", "--no-progress", check=0)
+    info = json.loads(run_dwave("info", store, "--json", check=0).stdout)
+    assert info["sample_rate"] == 16000 and info["tracks"][0]["length"] == 8000
+
+
+def test_no_good_file_is_a_failure(tmp_path):
+    (tmp_path / "bad.mp3").write_text("nope")
+    proc = run_dwave("preprocess", tmp_path / "bad.mp3", "--out", tmp_path / "s", "--workers", "1",
+                     "--no-progress")
+    assert proc.returncode == 1 and "no track could be written" in proc.stderr

@@ -1,0 +1,157 @@
+"""SOURCE expansion: directories, globs, zip archives read in place, HTTP with resume; ids;
+metadata CSVs."""
+
+import hashlib
+import http.server
+import os
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+
+from dwave.audio import decode_to_mono
+from dwave.errors import DwaveError
+from dwave.metadata import load_genres
+from dwave.sources import download, expand_sources, track_id_for
+
+from conftest import write_tone
+
+
+def test_fma_names_give_their_number_and_other_names_a_stable_hash():
+    assert track_id_for("/data/fma_small/000/000002.mp3") == "2"
+    assert track_id_for("/x/fma_full.zip::fma_full/155/155320.mp3") == "155320"
+    a = track_id_for("/music/My Song!.mp3")
+    assert a == track_id_for("/music/My Song!.mp3")  # stable
+    assert a.startswith("My-Song-") and a != track_id_for("/other/My Song!.mp3")
+
+
+def test_directory_is_walked_recursively_and_non_audio_is_ignored(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    write_tone(tmp_path / "a" / "b" / "000002.flac", 0.2)
+    write_tone(tmp_path / "a" / "000001.wav", 0.2)
+    (tmp_path / "a" / "cover.jpg").write_bytes(b"\xff\xd8")
+    expansion = expand_sources([str(tmp_path)])
+    assert [s.track_id for s in expansion.sources] == ["1", "2"]
+    assert [os.path.basename(p) for p in expansion.ignored] == ["cover.jpg"]
+
+
+def test_glob_and_explicit_files(tmp_path):
+    for i in range(3):
+        write_tone(tmp_path / f"{i:06d}.wav", 0.1)
+    found = expand_sources([str(tmp_path / "00000[01].wav"), str(tmp_path / "000002.wav")])
+    assert [s.track_id for s in found.sources] == ["0", "1", "2"]
+    with pytest.raises(DwaveError, match="no such file"):
+        expand_sources([str(tmp_path / "missing.mp3")])
+    with pytest.raises(DwaveError, match="no files match"):
+        expand_sources([str(tmp_path / "*.ogg")])
+
+
+def test_zip_members_are_read_in_place(tmp_path):
+    song = write_tone(tmp_path / "000007.mp3", 1.0)
+    archive = tmp_path / "fma_small.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(song, "fma_small/000/000007.mp3")
+        z.writestr("fma_small/README.txt", "hello")
+    expansion = expand_sources([str(archive)])
+    (source,) = expansion.sources
+    assert source.track_id == "7" and source.uri.endswith("::fma_small/000/000007.mp3")
+    assert expansion.ignored[0].endswith("README.txt")
+    with source.open() as f:
+        from_zip = decode_to_mono(f, 16000).samples
+    np.testing.assert_array_equal(from_zip, decode_to_mono(song, 16000).samples)
+    assert sorted(os.listdir(tmp_path)) == ["000007.mp3", "fma_small.zip"]  # nothing extracted
+
+
+class _FlakyRangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves one file with Range support; the first GET dies after `cut` bytes."""
+
+    payload = b""
+    cut = 0
+    requests: list = []
+
+    def do_GET(self):  # noqa: N802 - http.server API
+        start = 0
+        range_header = self.headers.get("Range")
+        type(self).requests.append(range_header)
+        if range_header:
+            start = int(range_header.split("=")[1].split("-")[0])
+        body = self.payload[start:]
+        self.send_response(206 if range_header else 200)
+        self.send_header("Content-Length", str(len(body)))
+        if range_header:
+            self.send_header("Content-Range", f"bytes {start}-{len(self.payload) - 1}/{len(self.payload)}")
+        self.end_headers()
+        if len(type(self).requests) == 1:
+            self.wfile.write(body[: self.cut])
+            self.wfile.flush()
+            self.connection.shutdown(2)  # drop the connection mid-body
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def flaky_server(tmp_path):
+    song = write_tone(tmp_path / "song.flac", 3.0)
+    payload = open(song, "rb").read()
+    handler = type("Handler", (_FlakyRangeHandler,),
+                   {"payload": payload, "cut": len(payload) // 3, "requests": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/000042.flac", payload, handler
+    server.shutdown()
+
+
+def test_http_download_resumes_with_a_range_request(tmp_path, flaky_server):
+    url, payload, handler = flaky_server
+    digest = hashlib.sha256(payload).hexdigest()
+    path = download(f"{url}#sha256={digest}", str(tmp_path / "cache"))
+    assert open(path, "rb").read() == payload
+    assert handler.requests == [None, f"bytes={len(payload) // 3}-"]
+    # a second call reuses the finished download: no request at all
+    assert download(url, str(tmp_path / "cache")) == path and len(handler.requests) == 2
+
+
+def test_http_checksum_mismatch_is_an_error_and_keeps_nothing(tmp_path, flaky_server):
+    url, _, _ = flaky_server
+    with pytest.raises(DwaveError, match="checksum mismatch"):
+        download(f"{url}#sha256={'0' * 64}", str(tmp_path / "cache"))
+    assert os.listdir(tmp_path / "cache") == []
+    with pytest.raises(DwaveError, match="bad checksum"):
+        download(f"{url}#md5=abc", str(tmp_path / "cache"))
+
+
+def test_http_source_decodes_through_the_cache(tmp_path, flaky_server):
+    url, payload, _ = flaky_server
+    (source,) = expand_sources([url], cache_dir=str(tmp_path / "cache")).sources
+    assert source.track_id == "42"
+    with source.open() as f:
+        assert len(decode_to_mono(f, 16000).samples) == 48000
+
+
+def test_fma_tracks_csv_with_three_header_rows(tmp_path):
+    path = tmp_path / "tracks.csv"
+    path.write_text(
+        ",album,album,track,track,track\n"
+        ",comments,title,genre_top,genres,title\n"
+        "track_id,,,,,\n"
+        '2,0,AWOL,Hip-Hop,[21],Food\n'
+        '5,0,AWOL,,[21],This World\n'
+        '140,1,"Cool, Album",Folk,[17],Ohio\n'
+    )
+    assert load_genres(str(path)) == {"2": "Hip-Hop", "140": "Folk"}
+
+
+def test_plain_metadata_csv_and_bad_ones(tmp_path):
+    plain = tmp_path / "genres.csv"
+    plain.write_text("track_id,genre\n000002,Rock\n3,\nmy-song-abc,Jazz\n")
+    assert load_genres(str(plain)) == {"2": "Rock", "my-song-abc": "Jazz"}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,style\n1,Rock\n")
+    with pytest.raises(DwaveError, match="track_id"):
+        load_genres(str(bad))
+    with pytest.raises(DwaveError, match="cannot read"):
+        load_genres(str(tmp_path / "nope.csv"))
