@@ -19,7 +19,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) benchmarks/bench_preprocess.py /usr/share/games/asc/music
+	$(PY) benchmarks/bench_preprocess.py $$(bash benchmarks/make_songs.sh)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -45,10 +45,22 @@ def mu_law_encode(audio: np.ndarray, quantization_channels: int = 256) -> np.nda
     """
     dtype = code_dtype(quantization_channels)
     mu = quantization_channels - 1
-    x = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
-    companded = np.sign(x) * (np.log1p(mu * np.abs(x)) / np.float32(np.log1p(mu)))
-    codes = np.floor((companded + 1.0) * (mu / 2.0) + 0.5)
-    return codes.astype(dtype)
+    # The same formula, in place on one buffer: ~6x faster than the textbook expression (which
+    # allocates a temporary per operation), because numpy vectorises float32 log (not log1p).
+    # 1 + mu|x| >= 1, so log loses no precision that matters. float32 resolves 256 levels
+    # exactly enough; 16-bit codes need float64.
+    work = np.float32 if quantization_channels <= 256 else np.float64
+    x = np.asarray(audio, dtype=work)
+    a = np.abs(x)
+    np.minimum(a, 1.0, out=a)
+    a *= work(mu)
+    a += work(1.0)
+    np.log(a, out=a)
+    a *= work(mu / 2.0 / np.log1p(mu))
+    np.copysign(a, x, out=a)
+    a += work(mu / 2.0 + 0.5)
+    np.floor(a, out=a)
+    return a.astype(dtype)
 
 
 def mu_law_decode(codes: np.ndarray, quantization_channels: int = 256) -> np.ndarray:
@@ -80,15 +92,12 @@ class DecodedAudio:
 
 
 def _downmix(block: np.ndarray) -> np.ndarray:
-    """Average channels to mono. Explicit for stereo: `mean(axis=1)` is ~5x slower there."""
+    """Average channels to mono. A matrix-vector product: one pass over the interleaved frames
+    (BLAS), ~2x faster than adding strided columns and ~35x faster than `mean(axis=1)`."""
     channels = block.shape[1]
     if channels == 1:
         return block[:, 0]
-    if channels == 2:
-        mono = block[:, 0] + block[:, 1]
-        mono *= 0.5
-        return mono
-    return block.mean(axis=1, dtype=np.float32)
+    return block @ np.full(channels, 1.0 / channels, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -222,7 +231,7 @@ def decode_to_mono(file: BinaryIO | str, sample_rate: int) -> DecodedAudio:
             samples = grown
         samples[filled:end] = block
         filled = end
-        peak = max(peak, float(np.abs(block).max()))
+        peak = max(peak, float(block.max()), -float(block.min()))  # no |x| temporary
     if info is None or filled == 0:
         raise AudioError("empty: no audio frames")
     return DecodedAudio(samples[:filled], sample_rate, info.source_rate, info.source_channels, peak)
@@ -237,15 +246,25 @@ def normalisation_gain(decoded: DecodedAudio) -> np.float32:
     return np.float32(1.0 / decoded.peak)
 
 
-def iter_code_chunks(
-    decoded: DecodedAudio, gain: np.float32, chunk: int, quantization_channels: int = 256
-) -> Iterator[np.ndarray]:
-    """Normalise by `gain` and mu-law encode `decoded`, `chunk` samples at a time.
+def encode_in_place(
+    decoded: DecodedAudio, gain: np.float32, quantization_channels: int = 256,
+    chunk: int = 1 << 20,
+) -> np.ndarray:
+    """Normalise by `gain` and mu-law encode the whole track, reusing the float buffer.
 
-    Chunked so the float temporaries of the encoder stay small whatever the track length.
+    Returns the codes as an array that shares memory with `decoded.samples` (which is consumed:
+    do not read it afterwards). Chunk i is encoded into a small temporary and copied to byte
+    offset i*chunk*itemsize of the buffer, which only overlaps floats of chunks already encoded;
+    so a whole track is encoded with no second track-sized allocation (an hour at 16 kHz is
+    230 MB of floats: a separate 58 MB code array would push a worker past 400 MB).
     """
-    for start in range(0, len(decoded.samples), chunk):
-        yield mu_law_encode(decoded.samples[start : start + chunk] * gain, quantization_channels)
+    samples = decoded.samples
+    dtype = code_dtype(quantization_channels)
+    codes = samples.view(np.uint8)[: len(samples) * dtype.itemsize].view(dtype)
+    for start in range(0, len(samples), chunk):
+        block = mu_law_encode(samples[start : start + chunk] * gain, quantization_channels)
+        codes[start : start + len(block)] = block
+    return codes
 
 
 # --------------------------------------------------------------------------------------------

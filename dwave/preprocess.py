@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .audio import AudioError, decode_to_mono, iter_code_chunks, normalisation_gain
+from .audio import AudioError, decode_to_mono, encode_in_place, normalisation_gain
 from .errors import DwaveError
 from .sources import Source, expand_sources
-from .store import CHUNK_SAMPLES, StoreConfig, TrackStore
+from .store import StoreConfig, TrackStore
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,8 @@ def process_track(task: TrackTask, store_url: str, storage_options: dict, config
             "source_channels": decoded.source_channels,
             "peak": decoded.peak,
         }
-        chunks = iter_code_chunks(decoded, gain, CHUNK_SAMPLES, config.quantization_channels)
-        TrackStore(store_url, storage_options).write_track(
-            task.track_id, chunks, len(decoded.samples), config.dtype, attrs
-        )
+        codes = encode_in_place(decoded, gain, config.quantization_channels)
+        TrackStore(store_url, storage_options).write_track(task.track_id, codes, attrs)
     except AudioError as exc:
         return {**result, "status": "failed", "reason": str(exc)}
     except (FileNotFoundError, PermissionError, IsADirectoryError, DwaveError) as exc:
@@ -129,6 +127,9 @@ def plan_tasks(
             skipped += 1
             continue
         tasks.append(TrackTask(source, track_id, genres.get(track_id)))
+    # Longest first (by file size): the last tasks to finish are then short ones, so workers
+    # run out of work at nearly the same time (LPT scheduling; songs differ in length by 10x).
+    tasks.sort(key=lambda task: -task.source.size)
     return tasks, skipped, failures
 
 

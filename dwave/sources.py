@@ -35,6 +35,7 @@ class Source:
 
     uri: str  # local path, "ARCHIVE.zip::MEMBER", "s3://bucket/key" or "https://..."
     fingerprint: str  # size + mtime, zip CRC, S3 ETag, or URL + checksum
+    size: int = field(default=0, compare=False)  # bytes, where known: longest songs go first
     storage_options: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -45,8 +46,8 @@ class Source:
     def track_id(self) -> str:
         return track_id_for(self.uri)
 
-    def open(self) -> contextlib.AbstractContextManager[BinaryIO]:
-        """A seekable binary file of the song's bytes (what libsndfile's virtual IO needs)."""
+    def open(self) -> contextlib.AbstractContextManager[BinaryIO | str]:
+        """The song as something libsndfile opens: a local path, or a seekable binary file."""
         return _open_source(self)
 
 
@@ -125,7 +126,7 @@ def _expand_local_path(path: str, ignored: list[str], explicit: bool) -> list[So
         ignored.append(path)
         return []
     stat = os.stat(path)
-    return [Source(path, f"size={stat.st_size},mtime_ns={stat.st_mtime_ns}")]
+    return [Source(path, f"size={stat.st_size},mtime_ns={stat.st_mtime_ns}", stat.st_size)]
 
 
 def _expand_zip(path: str, ignored: list[str]) -> list[Source]:
@@ -140,7 +141,8 @@ def _expand_zip(path: str, ignored: list[str]) -> list[Source]:
         if not is_audio_name(member.filename):
             ignored.append(uri)
             continue
-        found.append(Source(uri, f"crc32={member.CRC:08x},size={member.file_size}"))
+        found.append(Source(uri, f"crc32={member.CRC:08x},size={member.file_size}",
+                            member.file_size))
     return found
 
 
@@ -168,7 +170,8 @@ def _expand_s3(spec: str, storage_options: dict, ignored: list[str]) -> list[Sou
             continue
         etag = str(meta.get("ETag", meta.get("etag", ""))).strip('"')
         fingerprint = f"etag={etag},size={meta.get('size')}"
-        found.append(Source(f"s3://{key}", fingerprint, storage_options))
+        found.append(Source(f"s3://{key}", fingerprint, int(meta.get("size") or 0),
+                            storage_options))
     return found
 
 
@@ -176,7 +179,7 @@ def _expand_http(spec: str, cache_dir: str | None) -> list[Source] | None:
     url, _ = split_checksum(spec)
     if url.lower().split("?")[0].endswith(".zip"):
         return None
-    return [Source(spec, f"url={spec}", {"cache_dir": cache_dir} if cache_dir else {})]
+    return [Source(spec, f"url={spec}", 0, {"cache_dir": cache_dir} if cache_dir else {})]
 
 
 def split_checksum(spec: str) -> tuple[str, str | None]:
@@ -196,7 +199,7 @@ def split_checksum(spec: str) -> tuple[str, str | None]:
 
 
 @contextlib.contextmanager
-def _open_source(source: Source) -> Iterator[BinaryIO]:
+def _open_source(source: Source) -> Iterator[BinaryIO | str]:
     uri = source.uri
     if uri.startswith("s3://"):
         import fsspec
@@ -213,8 +216,9 @@ def _open_source(source: Source) -> Iterator[BinaryIO]:
         with zipfile.ZipFile(archive_path) as archive, archive.open(member) as f:
             yield f
     else:
-        with open(uri, "rb") as f:
-            yield f
+        # A local path goes to libsndfile as a path: it then reads the file itself, without
+        # a Python callback per read (~40,000 of them for a 7-minute MP3).
+        yield uri
 
 
 def default_cache_dir() -> str:

@@ -24,9 +24,9 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
+from zarr.codecs import ZstdCodec
 
 from .errors import DwaveError
 
@@ -168,29 +168,20 @@ class TrackStore:
         except KeyError:
             return None
 
-    def write_track(
-        self,
-        track_id: str,
-        code_chunks: Iterable[np.ndarray],
-        length: int,
-        dtype: np.dtype,
-        attrs: dict,
-    ) -> None:
-        """Write one track chunk by chunk; mark it complete only after the last chunk."""
+    def write_track(self, track_id: str, codes: np.ndarray, attrs: dict) -> None:
+        """Write one track's codes; mark it complete only after all of its chunks."""
         array = self._tracks_group().create_array(
             track_id,
-            shape=(length,),
+            shape=codes.shape,
             chunks=(CHUNK_SAMPLES,),
-            dtype=dtype,
+            dtype=codes.dtype,
+            # mu-law codes of music compress little (zstd-1: 1.14x, zstd-3: 1.24x at twice the
+            # CPU); level 1 keeps the write a few percent of the decode.
+            compressors=[ZstdCodec(level=1)],
             attributes={**attrs, "complete": False},
             overwrite=True,
         )
-        written = 0
-        for codes in code_chunks:
-            array[written : written + len(codes)] = codes
-            written += len(codes)
-        if written != length:
-            raise RuntimeError(f"track {track_id}: wrote {written} codes, expected {length}")
+        array[:] = codes  # one call: zarr encodes and stores the chunks concurrently
         array.attrs.update({"complete": True})  # last write: the track is visible from here on
 
     def read_codes(self, track_id: str) -> np.ndarray:

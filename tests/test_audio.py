@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 
 from dwave.audio import (
-    AudioError, decode_to_mono, iter_code_chunks, iter_mono_blocks, mu_law_decode,
+    AudioError, decode_to_mono, encode_in_place, iter_mono_blocks, mu_law_decode,
     mu_law_encode, normalisation_gain,
 )
 
@@ -116,9 +116,22 @@ def test_decoding_streams_in_blocks(tmp_path):
 def test_encoding_normalises_the_peak(tmp_path):
     path = write_tone(tmp_path / "quiet.wav", seconds=1.0, rate=16000, channels=1)
     decoded = decode_to_mono(path, 16000)
-    codes = np.concatenate(list(iter_code_chunks(decoded, normalisation_gain(decoded), 1000)))
+    codes = encode_in_place(decoded, normalisation_gain(decoded), 256, chunk=1000)
     assert len(codes) == 16000
     assert codes.max() == 255 and codes.min() <= 1  # the peak became full scale
+
+
+@pytest.mark.parametrize("channels", [256, 65536])
+def test_in_place_encoding_equals_encoding_a_copy(channels):
+    from dwave.audio import DecodedAudio
+
+    samples = np.random.default_rng(3).uniform(-0.7, 0.7, 10_007).astype(np.float32)
+    expected = mu_law_encode(samples / np.float32(0.7), channels)
+    decoded = DecodedAudio(samples.copy(), 16000, 16000, 1, 0.7)
+    codes = encode_in_place(decoded, np.float32(1 / 0.7), channels, chunk=1000)
+    assert codes.dtype == expected.dtype
+    assert np.mean(codes == expected) > 0.999  # gain multiply vs divide: boundary rounding only
+    assert np.max(np.abs(codes.astype(int) - expected.astype(int))) <= 1
 
 
 def _truncate(path, fraction=0.5):

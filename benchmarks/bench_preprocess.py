@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""Preprocessing cost against the decode floor, Dask scaling, and worker memory on a long song.
+
+    python benchmarks/bench_preprocess.py SONG_DIR [--out bench-output] [--copies 4]
+
+Prints, for the songs in SONG_DIR (full-length 44.1 kHz stereo MP3s are the reference case;
+`benchmarks/make_songs.sh` makes them from Debian's asc-music):
+
+  (a) `ffmpeg -i SONG -f null -` per song: decoding alone, the floor;
+  (b) dwave's whole per-track processing (decode, mono, resample, normalise, mu-law, Zarr write)
+      on one core, and the ratio (b)/(a)  [target <= 1.2; the replaced system's chain ~10];
+  throughput with 1 and 2 Dask workers and the parallel efficiency  [target >= 90 %];
+  peak memory of a Dask worker processing a 1-hour song  [target < 400 MB];
+and writes OUT/preprocess_scaling.png (workers vs songs/s, with the ideal line) and
+OUT/preprocess.json. Each timing is the best of --repeats runs: the machine is shared and noisy,
+and ratios are taken between figures measured in this same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import soundfile as sf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dwave.preprocess import TrackTask, process_track, run_preprocess  # noqa: E402
+from dwave.sources import expand_sources  # noqa: E402
+from dwave.store import TrackStore  # noqa: E402
+
+
+def best_of(repeats: int, fn) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def ffmpeg_decode_seconds(path: str, repeats: int) -> float:
+    command = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "1",
+               "-i", path, "-f", "null", "-"]
+    return best_of(repeats, lambda: subprocess.run(command, check=True))
+
+
+def dwave_track_seconds(source, store: TrackStore, config, repeats: int) -> float:
+    task = TrackTask(source, source.track_id, None)
+
+    def once():
+        result = process_track(task, store.url, store.storage_options, config)
+        assert result["status"] == "written", result
+
+    return best_of(repeats, once)
+
+
+def make_hour_song(songs: list[str], directory: str) -> str:
+    """Concatenate the MP3 frames of the songs (no re-encoding) until the result is >= 1 hour."""
+    total, parts = 0.0, []
+    while total < 3600:
+        for song in songs:
+            parts.append(song)
+            total += sf.info(song).duration
+            if total >= 3600:
+                break
+    listing = os.path.join(directory, "parts.txt")
+    with open(listing, "w") as f:
+        f.writelines(f"file '{p}'\n" for p in parts)
+    hour = os.path.join(directory, "one-hour.mp3")
+    subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-f",
+                    "concat", "-safe", "0", "-i", listing, "-c", "copy", hour], check=True)
+    return hour
+
+
+def worker_peak_memory_mb(path: str, scratch: str) -> tuple[float, float, float]:
+    """(baseline RSS, peak RSS, duration s) of a real Dask worker process given one long song."""
+    from distributed import Client, LocalCluster
+
+    def rss_mb():
+        import resource
+
+        import psutil
+
+        return (psutil.Process().memory_info().rss / 2**20,
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+    store = TrackStore(os.path.join(scratch, "hour-store"))
+    config = store.prepare(16000, 256, overwrite=True)
+    (source,) = expand_sources([path]).sources
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        client.run(lambda: __import__("dwave.preprocess"))  # imports count in the baseline
+        (baseline, _), = client.run(rss_mb).values()
+        result = client.submit(process_track, TrackTask(source, "hour", None), store.url,
+                               store.storage_options, config).result()
+        assert result["status"] == "written", result
+        (_, peak), = client.run(rss_mb).values()
+    return baseline, peak, result["duration"]
+
+
+def throughput(song_dir: str, workers: int, scratch: str) -> tuple[float, int]:
+    store = os.path.join(scratch, f"store-{workers}w")
+    summary = run_preprocess([song_dir], store, workers=workers, overwrite=True, progress=False,
+                             log=lambda *_: None)
+    assert not summary.failures, summary.failures
+    return len(summary.written) / summary.wall_seconds, len(summary.written)
+
+
+def plot_scaling(points: dict[int, float], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workers = sorted(points)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(workers, [points[w] for w in workers], "o-", label="dwave preprocess (measured)")
+    ax.plot(workers, [points[workers[0]] * w / workers[0] for w in workers], "k--",
+            label="ideal (linear)")
+    ax.set_xlabel("Dask workers (1 core each)")
+    ax.set_ylabel("songs / s")
+    ax.set_xticks(workers)
+    ax.set_ylim(bottom=0)
+    ax.set_title("Preprocessing throughput vs workers")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("song_dir")
+    parser.add_argument("--out", default="bench-output")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--copies", type=int, default=4,
+                        help="each song is queued this many times (as links) for the Dask runs")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    sources = expand_sources([args.song_dir]).sources
+    if not sources:
+        sys.exit(f"no songs in {args.song_dir}")
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # (a) and (b) on one core
+
+    figures: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}"
+                                f", {os.cpu_count()} cores", "songs": []}
+    with tempfile.TemporaryDirectory() as scratch:
+        store = TrackStore(os.path.join(scratch, "single"))
+        config = store.prepare(16000, 256, overwrite=True)
+        print(f"{'song':<28} {'length':>8} {'format':>14} {'ffmpeg (a)':>11} {'dwave (b)':>10} "
+              f"{'b/a':>6}")
+        for source in sources:
+            info = sf.info(source.uri)
+            floor = ffmpeg_decode_seconds(source.uri, args.repeats)
+            ours = dwave_track_seconds(source, store, config, args.repeats)
+            row = {"song": os.path.basename(source.uri), "seconds_of_audio": info.duration,
+                   "ffmpeg_s": floor, "dwave_s": ours, "ratio": ours / floor}
+            figures["songs"].append(row)
+            print(f"{row['song']:<28} {info.duration / 60:>6.1f} m {info.samplerate:>6} Hz x"
+                  f"{info.channels} {floor:>10.3f}s {ours:>9.3f}s {ours / floor:>6.2f}")
+        total_floor = sum(r["ffmpeg_s"] for r in figures["songs"])
+        total_ours = sum(r["dwave_s"] for r in figures["songs"])
+        figures["ratio"] = total_ours / total_floor
+        print(f"per-song cost, all songs: dwave {total_ours / len(sources):.3f} s vs ffmpeg "
+              f"decode {total_floor / len(sources):.3f} s -> ratio {figures['ratio']:.2f} "
+              "(target <= 1.2)")
+
+        os.sched_setaffinity(0, set(range(os.cpu_count())))
+        queue = os.path.join(scratch, "queue")
+        os.makedirs(queue)
+        for copy in range(args.copies):
+            for i, source in enumerate(sources):
+                os.symlink(source.uri, os.path.join(queue, f"{900000 + copy * 1000 + i:06d}.mp3"))
+        points = {}
+        for workers in (1, 2):
+            rate, count = throughput(queue, workers, scratch)
+            points[workers] = rate
+            print(f"Dask, {workers} worker(s): {count} songs at {rate:.2f} songs/s")
+        efficiency = points[2] / (2 * points[1])
+        figures.update(throughput_songs_per_s=points, parallel_efficiency=efficiency)
+        print(f"parallel efficiency at 2 workers: {efficiency:.0%} (target >= 90 %)")
+
+        hour = make_hour_song([s.uri for s in sources], scratch)
+        baseline, peak, duration = worker_peak_memory_mb(hour, scratch)
+        figures.update(worker_baseline_mb=baseline, worker_peak_mb=peak,
+                       long_song_minutes=duration / 60)
+        print(f"Dask worker on a {duration / 60:.0f}-minute song: peak RSS {peak:.0f} MB "
+              f"(idle worker with dwave imported: {baseline:.0f} MB) (target < 400 MB)")
+        shutil.rmtree(os.path.join(scratch, "hour-store"), ignore_errors=True)
+
+    png = os.path.join(args.out, "preprocess_scaling.png")
+    plot_scaling(points, png)
+    with open(os.path.join(args.out, "preprocess.json"), "w") as f:
+        json.dump(figures, f, indent=2)
+    print(f"wrote {png} and {os.path.join(args.out, 'preprocess.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
