@@ -1,25 +1,20 @@
-# The two commands of the README:
-#   make demo   set up everything, then run the main job end to end on a synthesised corpus
-#   make test   set up everything, then run the test suite
-# Both are idempotent: the set-up checks what is already there and skips it.
-
-VENV   ?= .venv
-PY     := $(VENV)/bin/python
-DEMO   ?= demo-output
+# Shortcuts for developers; the README's two commands are `bash scripts/run demo|test`
+# (which need no `make`), and these targets call them.
+PY := .venv/bin/python
 
 .PHONY: setup demo test bench clean
 
 setup:
 	@bash scripts/setup.sh
 
-demo: setup
-	$(VENV)/bin/dwave demo --out $(DEMO)
+demo:
+	bash scripts/run demo
 
-test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+test:
+	bash scripts/run test
 
 bench: setup
 	$(PY) benchmarks/bench_preprocess.py $$(bash benchmarks/make_songs.sh)
 
 clean:
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf demo-output bench-output .pytest_cache
