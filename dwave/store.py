@@ -184,8 +184,18 @@ class TrackStore:
         array[:] = codes  # one call: zarr encodes and stores the chunks concurrently
         array.attrs.update({"complete": True})  # last write: the track is visible from here on
 
+    def track_array(self, track_id: str):
+        """The Zarr array of one track, for reading slices."""
+        return self._reader()["tracks"][track_id]
+
     def read_codes(self, track_id: str) -> np.ndarray:
-        return self._open("r", consolidated=None)["tracks"][track_id][:]
+        return self.track_array(track_id)[:]
+
+    def _reader(self):
+        # Opened once per handle: on S3 each open is a round trip for the consolidated metadata.
+        if getattr(self, "_read_group", None) is None:
+            self._read_group = self._open("r", consolidated=None)
+        return self._read_group
 
     # -- index ----------------------------------------------------------------------------------
 

@@ -114,3 +114,41 @@ def s3_bucket(s3_endpoint, request) -> str:
     name = "dwave-" + request.node.name.lower().replace("_", "-")[:40]
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return name
+
+
+def synthetic_codes(seconds: float, rate: int = 16000, kind: str = "tone", seed: int = 0):
+    """mu-law codes of a tone or a chirp: structure a WaveNet can learn in a few steps."""
+    from dwave.audio import mu_law_encode
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    if kind == "tone":
+        audio = 0.6 * np.sin(2 * np.pi * rng.uniform(200, 600) * t)
+    else:  # chirp: frequency sweeping up and down
+        f0, f1 = 150.0, 900.0
+        phase = 2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * t[-1]))
+        audio = 0.6 * np.sin(phase)
+    return mu_law_encode(audio.astype(np.float32))
+
+
+def make_store(url: str, tracks: dict, rate: int = 16000, storage_options=None) -> str:
+    """A store written directly (no decoding): `tracks` maps id -> (codes, genre)."""
+    from dwave.store import TrackStore
+
+    store = TrackStore(url, storage_options)
+    store.prepare(rate, 256, overwrite=True)
+    for track_id, (codes, genre) in tracks.items():
+        store.write_track(track_id, codes, {
+            "sample_rate": rate, "length": len(codes), "duration": len(codes) / rate,
+            "source": f"synthetic:{track_id}", "genre": genre})
+    store.write_index([])
+    return url
+
+
+@pytest.fixture(scope="session")
+def tone_store(tmp_path_factory) -> str:
+    """Six tracks of tones and chirps (2.5 s each, two 'genres') at 16 kHz."""
+    path = str(tmp_path_factory.mktemp("stores") / "tones")
+    tracks = {str(i): (synthetic_codes(2.5, kind="tone" if i % 2 else "chirp", seed=i),
+                       "tone" if i % 2 else "chirp") for i in range(1, 7)}
+    return make_store(path, tracks)

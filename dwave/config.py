@@ -1,0 +1,83 @@
+"""Model configuration: presets, the receptive field, JSON round trip. No TensorFlow here, so
+the CLI and the data pipeline can read a run's config without importing it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from .errors import DwaveError
+
+PRESETS: dict[str, dict] = {
+    # For tests and the demo: seconds per hundred steps on a laptop core.
+    "tiny": dict(stacks=2, max_dilation=32, residual_channels=16, dilation_channels=16,
+                 skip_channels=32),
+    "small": dict(stacks=2, max_dilation=256, residual_channels=32, dilation_channels=32,
+                  skip_channels=128),
+    # The common reference size (the paper's and most reimplementations').
+    "base": dict(stacks=3, max_dilation=512, residual_channels=64, dilation_channels=64,
+                 skip_channels=256),
+}
+
+
+@dataclass
+class ModelConfig:
+    """The architecture. Saved as config.json in every run directory."""
+
+    quantization_channels: int = 256
+    residual_channels: int = 64
+    dilation_channels: int = 64  # for each of filter and gate
+    skip_channels: int = 256
+    stacks: int = 3
+    max_dilation: int = 512  # each stack has dilations 1, 2, 4, ..., max_dilation
+    genres: list[str] = field(default_factory=list)  # non-empty: conditioned on these genres
+    sample_rate: int = 16000
+
+    def __post_init__(self):
+        for name in ("quantization_channels", "residual_channels", "dilation_channels",
+                     "skip_channels", "stacks", "max_dilation", "sample_rate"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise DwaveError(f"model config: {name} must be a positive integer")
+        if self.max_dilation & (self.max_dilation - 1):
+            raise DwaveError(f"model config: max_dilation must be a power of 2, got "
+                             f"{self.max_dilation}")
+
+    @property
+    def dilations(self) -> list[int]:
+        per_stack = [2**i for i in range(self.max_dilation.bit_length())]
+        return per_stack * self.stacks
+
+    @property
+    def receptive_field(self) -> int:
+        """Inputs that one output sees: (kernel - 1) * sum(dilations) + 1, kernel = 2."""
+        return sum(self.dilations) + 1
+
+    @property
+    def conditioned(self) -> bool:
+        return bool(self.genres)
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> "ModelConfig":
+        if preset not in PRESETS:
+            raise DwaveError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise DwaveError(f"model config: unknown fields {sorted(unknown)}")
+        return cls(**data)
+
+    def describe(self) -> str:
+        return (f"WaveNet: {len(self.dilations)} layers ({self.stacks} stacks x dilations 1.."
+                f"{self.max_dilation}), channels residual {self.residual_channels} / dilation "
+                f"{self.dilation_channels} / skip {self.skip_channels}, receptive field "
+                f"{self.receptive_field} samples ({1000 * self.receptive_field / self.sample_rate:.0f}"
+                f" ms at {self.sample_rate} Hz)"
+                + (f", conditioned on {len(self.genres)} genres" if self.genres else ""))

@@ -1,0 +1,126 @@
+"""WaveNet (van den Oord et al. 2016) in TensorFlow/Keras: the model and nothing else.
+
+Causal dilated convolutions of kernel 2, gated tanh x sigmoid units, residual and skip 1x1
+connections, and a ReLU -> 1x1 -> ReLU -> 1x1 head giving logits over the mu-law codes; input
+codes through an embedding; optional global conditioning on genre (an embedding added inside
+every gate).
+
+Two ways to run the same weights:
+
+* valid (training, the default): no padding at all. Each layer of dilation d shortens the
+  sequence by d, so N input codes give N - (receptive_field - 1) outputs, the i-th predicting
+  the code after input i + receptive_field - 1. Nothing is computed that no output needs, and
+  the skip connections are evaluated only at the output positions (where the loss is), as one
+  fused matrix product over all layers.
+* causal (generation, priming): every layer is zero-padded on the left by its dilation, so N
+  inputs give N outputs; exactly what a fast generator with zero-initialised caches computes.
+
+Both are causal by construction: an output never depends on a later input.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from .config import ModelConfig
+from .errors import DwaveError
+
+keras = tf.keras
+
+
+def dense(x, w, b):
+    """x @ w + b over the last axis, in x's dtype (mixed precision computes in float16)."""
+    return tf.tensordot(x, tf.cast(w, x.dtype), axes=1) + tf.cast(b, x.dtype)
+
+
+class WaveNet(keras.Model):
+    """Weights as plain variables, so the training step and the fast generator (which reads the
+    same variables) share one definition of the arithmetic."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(name="wavenet")
+        self.config = config
+        c = config
+        C, D, S, Q = (c.residual_channels, c.dilation_channels, c.skip_channels,
+                      c.quantization_channels)
+        layers = len(c.dilations)
+        # Initialisers by name: Keras makes a fresh one per weight, seeded from TF's global seed
+        # (a shared initialiser object would give every layer the same values).
+        glorot, zeros = "glorot_uniform", "zeros"
+        self.embedding = self.add_weight(
+            name="embedding", shape=(Q, C), initializer="random_normal")
+        # Per layer: the kernel-2 dilated conv for filter and gate fused into one matrix acting
+        # on [x[t-d], x[t]] (2C -> 2D), and the residual 1x1 (D -> C; the last layer has none:
+        # nothing reads its residual output).
+        self.conv_w = [self.add_weight(name=f"layer{i}/conv", shape=(2 * C, 2 * D),
+                                       initializer=glorot) for i in range(layers)]
+        self.conv_b = [self.add_weight(name=f"layer{i}/conv_bias", shape=(2 * D,),
+                                       initializer=zeros) for i in range(layers)]
+        self.res_w = [self.add_weight(name=f"layer{i}/residual", shape=(D, C),
+                                      initializer=glorot) for i in range(layers - 1)]
+        self.res_b = [self.add_weight(name=f"layer{i}/residual_bias", shape=(C,),
+                                      initializer=zeros) for i in range(layers - 1)]
+        # All layers' skip 1x1s as one (layers*D -> S) matrix: the sum over layers of z_l @ W_l
+        # is one product of the concatenated z's, a single large matmul instead of 30 small ones.
+        self.skip_w = self.add_weight(name="skip", shape=(layers * D, S), initializer=glorot)
+        self.skip_b = self.add_weight(name="skip_bias", shape=(S,), initializer=zeros)
+        self.head1_w = self.add_weight(name="head1", shape=(S, S), initializer=glorot)
+        self.head1_b = self.add_weight(name="head1_bias", shape=(S,), initializer=zeros)
+        self.head2_w = self.add_weight(name="head2", shape=(S, Q), initializer=glorot)
+        self.head2_b = self.add_weight(name="head2_bias", shape=(Q,), initializer=zeros)
+        if c.conditioned:
+            # Global conditioning: the paper's V_f h and V_g h, for every layer at once.
+            self.genre_w = self.add_weight(
+                name="genre", shape=(len(c.genres), layers * 2 * D),
+                initializer="random_normal")
+        self.built = True
+
+    @property
+    def parameter_count(self) -> int:
+        return int(sum(tf.size(w) for w in self.weights))
+
+    # -- pieces shared with the fast generator --------------------------------------------------
+
+    def gate(self, fg):
+        D = self.config.dilation_channels
+        return tf.tanh(fg[..., :D]) * tf.sigmoid(fg[..., D:])
+
+    def head(self, skip):
+        h = tf.nn.relu(skip)
+        h = tf.nn.relu(dense(h, self.head1_w, self.head1_b))
+        return dense(h, self.head2_w, self.head2_b)
+
+    def genre_bias(self, genre):
+        """(batch, layers*2D) gate biases of the genres, or None for an unconditioned model."""
+        if not self.config.conditioned:
+            return None
+        if genre is None:
+            raise DwaveError("this model is conditioned on genre: pass a genre")
+        return tf.gather(self.genre_w, tf.cast(genre, tf.int32))
+
+    def call(self, codes, genre=None, causal=False, training=False):
+        """Logits (batch, T, Q) as float32. `codes`: integers (batch, N).
+        Valid mode: T = N - receptive_field + 1. `causal=True`: T = N."""
+        c = self.config
+        D = c.dilation_channels
+        h = tf.gather(self.embedding, tf.cast(codes, tf.int32))  # (B, N, C)
+        h = tf.cast(h, self.compute_dtype)
+        bias = self.genre_bias(genre)
+        if bias is not None:
+            bias = tf.cast(bias, h.dtype)
+        out_len = tf.shape(h)[1] if causal else tf.shape(h)[1] - sum(c.dilations)
+        zs = []
+        for i, d in enumerate(c.dilations):
+            if causal:
+                past, now = tf.pad(h, [[0, 0], [d, 0], [0, 0]])[:, :-d], h
+            else:
+                past, now = h[:, :-d], h[:, d:]
+            fg = dense(tf.concat([past, now], axis=-1), self.conv_w[i], self.conv_b[i])
+            if bias is not None:
+                fg += bias[:, None, i * 2 * D:(i + 1) * 2 * D]
+            z = self.gate(fg)
+            zs.append(z[:, -out_len:])
+            if i < len(c.dilations) - 1:
+                h = now + dense(z, self.res_w[i], self.res_b[i])
+        skip = dense(tf.concat(zs, axis=-1), self.skip_w, self.skip_b)
+        return tf.cast(self.head(skip), tf.float32)

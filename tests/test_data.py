@@ -1,0 +1,108 @@
+"""Training windows: uniform over all samples, deterministic per (seed, rank, step), a stable
+validation split, memory and stream modes agreeing, clear errors for stores that cannot feed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import make_store
+from dwave.data import (histogram_entropy_bits, open_training_data, split_tracks, Track)
+from dwave.errors import DwaveError
+
+
+@pytest.fixture(scope="module")
+def ramp_store(tmp_path_factory):
+    """Tracks whose codes encode their own positions, so a window shows where it came from."""
+    lengths = {"a": 3000, "b": 12000, "c": 500, "d": 6000, "e": 9000}
+    tracks = {tid: ((np.arange(n) % 251).astype(np.uint8), "g1" if tid < "c" else "g2")
+              for tid, n in lengths.items()}
+    path = str(tmp_path_factory.mktemp("stores") / "ramps")
+    return make_store(path, tracks), lengths
+
+
+def test_windows_are_uniform_over_every_valid_start(ramp_store):
+    url, lengths = ramp_store
+    window = 1000
+    data = open_training_data(url, window, batch_size=64, seed=0, validation_fraction=0)
+    sampler = data.train
+    ids = [t.id for t in sampler.tracks]
+    assert "c" not in ids  # shorter than a window: never drawn
+    counts = np.zeros(len(ids))
+    for step in range(400):
+        track, start = sampler.locate(rank=0, step=step)
+        assert (start >= 0).all()
+        assert (start + window <= np.array([lengths[ids[t]] for t in track])).all()
+        np.add.at(counts, track, 1)
+    starts = np.array([lengths[i] - window + 1 for i in ids], float)
+    expected = starts / starts.sum() * counts.sum()
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 20, (counts, expected)  # 3 degrees of freedom: p ~ 2e-4 at 20
+    codes, genre = sampler.batch(0, 0)
+    track, start = sampler.locate(0, 0)
+    for row in range(4):
+        np.testing.assert_array_equal(codes[row], (start[row] + np.arange(window)) % 251)
+
+
+def test_streams_differ_by_rank_and_step_and_repeat_exactly(ramp_store):
+    url, _ = ramp_store
+    sampler = open_training_data(url, 1000, 8, seed=5, validation_fraction=0).train
+    a = sampler.batch(0, 10)[0]
+    np.testing.assert_array_equal(a, sampler.batch(0, 10)[0])
+    assert not np.array_equal(a, sampler.batch(1, 10)[0])
+    assert not np.array_equal(a, sampler.batch(0, 11)[0])
+    other_seed = open_training_data(url, 1000, 8, seed=6, validation_fraction=0).train
+    assert not np.array_equal(a, other_seed.batch(0, 10)[0])
+
+
+def test_memory_and_stream_modes_give_the_same_batches_through_tf_data(ramp_store):
+    url, _ = ramp_store
+    memory = open_training_data(url, 1000, 4, seed=1, validation_fraction=0, mode="memory")
+    stream = open_training_data(url, 1000, 4, seed=1, validation_fraction=0, mode="stream")
+    assert (memory.train.mode, stream.train.mode) == ("memory", "stream")
+    from_memory = list(memory.train.dataset(rank=1, first_step=3, last_step=8))
+    from_stream = list(stream.train.dataset(rank=1, first_step=3, last_step=8))
+    assert len(from_memory) == 5
+    for (c1, g1), (c2, g2), step in zip(from_memory, from_stream, range(3, 8)):
+        np.testing.assert_array_equal(c1.numpy(), c2.numpy())
+        np.testing.assert_array_equal(g1.numpy(), g2.numpy())
+        np.testing.assert_array_equal(c1.numpy(), memory.train.batch(1, step)[0])
+
+
+def test_genres_index_the_store_vocabulary(ramp_store):
+    url, _ = ramp_store
+    data = open_training_data(url, 1000, 32, seed=0, validation_fraction=0)
+    assert data.genres == ["g1", "g2"]
+    track, _ = data.train.locate(0, 0)
+    _, genre = data.train.batch(0, 0)
+    expected = [0 if data.train.tracks[t].id < "c" else 1 for t in track]
+    np.testing.assert_array_equal(genre, expected)
+
+
+def test_validation_split_is_by_track_stable_and_disjoint():
+    tracks = [Track(str(i), 1000 + i, "x") for i in range(200)]
+    train, val = split_tracks(tracks, 0.1)
+    assert {t.id for t in train}.isdisjoint({t.id for t in val})
+    assert len(train) + len(val) == 200 and 5 <= len(val) <= 40
+    # Adding tracks never moves an existing one to the other side.
+    train2, val2 = split_tracks(tracks + [Track(f"n{i}", 999, "x") for i in range(50)], 0.1)
+    assert {t.id for t in val} <= {t.id for t in val2}
+    # Two tracks: one each side; one track: nothing held out.
+    assert [len(s) for s in split_tracks(tracks[:2], 0.1)] == [1, 1]
+    assert [len(s) for s in split_tracks(tracks[:1], 0.1)] == [1, 0]
+
+
+def test_stores_that_cannot_feed_a_window_are_clear_errors(tmp_path):
+    empty = make_store(str(tmp_path / "empty"), {})
+    with pytest.raises(DwaveError, match="holds no tracks"):
+        open_training_data(empty, 100, 1, 0)
+    short = make_store(str(tmp_path / "short"), {"1": (np.zeros(50, np.uint8), None)})
+    with pytest.raises(DwaveError, match="no track as long as one training window"):
+        open_training_data(short, 100, 1, 0)
+    with pytest.raises(DwaveError, match="not a dwave store"):
+        open_training_data(str(tmp_path / "nothing"), 100, 1, 0)
+
+
+def test_histogram_entropy():
+    assert histogram_entropy_bits(np.arange(256).astype(np.uint8)) == pytest.approx(8.0)
+    assert histogram_entropy_bits(np.zeros(10, np.uint8)) == 0.0
