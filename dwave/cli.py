@@ -23,6 +23,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -141,6 +161,74 @@ def _cmd_demo(args) -> int:
     return run_demo(args.out, args.source, args.songs, args.seconds, args.workers, log=_log)
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a WaveNet on a store (Horovod data-parallel)",
+        description=(
+            "Train a WaveNet on the tracks of STORE. Runs as one process, or as N ranks under "
+            "`horovodrun -np N`, `mpirun -np N` or `srun`: gradients are averaged over the ranks "
+            "every step. Rerun with the same --run-dir to resume; SIGTERM checkpoints and exits."
+        ),
+        epilog="Model flags (--preset, channel sizes) are fixed when a run dir is created; "
+               "rerunning with different ones is an error. TensorBoard: "
+               "`tensorboard --logdir RUN_DIR/tensorboard`.",
+    )
+    p.add_argument("store", metavar="STORE", help="a store made by `dwave preprocess`")
+    p.add_argument("--run-dir", required=True, metavar="DIR",
+                   help="checkpoints, config.json and TensorBoard logs (resumed if present)")
+    p.add_argument("--preset", choices=["tiny", "small", "base"],
+                   help="model size (default: the run dir's, else tiny)")
+    for name, help_text in [("residual-channels", "residual channels"),
+                            ("dilation-channels", "filter and gate channels, each"),
+                            ("skip-channels", "skip channels"), ("stacks", "dilation stacks"),
+                            ("max-dilation", "largest dilation of a stack (a power of 2)")]:
+        p.add_argument(f"--{name}", type=_positive_int, metavar="N",
+                       help=f"{help_text} (overrides the preset)")
+    p.add_argument("--steps", type=_positive_int, default=1000, help="total steps (1000)")
+    p.add_argument("--batch-size", type=_positive_int, default=4,
+                   help="windows per rank per step (4)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3,
+                   help="Adam learning rate for one rank; N ranks use N x this (1e-3)")
+    p.add_argument("--warmup-steps", type=_non_negative_int, default=100,
+                   help="linear learning-rate warm-up (100)")
+    p.add_argument("--window", type=_positive_int, default=4000,
+                   help="predicted samples per window, beyond the receptive field (4000)")
+    p.add_argument("--genre-conditioning", action="store_true", default=None,
+                   help="condition on the store's genres (global conditioning)")
+    p.add_argument("--val-every", type=_positive_int, default=200,
+                   help="steps between validation passes (200)")
+    p.add_argument("--ckpt-every", type=_positive_int, default=500,
+                   help="steps between checkpoints (500)")
+    p.add_argument("--keep-checkpoints", type=_positive_int, default=3,
+                   help="how many recent checkpoints to keep (3)")
+    p.add_argument("--precision", choices=["fp32", "mixed"], default="fp32",
+                   help="mixed: float16 compute with loss scaling (GPUs) (fp32)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="initial weights, windows (0)")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="TensorFlow threads per rank (default: cores / ranks on the node)")
+    p.add_argument("--data-mode", choices=["memory", "stream"],
+                   help="hold the training tracks in memory, or read windows from the store "
+                        "(default: memory when they fit in 4 GiB)")
+    p.add_argument("--storage-options", type=_json_object, metavar="JSON", default={})
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from .train import TrainConfig, run_training
+
+    config = TrainConfig(
+        store=args.store, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        warmup_steps=args.warmup_steps, window=args.window,
+        genre_conditioning=args.genre_conditioning, val_every=args.val_every,
+        ckpt_every=args.ckpt_every, keep_checkpoints=args.keep_checkpoints, precision=args.precision, seed=args.seed,
+        data_mode=args.data_mode, threads=args.threads)
+    overrides = {name: getattr(args, name) for name in
+                 ("residual_channels", "dilation_channels", "skip_channels", "stacks",
+                  "max_dilation")}
+    run_training(config, args.run_dir, args.preset, overrides, args.storage_options, log=_log)
+    return 0
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -153,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_preprocess(sub)
     _add_info(sub)
+    _add_train(sub)
     _add_demo(sub)
     return parser
 

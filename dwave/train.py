@@ -1,0 +1,491 @@
+"""Train a WaveNet on a store, synchronously data-parallel with Horovod.
+
+One device:            dwave train STORE --run-dir runs/a
+N processes (MPI):     mpirun -np N dwave train STORE --run-dir runs/a
+N processes (Horovod): horovodrun -np N dwave train STORE --run-dir runs/a
+SLURM:                 srun --mpi=pmix dwave train ...   (see slurm/train.sbatch)
+
+Every rank draws its own windows (seeded by seed, rank and step), computes gradients on them,
+and Horovod averages the gradients with a ring allreduce before each identical update, so
+N ranks with batch B train exactly like one process with batch N*B (the learning rate is
+scaled by N, with a warm-up). Rank 0 alone writes checkpoints, config and TensorBoard logs.
+
+The run directory:
+
+    RUN_DIR/config.json          model config, training flags, store: rewritten with each
+                                 checkpoint; `dwave generate` reads the architecture from it
+    RUN_DIR/checkpoints/         ckpt-STEP.{index,data-*} and TF's `checkpoint` state file,
+                                 which is replaced atomically after the files are complete, so a
+                                 crash mid-write leaves the previous checkpoint as the latest
+    RUN_DIR/tensorboard/         train/ and validation/ scalars (loss in bits per sample,
+                                 samples/s, learning rate)
+
+Rerunning with the same run directory resumes from the latest checkpoint, optimizer state
+included. SIGTERM (SLURM's warning before the time limit, `scancel --signal=TERM`) makes all
+ranks stop after the current step, write a checkpoint and exit 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+from .config import ModelConfig
+from .errors import DwaveError
+
+LN2 = math.log(2.0)
+MODEL_FIELDS = ("residual_channels", "dilation_channels", "skip_channels", "stacks",
+                "max_dilation")
+
+
+@dataclass
+class TrainConfig:
+    """How to train (the architecture is ModelConfig). Saved beside the model config."""
+
+    store: str
+    steps: int = 1000
+    batch_size: int = 4  # per rank
+    lr: float = 1e-3  # for one rank; N ranks use N * lr
+    warmup_steps: int = 100
+    window: int = 4000  # predicted samples per window; the window read is receptive field + this
+    genre_conditioning: bool | None = None  # None: as the run dir has it, else off
+    val_every: int = 200
+    val_batches: int = 8
+    ckpt_every: int = 500
+    keep_checkpoints: int = 3
+    precision: str = "fp32"
+    seed: int = 0
+    validation_fraction: float = 0.1
+    data_mode: str | None = None  # memory | stream; default: memory if it fits
+    threads: int | None = None  # TF threads per rank; default: cores / local ranks
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "mixed"):
+            raise DwaveError(f"--precision must be fp32 or mixed, got {self.precision!r}")
+        for name in ("steps", "batch_size", "window", "val_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise DwaveError(f"--{name.replace('_', '-')} must be positive")
+        if self.warmup_steps < 0 or self.lr <= 0:
+            raise DwaveError("--lr must be positive and --warmup-steps not negative")
+
+
+# -- pure pieces ------------------------------------------------------------------------------
+
+
+def learning_rate(step, peak: float, warmup_steps: int):
+    """Linear warm-up from peak/warmup to peak over `warmup_steps`, then constant. Large
+    effective batches (many ranks) diverge if they start at the full scaled rate."""
+    import tensorflow as tf
+
+    if warmup_steps == 0:
+        return tf.constant(peak, tf.float32)
+    ramp = tf.cast(step + 1, tf.float32) / float(warmup_steps)
+    return peak * tf.minimum(1.0, ramp)
+
+
+def weights_digest(variables) -> str:
+    """sha256 of every weight's bytes: equal digests mean bit-identical models."""
+    h = hashlib.sha256()
+    for v in variables:
+        h.update(v.numpy().tobytes())
+    return h.hexdigest()
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# -- the model, the step, the optimizer --------------------------------------------------------
+
+
+class Trainer:
+    """The model, optimizer and compiled steps of one rank. `hvd` is None for plain TF (tests
+    that replay a distributed step in one process)."""
+
+    def __init__(self, model_config: ModelConfig, lr: float, warmup_steps: int, world_size: int,
+                 precision: str = "fp32", hvd=None):
+        import tensorflow as tf
+
+        from .model import WaveNet
+
+        if precision == "mixed":
+            tf.keras.mixed_precision.set_global_policy("mixed_float16")
+        self.config = model_config
+        self.hvd = hvd
+        self.model = WaveNet(model_config)
+        self.peak_lr = lr * world_size
+        self.warmup_steps = warmup_steps
+        self.lr = tf.Variable(learning_rate(0, self.peak_lr, warmup_steps), trainable=False,
+                              name="learning_rate")
+        optimizer = tf.keras.optimizers.Adam(learning_rate=self.lr)
+        self.mixed = precision == "mixed"
+        if self.mixed:
+            optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
+        self.optimizer = optimizer
+        self.optimizer.build(self.model.trainable_variables)
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        self.train_step = tf.function(self._train_step, reduce_retracing=True)
+        self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
+
+    def loss(self, codes, genre):
+        """Mean cross-entropy in nats of predicting codes[:, rf:] from codes[:, :-1]."""
+        import tensorflow as tf
+
+        rf = self.config.receptive_field
+        logits = self.model(codes[:, :-1], genre=genre if self.config.conditioned else None,
+                            training=True)
+        targets = tf.cast(codes[:, rf:], tf.int32)
+        return tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits))
+
+    def _average(self, value):
+        return self.hvd.allreduce(value, op=self.hvd.Average) if self.hvd else value
+
+    def _train_step(self, codes, genre, stop_requested):
+        """One synchronous update. Returns (loss averaged over ranks, any rank asked to stop):
+        the stop flag rides the step's own collective, so stopping costs no extra round trip."""
+        import tensorflow as tf
+
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            loss = self.loss(codes, genre)
+            scaled = self.optimizer.get_scaled_loss(loss) if self.mixed else loss
+        if self.hvd:
+            tape = self.hvd.DistributedGradientTape(tape)
+        grads = tape.gradient(scaled, variables)
+        if self.mixed:
+            grads = self.optimizer.get_unscaled_gradients(grads)
+        self.lr.assign(learning_rate(self.step, self.peak_lr, self.warmup_steps))
+        self.optimizer.apply_gradients(zip(grads, variables))
+        self.step.assign_add(1)
+        stop = tf.cast(stop_requested, tf.float32)
+        if self.hvd:
+            stop = self.hvd.allreduce(stop, op=self.hvd.Max)
+        return self._average(loss), stop > 0
+
+    def _eval_step(self, codes, genre):
+        return self.loss(codes, genre)
+
+    def broadcast_from_rank0(self):
+        """Make every rank start from rank 0's weights and optimizer state."""
+        if self.hvd:
+            self.hvd.broadcast_variables(self.model.variables, root_rank=0)
+            self.hvd.broadcast_variables(self.optimizer.variables, root_rank=0)
+            self.hvd.broadcast_variables([self.step], root_rank=0)
+
+
+# -- the run directory ------------------------------------------------------------------------
+
+
+def _atomic_write_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_run_config(run_dir: str) -> tuple[ModelConfig, dict] | None:
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return ModelConfig.from_dict(data["model"]), data.get("train", {})
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DwaveError(f"{path} is not a dwave run config ({exc})") from None
+
+
+def resolve_model_config(saved: ModelConfig | None, preset: str | None, overrides: dict,
+                         conditioning: bool | None, store_genres: list[str],
+                         sample_rate: int, run_dir: str = "") -> ModelConfig:
+    """The run's architecture.
+
+    A new run: the preset (default `tiny`) with overrides, conditioned on the store's genres
+    if asked. An existing run (`saved`): its config; flags that disagree with it are an error
+    rather than a silently different model.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if saved is None:
+        return ModelConfig.from_preset(preset or "tiny", sample_rate=sample_rate,
+                                       genres=store_genres if conditioning else [], **overrides)
+    wanted = ModelConfig.from_preset(preset, **overrides).to_dict() if preset else overrides
+    have = saved.to_dict()
+    clashes = [f"{k} {have[k]} (flags ask for {v})" for k, v in wanted.items()
+               if k in MODEL_FIELDS and have[k] != v]
+    if conditioning is not None and conditioning != saved.conditioned:
+        clashes.append("genre conditioning " + ("on" if saved.conditioned else "off"))
+    if saved.sample_rate != sample_rate:
+        clashes.append(f"sample rate {saved.sample_rate} (the store's is {sample_rate})")
+    if clashes:
+        raise DwaveError(f"run dir {run_dir} holds a model with {'; '.join(clashes)}: use a new "
+                         "--run-dir, or the flags it was started with")
+    return saved
+
+
+def _checkpoint_manager(trainer: Trainer, run_dir: str, keep: int):
+    import tensorflow as tf
+
+    checkpoint = tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer,
+                                     step=trainer.step)
+    manager = tf.train.CheckpointManager(checkpoint, os.path.join(run_dir, "checkpoints"),
+                                         max_to_keep=keep, checkpoint_name="ckpt")
+    return checkpoint, manager
+
+
+def restore_latest(checkpoint, manager) -> str | None:
+    """Restore the latest checkpoint, if any; an unreadable one is a clear error."""
+    import tensorflow as tf
+
+    path = manager.latest_checkpoint
+    if path is None:
+        return None
+    try:
+        checkpoint.restore(path).assert_existing_objects_matched()
+    except (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise DwaveError(f"cannot restore checkpoint {path}: {reason}. Remove it (and its "
+                         "line in checkpoints/checkpoint) to resume from the one before") from None
+    return path
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    import tensorflow as tf
+
+    return tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+
+def init_horovod():
+    """hvd.init(), one GPU per local rank when GPUs exist, CPU threads shared fairly."""
+    import horovod.tensorflow as hvd
+
+    hvd.init()
+    return hvd
+
+
+def configure_devices(hvd, threads: int | None) -> int:
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        gpu = gpus[hvd.local_rank() % len(gpus)]
+        tf.config.set_visible_devices(gpu, "GPU")
+        tf.config.experimental.set_memory_growth(gpu, True)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = threads or max(1, (cores or 1) // hvd.local_size())
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
+    return threads
+
+
+def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
+                 model_overrides: dict | None = None, storage_options: dict | None = None,
+                 log=print) -> dict:
+    """Train (or resume) in `run_dir`. Returns a summary dict (rank 0's view)."""
+    from .data import open_training_data
+    from .store import TrackStore
+
+    stop = _StopSignal()
+    # The store and the run dir are checked before TensorFlow loads: a bad one fails in a second.
+    store_config = TrackStore(train.store, storage_options).config()
+    saved = read_run_config(run_dir)
+    saved_model = saved[0] if saved else None
+    overrides = {k: v for k, v in (model_overrides or {}).items() if v is not None}
+    # The window needs the receptive field, which needs only the architecture, not the genres.
+    architecture = saved_model or ModelConfig.from_preset(preset or "tiny", **overrides)
+    window = architecture.receptive_field + train.window
+    data = open_training_data(
+        train.store, window, train.batch_size, train.seed, train.validation_fraction,
+        storage_options, mode=train.data_mode,
+        genres=saved_model.genres if saved_model and saved_model.genres else None)
+    model_config = resolve_model_config(saved_model, preset, overrides, train.genre_conditioning,
+                                        data.genres, store_config.sample_rate, run_dir)
+    resuming = saved_model is not None
+
+    hvd = init_horovod()
+    rank, size = hvd.rank(), hvd.size()
+    say = log if rank == 0 else (lambda *_: None)
+    threads = configure_devices(hvd, train.threads)
+
+    import tensorflow as tf
+
+    tf.random.set_seed(train.seed)  # the same initial weights for the same seed, any world size
+    trainer = Trainer(model_config, train.lr, train.warmup_steps, size, train.precision,
+                      hvd if size > 1 else None)
+    checkpoint, manager = _checkpoint_manager(trainer, run_dir, train.keep_checkpoints)
+    restored = restore_latest(checkpoint, manager)
+    trainer.broadcast_from_rank0()
+    start_step = int(trainer.step.numpy())
+
+    say(f"dwave train: {size} rank{'s' if size > 1 else ''} x {threads} threads, "
+        f"{model_config.describe()}, {trainer.model.parameter_count:,} parameters")
+    say(f"data: {len(data.train.tracks)} training tracks ({data.train_samples / data.sample_rate / 3600:.2f} h), "
+        f"{len(data.validation.tracks) if data.validation else 0} validation tracks, "
+        f"{data.train.mode} mode; window {window} = receptive field {model_config.receptive_field}"
+        f" + {train.window}; batch {train.batch_size} per rank, {train.batch_size * size} global;"
+        f" lr {train.lr:g} x {size} ranks, warm-up {train.warmup_steps} steps")
+    if restored:
+        say(f"resuming from {restored} at step {start_step}")
+    if start_step >= train.steps:
+        say(f"run already at step {start_step} >= --steps {train.steps}: nothing to do")
+        return {"step": start_step, "stopped": False, "resumed_from": start_step}
+
+    def save(step: int) -> None:
+        if rank == 0:
+            os.makedirs(run_dir, exist_ok=True)
+            _atomic_write_json(os.path.join(run_dir, "config.json"), {
+                "model": model_config.to_dict(), "train": dataclasses.asdict(train),
+                "world_size": size, "step": step})
+            manager.save(checkpoint_number=step)
+
+    save(start_step) if not resuming else None  # the config is on disk from the first second
+
+    writers = None
+    if rank == 0:
+        tb = os.path.join(run_dir, "tensorboard")
+        writers = {"train": tf.summary.create_file_writer(os.path.join(tb, "train")),
+                   "validation": tf.summary.create_file_writer(os.path.join(tb, "validation"))}
+
+    batches = iter(data.train.dataset(rank, start_step, train.steps))
+    predicted_per_step = train.batch_size * train.window * size
+    progress = _Progress(train.steps, start_step, say)
+    step, loss_bits, stopped = start_step, math.nan, False
+    window_started, window_steps = time.perf_counter(), 0
+    val_bits = None
+    while step < train.steps:
+        codes, genre = next(batches)
+        loss, stop_all = trainer.train_step(codes, genre, tf.constant(stop.requested))
+        step += 1
+        window_steps += 1
+        loss_bits = float(loss) / LN2
+        if not math.isfinite(loss_bits):
+            raise DwaveError(f"loss became {loss_bits} at step {step}: lower --lr (now "
+                             f"{train.lr:g}) or use --precision fp32")
+        now = time.perf_counter()
+        if progress.due(now) or step == train.steps or bool(stop_all):
+            rate = predicted_per_step * window_steps / (now - window_started)
+            progress.show(step, loss_bits, rate, float(trainer.lr.numpy()))
+            if writers:
+                with writers["train"].as_default(step=step):
+                    tf.summary.scalar("loss_bits_per_sample", loss_bits)
+                    tf.summary.scalar("samples_per_second", rate)
+                    tf.summary.scalar("learning_rate", float(trainer.lr.numpy()))
+            window_started, window_steps = time.perf_counter(), 0
+        if data.validation and (step % train.val_every == 0 or step == train.steps):
+            val_bits = _validate(trainer, data.validation, rank, size, train.val_batches, hvd)
+            say(f"step {step}: validation loss {val_bits:.3f} bits/sample")
+            if writers:
+                with writers["validation"].as_default(step=step):
+                    tf.summary.scalar("loss_bits_per_sample", val_bits)
+            window_started, window_steps = time.perf_counter(), 0
+        if bool(stop_all):
+            stopped = True
+            break
+        if step % train.ckpt_every == 0 and step < train.steps:
+            save(step)
+    save(step)
+    progress.finish()
+    digests = _check_ranks_in_sync(trainer, hvd, size)
+    if writers:
+        for w in writers.values():
+            w.flush()
+    summary = {"step": step, "loss_bits": loss_bits, "validation_bits": val_bits,
+               "stopped": stopped, "resumed_from": start_step if restored else None,
+               "checkpoint": manager.latest_checkpoint if rank == 0 else None,
+               "weights_sha256": digests}
+    if stopped:
+        say(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {step}: "
+            f"checkpoint written; rerun the same command to resume")
+    say(f"done: step {step}, train loss {loss_bits:.3f} bits/sample"
+        + (f", validation {val_bits:.3f}" if val_bits is not None else "")
+        + f"; checkpoint {summary['checkpoint']}")
+    return summary
+
+
+def _validate(trainer: Trainer, sampler, rank: int, size: int, batches: int, hvd) -> float:
+    """Mean loss in bits over a fixed set of validation batches, shared out over the ranks
+    (the same windows every time, so the curve compares like with like)."""
+    import tensorflow as tf
+
+    mine = range(rank, batches, size)
+    total = sum(float(trainer.eval_step(*sampler.batch(0, i))) for i in mine)
+    totals = tf.constant([total, float(len(mine))], tf.float64)
+    if size > 1:
+        totals = hvd.allreduce(totals, op=hvd.Sum)
+    total, count = totals.numpy()
+    return total / max(count, 1) / LN2
+
+
+def _check_ranks_in_sync(trainer: Trainer, hvd, size: int) -> list[str]:
+    """Every rank's weight digest; a mismatch would mean the ranks trained different models."""
+    digest = weights_digest(trainer.model.variables)
+    digests = hvd.allgather_object(digest) if size > 1 else [digest]
+    if hvd.rank() == 0:
+        if len(set(digests)) == 1:
+            print(f"weights identical on {size} rank{'s' if size > 1 else ''}: sha256 "
+                  f"{digest[:16]}", file=sys.stderr)
+        else:
+            print("warning: ranks ended with different weights: "
+                  + ", ".join(f"rank {i} {d[:16]}" for i, d in enumerate(digests)),
+                  file=sys.stderr)
+        for i, d in enumerate(digests):
+            print(f"rank {i} weights sha256 {d}", file=sys.stderr)
+    return digests
+
+
+class _Progress:
+    """One status line: rewritten in place on a terminal, a line every 10 s in a log file."""
+
+    def __init__(self, total: int, start: int, say):
+        self.total, self.start, self.say = total, start, say
+        self.tty = sys.stderr.isatty()
+        self.every = 0.5 if self.tty else 10.0
+        self.started = time.perf_counter()
+        self.last = 0.0
+
+    def due(self, now: float) -> bool:
+        return now - self.last >= self.every
+
+    def show(self, step: int, loss_bits: float, rate: float, lr: float) -> None:
+        now = time.perf_counter()
+        self.last = now
+        done = step - self.start
+        eta = (now - self.started) / done * (self.total - step) if done else 0
+        line = (f"step {step}/{self.total}  loss {loss_bits:.3f} bits  {rate:,.0f} samples/s  "
+                f"lr {lr:.2e}  ETA {format_eta(eta)}")
+        if self.tty:
+            print("\r" + line.ljust(90), end="", file=sys.stderr, flush=True)
+        else:
+            self.say(line)
+
+    def finish(self) -> None:
+        if self.tty and self.last:
+            print(file=sys.stderr)

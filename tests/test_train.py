@@ -1,0 +1,217 @@
+"""Training end to end through the command line: loss falls, 2 Horovod ranks (horovodrun and
+mpirun) stay identical and equal one big-batch step, checkpoints survive SIGKILL and SIGTERM,
+an S3 store trains, and bad runs are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, make_store, run_dwave, synthetic_codes
+
+VENV_BIN = os.path.dirname(sys.executable)
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+FAST = ["--window", "256", "--batch-size", "2", "--warmup-steps", "0", "--val-every", "1000"]
+
+
+def checkpoint_steps(run_dir) -> list[int]:
+    directory = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(m.group(1)) for f in os.listdir(directory)
+                  if (m := re.fullmatch(r"ckpt-(\d+)\.index", f)))
+
+
+def latest_step(run_dir) -> int | None:
+    state = os.path.join(run_dir, "checkpoints", "checkpoint")
+    if not os.path.exists(state):
+        return None
+    m = re.search(r'model_checkpoint_path: "ckpt-(\d+)"', open(state).read())
+    return int(m.group(1)) if m else None
+
+
+def rank_digests(output: str) -> list[str]:
+    return re.findall(r"rank \d+ weights sha256 ([0-9a-f]{64})", output)
+
+
+def test_loss_falls_far_below_the_code_histogram_entropy(tone_store, tmp_path):
+    from dwave.data import histogram_entropy_bits
+    from dwave.store import TrackStore
+
+    store = TrackStore(tone_store)
+    codes = np.concatenate([store.read_codes(t["id"]) for t in store.read_index()["tracks"]])
+    entropy = histogram_entropy_bits(codes)
+    run = tmp_path / "run"
+    proc = run_dwave("train", tone_store, "--run-dir", run, "--steps", "400", "--lr", "1e-2",
+                     "--batch-size", "4", "--window", "512", "--warmup-steps", "20",
+                     "--val-every", "200", check=0, timeout=600)
+    out = proc.stderr
+    final = float(re.search(r"done: step 400, train loss ([\d.]+)", out).group(1))
+    val = float(re.findall(r"validation loss ([\d.]+)", out)[-1])
+    assert entropy > 5.0  # tones spread over many codes: a context-free model needs > 5 bits
+    # From 8 bits (uniform) to well under the context-free floor, on held-out tracks too.
+    assert final < 0.6 * entropy, (final, entropy)
+    assert val < 0.6 * entropy, (val, entropy)
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["stacks"] == 2 and config["train"]["steps"] == 400
+    assert latest_step(run) == 400
+    events = [f for d, _, fs in os.walk(run / "tensorboard") for f in fs if "tfevents" in f]
+    assert len(events) == 2  # train and validation
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_events = EventAccumulator(str(run / "tensorboard" / "train"), size_guidance={}).Reload()
+    tags = train_events.Tags()["tensors"]
+    assert {"loss_bits_per_sample", "samples_per_second", "learning_rate"} <= set(tags)
+
+
+@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
+def test_two_ranks_stay_identical_and_equal_one_big_batch_step(launcher, tone_store, tmp_path):
+    """After N steps both ranks hold bit-identical weights; and the first step equals, within
+    float tolerance, a single-process step on the union of both ranks' batches."""
+    run = tmp_path / "run"
+    train_args = ["-m", "dwave.cli", "train", tone_store, "--run-dir", str(run), "--steps", "2",
+                  "--ckpt-every", "1", "--lr", "1e-3", "--seed", "7", "--threads", "1", *FAST]
+    if launcher == "horovodrun":
+        cmd = [os.path.join(VENV_BIN, "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo",
+               sys.executable, *train_args]
+    else:
+        cmd = ["mpirun", "-np", "2", "--bind-to", "none", "-x", "PATH", "-x", "PYTHONPATH",
+               sys.executable, *train_args]
+    env = {**os.environ, **MPI_ENV}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "dwave train: 2 ranks" in output
+    digests = rank_digests(output)
+    assert len(digests) == 2 and digests[0] == digests[1], output[-2000:]
+    assert "weights identical on 2 ranks" in output
+    assert checkpoint_steps(run) == [0, 1, 2]
+
+    # Replay step 1 in this process: restore ckpt-0, train on rank 0's and rank 1's step-0
+    # batches together (world size 2: the same scaled learning rate), compare with ckpt-1.
+    import tensorflow as tf
+
+    from dwave.data import open_training_data
+    from dwave.train import Trainer, read_run_config
+
+    model_config, train_config = read_run_config(str(run))
+    window = model_config.receptive_field + train_config["window"]
+    data = open_training_data(tone_store, window, train_config["batch_size"], seed=7)
+    union = [np.concatenate(parts) for parts in zip(data.train.batch(0, 0), data.train.batch(1, 0))]
+
+    def restored(step):
+        trainer = Trainer(model_config, lr=1e-3, warmup_steps=0, world_size=2)
+        tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer,
+                            step=trainer.step).restore(
+            str(run / "checkpoints" / f"ckpt-{step}")).assert_existing_objects_matched()
+        return trainer
+
+    single = restored(0)
+    single.train_step(tf.constant(union[0]), tf.constant(union[1]), tf.constant(False))
+    after = restored(1)
+    assert int(single.step.numpy()) == int(after.step.numpy()) == 1
+    for mine, theirs in zip(single.model.variables, after.model.variables):
+        np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-6,
+                                   err_msg=mine.name)
+    initial = restored(0)
+    moved = sum(float(np.abs(a.numpy() - b.numpy()).max()) for a, b in
+                zip(initial.model.variables, after.model.variables))
+    assert moved > 1e-4  # the step did change the weights
+
+
+def _start_training(store, run, steps, extra=()):
+    return subprocess.Popen(
+        [sys.executable, "-m", "dwave.cli", "train", store, "--run-dir", str(run),
+         "--steps", str(steps), *FAST, *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+
+
+def _wait_for_checkpoint_after(run, step, proc, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        latest = latest_step(run)
+        if latest is not None and latest >= step:
+            return latest
+        if proc.poll() is not None:
+            pytest.fail("training ended early:\n" + proc.stdout.read()[-3000:])
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("no checkpoint appeared")
+
+
+def test_sigkill_then_rerun_resumes_at_the_last_checkpoint(tone_store, tmp_path):
+    run = tmp_path / "run"
+    proc = _start_training(tone_store, run, 100000, ["--ckpt-every", "20"])
+    _wait_for_checkpoint_after(run, 40, proc)
+    proc.kill()
+    proc.wait()
+    step = latest_step(run)
+    assert step is not None and step >= 40 and step % 20 == 0
+    resumed = run_dwave("train", tone_store, "--run-dir", run, "--steps", step + 5, *FAST,
+                        check=0, timeout=300)
+    assert f"resuming from {run}/checkpoints/ckpt-{step} at step {step}" in resumed.stderr
+    assert f"done: step {step + 5}" in resumed.stderr
+    assert latest_step(run) == step + 5
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_zero(tone_store, tmp_path):
+    run = tmp_path / "run"
+    proc = _start_training(tone_store, run, 100000, ["--ckpt-every", "100000"])
+    _wait_for_checkpoint_after(run, 0, proc)  # ckpt-0: training has started
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output[-3000:]
+    assert time.time() - sent < 15
+    m = re.search(r"stopped by SIGTERM at step (\d+)", output)
+    assert m, output[-2000:]
+    assert int(m.group(1)) > 0 and latest_step(run) == int(m.group(1))
+
+
+def test_training_from_an_s3_store(s3_bucket, tmp_path):
+    url = f"s3://{s3_bucket}/store"
+    make_store(url, {str(i): (synthetic_codes(1.0, seed=i), "tone") for i in range(3)})
+    for mode in ("memory", "stream"):
+        run = tmp_path / mode
+        proc = run_dwave("train", url, "--run-dir", run, "--steps", "4", "--data-mode", mode,
+                         *FAST, check=0, timeout=300)
+        assert f"{mode} mode" in proc.stderr
+        assert "done: step 4" in proc.stderr
+
+
+def test_bad_runs_are_one_line_errors(tone_store, tmp_path):
+    def error_of(*args):
+        proc = run_dwave("train", *args, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        return proc.stderr.strip().splitlines()[-1]
+
+    empty = make_store(str(tmp_path / "empty"), {})
+    assert "holds no tracks" in error_of(empty, "--run-dir", tmp_path / "r1")
+    short = make_store(str(tmp_path / "short"), {"1": (np.zeros(300, np.uint8), "x")})
+    assert "no track as long as one training window" in error_of(short, "--run-dir", tmp_path / "r2")
+    assert "not a dwave store" in error_of(tmp_path / "nowhere", "--run-dir", tmp_path / "r3")
+
+    run = tmp_path / "run"
+    run_dwave("train", tone_store, "--run-dir", run, "--steps", "2", *FAST, check=0)
+    line = error_of(tone_store, "--run-dir", run, "--preset", "small", "--steps", "4", *FAST)
+    assert "holds a model with" in line and "residual_channels 16" in line
+    line = error_of(tone_store, "--run-dir", run, "--genre-conditioning", "--steps", "4", *FAST)
+    assert "genre conditioning off" in line
+
+    data_file = next((run / "checkpoints").glob("ckpt-2.data-*"))
+    data_file.write_bytes(b"\0garbage" * 10)
+    assert "cannot restore checkpoint" in error_of(tone_store, "--run-dir", run, "--steps", "4",
+                                                   *FAST)
+    proc = run_dwave("train", tone_store, "--run-dir", run, "--lr", "-1")
+    assert proc.returncode == 2 and "expected a positive number" in proc.stderr
