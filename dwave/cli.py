@@ -229,6 +229,48 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="write new songs with a trained model (fast cached sampling)",
+        description=(
+            "Generate songs with the model of a `dwave train` run dir: cached (fast WaveNet) "
+            "sampling, all songs of a rank in one batch. Under `mpirun -np N` (or horovodrun, "
+            "srun) song i goes to rank i mod N; file names and audio do not depend on N."
+        ),
+        epilog="Writes OUT/song-000.wav (16-bit PCM at the model's sample rate) and "
+               "OUT/song-000.png (its spectrogram) per song.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a `dwave train` run directory")
+    p.add_argument("--out", "-o", required=True, metavar="DIR", help="where the songs go")
+    p.add_argument("--seconds", type=float, default=4.0, help="length of each song (4)")
+    p.add_argument("--num-songs", type=_positive_int, default=1, help="how many songs (1)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature; 0 = always the most likely code (1.0)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (0)")
+    p.add_argument("--prime", metavar="FILE",
+                   help="start from the opening of this song (any format preprocess reads)")
+    p.add_argument("--prime-seconds", type=float, default=1.0,
+                   help="how much of --prime to use (1.0)")
+    p.add_argument("--genre", help="genre to generate (models trained with --genre-conditioning)")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="a checkpoint prefix, e.g. RUN_DIR/checkpoints/ckpt-500 (default: latest)")
+    p.add_argument("--batch-size", type=_positive_int, default=64,
+                   help="songs generated together per rank (64)")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args) -> int:
+    from .generate import GenerateOptions, run_generate
+
+    options = GenerateOptions(
+        run_dir=args.run_dir, out=args.out, seconds=args.seconds, num_songs=args.num_songs,
+        temperature=args.temperature, seed=args.seed, prime=args.prime,
+        prime_seconds=args.prime_seconds, genre=args.genre, checkpoint=args.checkpoint,
+        batch_size=args.batch_size)
+    run_generate(options, log=_log)
+    return 0
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -242,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preprocess(sub)
     _add_info(sub)
     _add_train(sub)
+    _add_generate(sub)
     _add_demo(sub)
     return parser
 

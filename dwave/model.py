@@ -98,9 +98,11 @@ class WaveNet(keras.Model):
             raise DwaveError("this model is conditioned on genre: pass a genre")
         return tf.gather(self.genre_w, tf.cast(genre, tf.int32))
 
-    def call(self, codes, genre=None, causal=False, training=False):
+    def call(self, codes, genre=None, causal=False, training=False, layer_inputs=None):
         """Logits (batch, T, Q) as float32. `codes`: integers (batch, N).
-        Valid mode: T = N - receptive_field + 1. `causal=True`: T = N."""
+        Valid mode: T = N - receptive_field + 1. `causal=True`: T = N.
+        `layer_inputs`: a list that receives every layer's input (batch, N, C) in causal mode:
+        what the fast generator's caches hold, so priming is one pass of this network."""
         c = self.config
         D = c.dilation_channels
         h = tf.gather(self.embedding, tf.cast(codes, tf.int32))  # (B, N, C)
@@ -111,6 +113,8 @@ class WaveNet(keras.Model):
         out_len = tf.shape(h)[1] if causal else tf.shape(h)[1] - sum(c.dilations)
         zs = []
         for i, d in enumerate(c.dilations):
+            if layer_inputs is not None:
+                layer_inputs.append(h)
             if causal:
                 past, now = tf.pad(h, [[0, 0], [d, 0], [0, 0]])[:, :-d], h
             else:

@@ -1,0 +1,198 @@
+"""`dwave generate`: new songs from a trained run, fast, many at once, over many processes.
+
+One process:  dwave generate runs/a --out songs --num-songs 8 --seconds 10
+N processes:  mpirun -np N dwave generate runs/a --out songs --num-songs 64
+              (or horovodrun / srun): song i goes to rank i mod N
+
+Song i is always `song-<i>.wav` (+ a spectrogram PNG) and always the same audio for the same
+seed: its random draws come from its own stream seeded by (seed, i), whichever rank makes it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DwaveError
+
+CHUNK = 2000  # samples per compiled call: the progress bar's granularity
+
+
+@dataclass
+class GenerateOptions:
+    run_dir: str
+    out: str
+    seconds: float = 4.0
+    num_songs: int = 1
+    temperature: float = 1.0
+    seed: int = 0
+    prime: str | None = None
+    prime_seconds: float = 1.0
+    genre: str | None = None
+    checkpoint: str | None = None
+    batch_size: int = 64  # songs per step on one rank
+
+    def __post_init__(self):
+        if not self.seconds > 0:
+            raise DwaveError(f"--seconds must be positive, got {self.seconds:g}")
+        if self.num_songs < 1:
+            raise DwaveError("--num-songs must be at least 1")
+        if self.temperature < 0:
+            raise DwaveError(f"--temperature must be >= 0, got {self.temperature:g}")
+        if not self.prime_seconds > 0:
+            raise DwaveError("--prime-seconds must be positive")
+
+
+def load_model(run_dir: str, checkpoint: str | None = None):
+    """(model, config, checkpoint path) of a training run; clear errors for what is missing."""
+    from .train import latest_checkpoint, read_run_config
+
+    if not os.path.isdir(run_dir):
+        raise DwaveError(f"run dir {run_dir} does not exist")
+    saved = read_run_config(run_dir)
+    if saved is None:
+        raise DwaveError(f"{run_dir} has no config.json: is it a `dwave train` run dir?")
+    config = saved[0]
+    path = checkpoint or latest_checkpoint(run_dir)
+    if path is None:
+        raise DwaveError(f"{run_dir} has no checkpoint yet: train first (or pass --checkpoint)")
+    import tensorflow as tf
+
+    from .model import WaveNet
+
+    model = WaveNet(config)
+    try:
+        tf.train.Checkpoint(model=model).restore(path).expect_partial() \
+            .assert_existing_objects_matched()
+    except (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise DwaveError(f"cannot restore checkpoint {path}: {reason}") from None
+    return model, config, path
+
+
+def genre_id(config, genre: str | None) -> int | None:
+    if not config.conditioned:
+        if genre is not None:
+            raise DwaveError("--genre given, but this model was trained without genre "
+                             "conditioning")
+        return None
+    if genre is None:
+        raise DwaveError(f"this model is conditioned on genre: pass --genre, one of "
+                         f"{', '.join(config.genres)}")
+    if genre not in config.genres:
+        raise DwaveError(f"unknown genre {genre!r}; this model knows {', '.join(config.genres)}")
+    return config.genres.index(genre)
+
+
+def prime_codes(path: str, seconds: float, sample_rate: int, channels: int) -> np.ndarray:
+    """The opening of a real song, through preprocessing's decode/resample/mu-law path."""
+    from .audio import AudioError, decode_to_mono, encode_in_place, normalisation_gain
+
+    try:
+        decoded = decode_to_mono(path, sample_rate)
+        codes = encode_in_place(decoded, normalisation_gain(decoded), channels)
+    except (AudioError, OSError) as exc:
+        raise DwaveError(f"--prime {path}: {exc}") from None
+    return codes[: max(1, int(seconds * sample_rate))].astype(np.int64)
+
+
+def song_uniforms(seed: int, song: int, samples: int) -> np.ndarray:
+    """Song `song`'s random draws: its own stream, whatever batch or rank it is in."""
+    return np.random.default_rng([seed, song]).random(samples, dtype=np.float32)
+
+
+def write_song(path_stem: str, codes: np.ndarray, sample_rate: int, channels: int) -> None:
+    from .audio import mu_law_decode, write_wav
+
+    audio = mu_law_decode(codes, channels)
+    write_wav(path_stem + ".wav", audio, sample_rate)
+    write_spectrogram(path_stem + ".png", audio, sample_rate, os.path.basename(path_stem))
+
+
+def write_spectrogram(path: str, audio: np.ndarray, sample_rate: int, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.signal import spectrogram
+
+    freqs, times, power = spectrogram(audio, fs=sample_rate, nperseg=512, noverlap=384)
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.pcolormesh(times, freqs, 10 * np.log10(power + 1e-12), shading="auto", cmap="magma")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("Hz")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def run_generate(options: GenerateOptions, log=print) -> dict:
+    import horovod.tensorflow as hvd
+
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    say = log if rank == 0 else (lambda *_: None)
+    model, config, checkpoint = load_model(options.run_dir, options.checkpoint)
+    gid = genre_id(config, options.genre)
+    rate, q = config.sample_rate, config.quantization_channels
+    prime = None
+    if options.prime:
+        prime = prime_codes(options.prime, options.prime_seconds, rate, q)
+    total = int(round(options.seconds * rate))
+    mine = list(range(rank, options.num_songs, size))
+    os.makedirs(options.out, exist_ok=True)
+    say(f"dwave generate: {options.num_songs} song(s) of {options.seconds:g} s at {rate} Hz "
+        f"from {checkpoint}, temperature {options.temperature:g}, {size} rank(s)"
+        + (f", primed with {len(prime) / rate:.2f} s of {options.prime}" if prime is not None
+           else "") + (f", genre {options.genre}" if gid is not None else ""))
+
+    from .fast import FastGenerator
+
+    started = time.perf_counter()
+    generated = 0
+    progress = _progress(rank, len(mine) * total, options.num_songs, size)
+    for first in range(0, len(mine), options.batch_size):
+        songs = mine[first:first + options.batch_size]
+        generator = FastGenerator(model, len(songs),
+                                  None if gid is None else [gid] * len(songs))
+        head = np.zeros((len(songs), 0), np.int64)
+        if prime is not None:
+            generator.prime(np.tile(prime, (len(songs), 1)))
+            head = np.tile(prime, (len(songs), 1))
+        uniforms = np.stack([song_uniforms(options.seed, s, total) for s in songs], axis=1)
+        parts = []
+        for begin in range(0, total, CHUNK):
+            parts.append(generator.generate(uniforms[begin:begin + CHUNK], options.temperature))
+            step = parts[-1].shape[0] * len(songs)
+            generated += step
+            progress.update(step)
+        body = np.concatenate(parts, axis=0).T  # (songs, samples)
+        for row, song in enumerate(songs):
+            write_song(os.path.join(options.out, f"song-{song:03d}"),
+                       np.concatenate([head[row], body[row]]), rate, q)
+    progress.close()
+    wall = time.perf_counter() - started
+    counts = np.array([generated, wall])
+    if size > 1:
+        counts = hvd.allgather_object((generated, wall))
+        generated = sum(c[0] for c in counts)
+        wall = max(c[1] for c in counts)
+    rate_s = generated / wall if wall else float("nan")
+    say(f"done: {options.num_songs} song(s) in {options.out}/song-*.wav (+ .png "
+        f"spectrograms); {generated:,} samples in {wall:.1f} s = {rate_s:,.0f} samples/s, "
+        f"{rate_s / rate:.2f}x real time")
+    return {"samples": generated, "seconds": wall, "samples_per_s": rate_s,
+            "real_time_factor": rate_s / rate, "songs": mine}
+
+
+def _progress(rank: int, total: int, songs: int, size: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="sample", unit_scale=True, disable=rank != 0,
+                desc=f"generating (rank 0 of {size})" if size > 1 else "generating",
+                file=sys.stderr, smoothing=0.1)

@@ -1,0 +1,167 @@
+"""Fast generation: equal to the full network (teacher forcing, priming), deterministic per
+song across batches and ranks, temperature 0 = argmax, WAV output, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import ROOT, run_dwave, write_tone
+from dwave.config import ModelConfig
+
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+
+
+def random_model(genres=(), seed=0, **overrides):
+    import tensorflow as tf
+
+    from dwave.model import WaveNet
+
+    tf.random.set_seed(seed)
+    config = ModelConfig.from_preset("tiny", genres=list(genres), **overrides)
+    model = WaveNet(config)
+    # Random biases too, so a wrong bias path cannot hide behind zero initialisation.
+    rng = np.random.default_rng(seed)
+    for v in model.variables:
+        if "bias" in v.name:
+            v.assign(rng.normal(0, 0.1, v.shape).astype(np.float32))
+    return model
+
+
+@pytest.mark.parametrize("genres", [(), ("a", "b", "c")])
+def test_teacher_forced_fast_logits_equal_the_full_network(genres):
+    from dwave.fast import FastGenerator
+
+    model = random_model(genres)
+    config = model.config
+    assert config.stacks >= 2
+    steps, batch = 3 * config.receptive_field, 3
+    codes = np.random.default_rng(1).integers(0, 256, (batch, steps))
+    genre = np.array([2, 0, 1]) if genres else None
+    full = model(codes, genre=genre, causal=True).numpy()  # (batch, steps, Q)
+    generator = FastGenerator(model, batch, genre)
+    generator.next_code = codes[:, 0].copy()
+    forced = np.concatenate([codes[:, 1:], codes[:, -1:]], axis=1).T  # next inputs
+    _, logits = generator.generate(np.zeros((steps, batch)), 1.0, forced=forced,
+                                   keep_logits=True)
+    np.testing.assert_allclose(logits.transpose(1, 0, 2), full, rtol=1e-4, atol=1e-4)
+
+
+def test_priming_then_one_step_equals_the_full_network_on_prime_plus_one():
+    from dwave.fast import FastGenerator
+
+    model = random_model(("a", "b"))
+    rf = model.config.receptive_field
+    for n in (1, 5, rf + 37):  # shorter and longer than the receptive field
+        prime = np.random.default_rng(n).integers(0, 256, (2, n))
+        generator = FastGenerator(model, 2, [1, 0])
+        generator.prime(prime)
+        sampled, logits = generator.generate(np.full((1, 2), 0.5), 1.0, keep_logits=True)
+        full = model(prime, genre=np.array([1, 0]), causal=True).numpy()
+        np.testing.assert_allclose(logits[0], full[:, -1], rtol=1e-4, atol=1e-4)
+        # One more step: the full network over prime + the sampled sample.
+        _, logits = generator.generate(np.full((1, 2), 0.5), 1.0, keep_logits=True)
+        extended = np.concatenate([prime, sampled.T], axis=1)
+        full = model(extended, genre=np.array([1, 0]), causal=True).numpy()
+        np.testing.assert_allclose(logits[0], full[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_temperature_zero_follows_the_argmax_and_sampling_follows_the_softmax():
+    from dwave.fast import FastGenerator
+
+    model = random_model()
+    generator = FastGenerator(model, 2)
+    codes, logits = generator.generate(np.random.default_rng(0).random((50, 2)), 0.0,
+                                       keep_logits=True)
+    np.testing.assert_array_equal(codes, logits.argmax(-1))
+    # Temperature 1: each draw is the inverse CDF of softmax(logits) at its uniform.
+    generator = FastGenerator(model, 2)
+    uniforms = np.random.default_rng(1).random((50, 2)).astype(np.float32)
+    codes, logits = generator.generate(uniforms, 1.0, keep_logits=True)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    cdf = np.cumsum(p / p.sum(-1, keepdims=True), -1)
+    expected = (cdf <= uniforms[..., None]).sum(-1)
+    np.testing.assert_array_equal(codes, np.minimum(expected, 255))
+
+
+def test_a_song_does_not_depend_on_its_batch():
+    from dwave.fast import FastGenerator
+    from dwave.generate import song_uniforms
+
+    model = random_model()
+    together = FastGenerator(model, 3).generate(
+        np.stack([song_uniforms(7, s, 400) for s in range(3)], axis=1), 1.0)
+    alone = FastGenerator(model, 1).generate(song_uniforms(7, 2, 400)[:, None], 1.0)
+    np.testing.assert_array_equal(together[:, 2], alone[:, 0])
+
+
+@pytest.fixture(scope="module")
+def trained_run(tone_store, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "tones"
+    run_dwave("train", tone_store, "--run-dir", run, "--steps", "30", "--window", "256",
+              "--warmup-steps", "0", "--lr", "1e-2", "--genre-conditioning", check=0)
+    return run
+
+
+def test_generate_writes_songs_deterministically_across_ranks(trained_run, tmp_path):
+    one = tmp_path / "one"
+    proc = run_dwave("generate", trained_run, "--out", one, "--num-songs", "3", "--seconds",
+                     "0.5", "--genre", "tone", "--seed", "3", check=0)
+    assert "samples/s" in proc.stderr and "real time" in proc.stderr
+    names = sorted(os.listdir(one))
+    assert names == [f"song-00{i}.{ext}" for i in range(3) for ext in ("png", "wav")]
+    audio, rate = sf.read(one / "song-000.wav", dtype="int16")
+    assert rate == 16000 and audio.shape == (8000,) and audio.std() > 0
+    assert sf.info(str(one / "song-000.wav")).subtype == "PCM_16"
+
+    two = tmp_path / "two"
+    cmd = ["mpirun", "-np", "2", "--bind-to", "none", "-x", "PATH", sys.executable, "-m",
+           "dwave.cli", "generate", str(trained_run), "--out", str(two), "--num-songs", "3",
+           "--seconds", "0.5", "--genre", "tone", "--seed", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, **MPI_ENV})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(two)) == names
+    for i in range(3):
+        assert (one / f"song-00{i}.wav").read_bytes() == (two / f"song-00{i}.wav").read_bytes()
+    assert (one / "song-000.wav").read_bytes() != (one / "song-001.wav").read_bytes()
+
+
+def test_generate_with_a_prime_starts_from_the_song(trained_run, tmp_path):
+    prime = write_tone(tmp_path / "prime.ogg", seconds=1.0, rate=44100)
+    out = tmp_path / "out"
+    run_dwave("generate", trained_run, "--out", out, "--seconds", "0.25", "--prime", prime,
+              "--prime-seconds", "0.5", "--genre", "chirp", "--temperature", "0", check=0)
+    audio, rate = sf.read(out / "song-000.wav", dtype="float32")
+    assert len(audio) == 8000 + 4000  # the prime, then what follows
+    from dwave.audio import decode_to_mono, mu_law_decode, mu_law_encode, normalisation_gain
+
+    decoded = decode_to_mono(prime, 16000)
+    expected = mu_law_decode(mu_law_encode(decoded.samples * normalisation_gain(decoded)))[:8000]
+    np.testing.assert_allclose(audio[:8000], expected, atol=1 / 32768 + 1e-6)
+
+
+def test_bad_generate_inputs_are_one_line_errors(trained_run, tmp_path):
+    def error_of(*args):
+        proc = run_dwave("generate", *args)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        return proc.stderr.strip().splitlines()[-1]
+
+    out = ["--out", str(tmp_path / "o")]
+    assert "does not exist" in error_of(tmp_path / "missing", *out)
+    (tmp_path / "empty").mkdir()
+    assert "no config.json" in error_of(tmp_path / "empty", *out)
+    assert "must be positive" in error_of(trained_run, *out, "--seconds", "-1", "--genre", "tone")
+    assert "unknown genre 'jazz'" in error_of(trained_run, *out, "--genre", "jazz")
+    assert "conditioned on genre" in error_of(trained_run, *out)
+    no_ckpt = tmp_path / "no_ckpt"
+    no_ckpt.mkdir()
+    (no_ckpt / "config.json").write_text((trained_run / "config.json").read_text())
+    assert "no checkpoint yet" in error_of(no_ckpt, *out, "--genre", "tone")
