@@ -120,7 +120,7 @@ def _run(weights, dilations, offsets, genre_bias, caches, t0, first_code, unifor
     zs = np.empty((B, L * D), np.float32)
     z = np.empty((B, D), np.float32)
     code = first_code.copy()
-    zero, one = np.float32(0.0), np.float32(1.0)
+    zero, half = np.float32(0.0), np.float32(0.5)
     for k in range(uniforms.shape[0]):
         t = t0 + k
         for b in range(B):
@@ -136,7 +136,7 @@ def _run(weights, dilations, offsets, genre_bias, caches, t0, first_code, unifor
                 for j in range(D):
                     f = fg[b, j] + conv_b[layer, j] + genre_bias[b, layer, j]
                     g = fg[b, D + j] + conv_b[layer, D + j] + genre_bias[b, layer, D + j]
-                    value = np.tanh(f) / (one + np.exp(-g))
+                    value = _tanh(f) * (half + half * _tanh(half * g))  # tanh(f) sigmoid(g)
                     z[b, j] = value
                     zs[b, layer * D + j] = value
             if layer < L - 1:
@@ -157,6 +157,27 @@ def _run(weights, dilations, offsets, genre_bias, caches, t0, first_code, unifor
             else:
                 code[b] = _sample_row(logits[b], inv_t, uniforms[k, b], Q)
             codes_out[k, b] = code[b]
+
+
+@numba.njit(cache=True, inline="always", fastmath=True)
+def _tanh(x):
+    """float32 tanh as a rational function (Eigen's ptanh coefficients): |error| < 4e-7, and
+    plain arithmetic, 3-4x faster here than libm's tanh/exp per element."""
+    limit = np.float32(7.90531110763549805)
+    x = min(max(x, -limit), limit)
+    x2 = x * x
+    p = np.float32(-2.76076847742355e-16)
+    p = p * x2 + np.float32(2.00018790482477e-13)
+    p = p * x2 + np.float32(-8.60467152213735e-11)
+    p = p * x2 + np.float32(5.12229709037114e-08)
+    p = p * x2 + np.float32(1.48572235717979e-05)
+    p = p * x2 + np.float32(6.37261928875436e-04)
+    p = p * x2 + np.float32(4.89352455891786e-03)
+    q = np.float32(1.19825839466702e-06)
+    q = q * x2 + np.float32(1.18534705686654e-04)
+    q = q * x2 + np.float32(2.26843463243900e-03)
+    q = q * x2 + np.float32(4.89352518554385e-03)
+    return x * p / q
 
 
 @numba.njit(cache=True, nogil=True)
