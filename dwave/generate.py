@@ -177,7 +177,6 @@ def run_generate(options: GenerateOptions, log=print) -> dict:
                        np.concatenate([head[row], body[row]]), rate, q)
     progress.close()
     wall = time.perf_counter() - started
-    counts = np.array([generated, wall])
     if size > 1:
         counts = hvd.allgather_object((generated, wall))
         generated = sum(c[0] for c in counts)

@@ -366,7 +366,8 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
                 "world_size": size, "step": step})
             manager.save(checkpoint_number=step)
 
-    save(start_step) if not resuming else None  # the config is on disk from the first second
+    if not resuming:
+        save(start_step)  # config.json and ckpt-0 on disk from the first second
 
     writers = None
     if rank == 0:

@@ -1,0 +1,21 @@
+"""The README's main command, end to end on a small synthesised corpus."""
+
+from __future__ import annotations
+
+import soundfile as sf
+
+from conftest import run_dwave
+
+
+def test_demo_runs_every_stage(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_dwave("demo", "--out", out, "--songs", "3", "--seconds", "4", "--steps", "20",
+                     "--generate-seconds", "0.25", "--workers", "2", check=0, timeout=600)
+    for stage in ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "demo done"):
+        assert stage in proc.stderr
+    assert "done: step 20" in proc.stderr
+    for i in range(2):
+        info = sf.info(str(out / "songs" / f"song-00{i}.wav"))
+        assert (info.samplerate, info.frames) == (16000, 4000)
+        assert (out / "songs" / f"song-00{i}.png").stat().st_size > 1000
+    assert (out / "run" / "config.json").exists()
