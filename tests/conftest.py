@@ -15,6 +15,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASC_MUSIC = "/usr/share/games/asc/music"
 
+# Open MPI as root (CI runs as root) and with more ranks than this machine's cores.
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+
 FORMATS = {  # extension -> (libsndfile format, subtype)
     "mp3": ("MP3", "MPEG_LAYER_III"),
     "ogg": ("OGG", "VORBIS"),

@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import ROOT, run_dwave, write_tone
+from conftest import MPI_ENV, ROOT, run_dwave, write_tone
 from dwave.config import ModelConfig
 
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_rmaps_base_oversubscribe": "1"}
 
 
 def random_model(genres=(), seed=0, **overrides):

@@ -15,11 +15,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, make_store, run_dwave, synthetic_codes
+from conftest import MPI_ENV, ROOT, make_store, run_dwave, synthetic_codes
 
 VENV_BIN = os.path.dirname(sys.executable)
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_rmaps_base_oversubscribe": "1"}
 FAST = ["--window", "256", "--batch-size", "2", "--warmup-steps", "0", "--val-every", "1000"]
 
 
