@@ -219,7 +219,7 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(args) -> int:
-    from .train import TrainConfig, run_training
+    from .train import MODEL_FIELDS, TrainConfig, run_training
 
     config = TrainConfig(
         store=args.store, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -227,9 +227,7 @@ def _cmd_train(args) -> int:
         genre_conditioning=args.genre_conditioning, val_every=args.val_every,
         ckpt_every=args.ckpt_every, keep_checkpoints=args.keep_checkpoints, precision=args.precision, seed=args.seed,
         data_mode=args.data_mode, threads=args.threads)
-    overrides = {name: getattr(args, name) for name in
-                 ("residual_channels", "dilation_channels", "skip_channels", "stacks",
-                  "max_dilation")}
+    overrides = {name: getattr(args, name) for name in MODEL_FIELDS}
     run_training(config, args.run_dir, args.preset, overrides, args.storage_options, log=_log)
     return 0
 

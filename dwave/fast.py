@@ -21,11 +21,6 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-# Index of each weight in the tuple handed to the compiled loop.
-_EMBEDDING, _CONV_W, _CONV_B, _RES_W, _RES_B, _SKIP_W, _SKIP_B, _HEAD1_W, _HEAD1_B, \
-    _HEAD2_W, _HEAD2_B = range(11)
-
-
 def export_weights(model) -> tuple:
     """The model's weights as contiguous float32 arrays, stacked per kind."""
     f32 = lambda v: np.ascontiguousarray(np.asarray(v, np.float32))  # noqa: E731

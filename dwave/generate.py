@@ -100,9 +100,15 @@ def prime_codes(path: str, seconds: float, sample_rate: int, channels: int) -> n
     return codes[: max(1, int(seconds * sample_rate))].astype(np.int64)
 
 
+def song_stream(seed: int, song: int) -> np.random.Generator:
+    """Song `song`'s random draws: its own stream, whatever batch or rank it is in. Drawn a
+    chunk at a time (the same numbers as drawing them at once), so memory does not grow with
+    the song's length."""
+    return np.random.default_rng([seed, song])
+
+
 def song_uniforms(seed: int, song: int, samples: int) -> np.ndarray:
-    """Song `song`'s random draws: its own stream, whatever batch or rank it is in."""
-    return np.random.default_rng([seed, song]).random(samples, dtype=np.float32)
+    return song_stream(seed, song).random(samples, dtype=np.float32)
 
 
 def write_song(path_stem: str, codes: np.ndarray, sample_rate: int, channels: int) -> None:
@@ -162,12 +168,14 @@ def run_generate(options: GenerateOptions, log=print) -> dict:
                                   None if gid is None else [gid] * len(songs))
         head = np.zeros((len(songs), 0), np.int64)
         if prime is not None:
-            generator.prime(np.tile(prime, (len(songs), 1)))
             head = np.tile(prime, (len(songs), 1))
-        uniforms = np.stack([song_uniforms(options.seed, s, total) for s in songs], axis=1)
+            generator.prime(head)
+        streams = [song_stream(options.seed, s) for s in songs]
         parts = []
         for begin in range(0, total, CHUNK):
-            parts.append(generator.generate(uniforms[begin:begin + CHUNK], options.temperature))
+            steps = min(CHUNK, total - begin)
+            uniforms = np.stack([r.random(steps, dtype=np.float32) for r in streams], axis=1)
+            parts.append(generator.generate(uniforms, options.temperature))
             step = parts[-1].shape[0] * len(songs)
             generated += step
             progress.update(step)

@@ -135,7 +135,7 @@ class Trainer:
         self.optimizer.build(self.model.trainable_variables)
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.train_step = tf.function(self._train_step, reduce_retracing=True)
-        self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
+        self.eval_step = tf.function(self.loss, reduce_retracing=True)
 
     def loss(self, codes, genre):
         """Mean cross-entropy in nats of predicting codes[:, rf:] from codes[:, :-1]."""
@@ -172,9 +172,6 @@ class Trainer:
         if self.hvd:
             stop = self.hvd.allreduce(stop, op=self.hvd.Max)
         return self._average(loss), stop > 0
-
-    def _eval_step(self, codes, genre):
-        return self.loss(codes, genre)
 
     def broadcast_from_rank0(self):
         """Make every rank start from rank 0's weights and optimizer state."""
@@ -283,15 +280,8 @@ class _StopSignal:
         self.signal_name = signal.Signals(signum).name
 
 
-def init_horovod():
-    """hvd.init(), one GPU per local rank when GPUs exist, CPU threads shared fairly."""
-    import horovod.tensorflow as hvd
-
-    hvd.init()
-    return hvd
-
-
 def configure_devices(hvd, threads: int | None) -> int:
+    """One GPU per local rank when GPUs exist; the node's cores shared between its ranks."""
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -311,11 +301,9 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
                  log=print) -> dict:
     """Train (or resume) in `run_dir`. Returns a summary dict (rank 0's view)."""
     from .data import open_training_data
-    from .store import TrackStore
 
     stop = _StopSignal()
     # The store and the run dir are checked before TensorFlow loads: a bad one fails in a second.
-    store_config = TrackStore(train.store, storage_options).config()
     saved = read_run_config(run_dir)
     saved_model = saved[0] if saved else None
     overrides = {k: v for k, v in (model_overrides or {}).items() if v is not None}
@@ -327,10 +315,12 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
         storage_options, mode=train.data_mode,
         genres=saved_model.genres if saved_model and saved_model.genres else None)
     model_config = resolve_model_config(saved_model, preset, overrides, train.genre_conditioning,
-                                        data.genres, store_config.sample_rate, run_dir)
+                                        data.genres, data.sample_rate, run_dir)
     resuming = saved_model is not None
 
-    hvd = init_horovod()
+    import horovod.tensorflow as hvd
+
+    hvd.init()
     rank, size = hvd.rank(), hvd.size()
     say = log if rank == 0 else (lambda *_: None)
     threads = configure_devices(hvd, train.threads)
