@@ -460,18 +460,21 @@ class _Progress:
         self.tty = sys.stderr.isatty()
         self.every = 0.5 if self.tty else 10.0
         self.started = time.perf_counter()
-        self.last = 0.0
+        self.last = 0.0  # no line shown yet
 
     def due(self, now: float) -> bool:
         return now - self.last >= self.every
 
     def show(self, step: int, loss_bits: float, rate: float, lr: float) -> None:
         now = time.perf_counter()
+        if not self.last:
+            # The first step includes tracing the step function: time the ETA from after it.
+            self.started, self.start = now, step
         self.last = now
         done = step - self.start
-        eta = (now - self.started) / done * (self.total - step) if done else 0
+        eta = format_eta((now - self.started) / done * (self.total - step)) if done else "--"
         line = (f"step {step}/{self.total}  loss {loss_bits:.3f} bits  {rate:,.0f} samples/s  "
-                f"lr {lr:.2e}  ETA {format_eta(eta)}")
+                f"lr {lr:.2e}  ETA {eta}")
         if self.tty:
             print("\r" + line.ljust(90), end="", file=sys.stderr, flush=True)
         else:
