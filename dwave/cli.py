@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from .cluster import CLUSTER_KINDS
 from .errors import DwaveError
 
 
@@ -74,10 +75,7 @@ def _add_preprocess(sub) -> None:
                    help="output sample rate (default: the store's, else 16000)")
     p.add_argument("--quantization-channels", type=_positive_int, metavar="N",
                    help="mu-law levels, 2..65536 (default: the store's, else 256)")
-    p.add_argument("--workers", type=_positive_int, metavar="N",
-                   help="local Dask worker processes (default: one per core)")
-    p.add_argument("--scheduler", metavar="ADDRESS",
-                   help="use a running Dask cluster (tcp://host:8786 or a scheduler JSON file)")
+    _add_cluster_flags(p)
     p.add_argument("--metadata", metavar="CSV",
                    help="genres: FMA's tracks.csv, or a CSV with track_id,genre columns")
     p.add_argument("--overwrite", action="store_true", help="delete the store's contents first")
@@ -91,6 +89,47 @@ def _add_preprocess(sub) -> None:
     p.set_defaults(func=_cmd_preprocess)
 
 
+def _add_cluster_flags(p) -> None:
+    g = p.add_argument_group(
+        "where the Dask workers run",
+        "Unset SLURM/EC2 values fall back to Dask's configuration (~/.config/dask/*.yaml or "
+        "DASK_JOBQUEUE__SLURM__QUEUE, DASK_CLOUDPROVIDER__EC2__REGION, ... variables).")
+    g.add_argument("--cluster", choices=CLUSTER_KINDS, default="local",
+                   help="local: worker processes on this machine (default); slurm: worker "
+                        "jobs submitted with sbatch (dask-jobqueue; run from a login node); "
+                        "ec2: EC2 instances (dask-cloudprovider; needs AWS credentials)")
+    g.add_argument("--workers", "--jobs", type=_positive_int, metavar="N",
+                   help="local worker processes (default: one per core), SLURM worker jobs or "
+                        "EC2 instances (default 2)")
+    g.add_argument("--scheduler", metavar="ADDRESS",
+                   help="use a running Dask cluster (tcp://host:8786 or a scheduler JSON file)")
+    g.add_argument("--wait-workers", type=_non_negative_int, metavar="N", default=0,
+                   help="start once N workers have joined (default: 1 on a cluster, 0 locally)")
+    g.add_argument("--partition", metavar="NAME", help="SLURM partition of the worker jobs")
+    g.add_argument("--walltime", metavar="HH:MM:SS", help="SLURM time limit of each worker job")
+    g.add_argument("--account", metavar="NAME", help="SLURM account to charge")
+    g.add_argument("--worker-memory", metavar="SIZE",
+                   help="memory per SLURM worker job (default 4GiB)")
+    g.add_argument("--worker-logs", metavar="DIR",
+                   help="SLURM worker job logs (default ./dask-worker-logs)")
+    g.add_argument("--region", metavar="NAME", help="EC2 region")
+    g.add_argument("--instance-type", metavar="TYPE", help="EC2 instance type (e.g. c6i.4xlarge)")
+    g.add_argument("--ami", metavar="ID", help="EC2 machine image")
+    g.add_argument("--docker-image", metavar="IMAGE",
+                   help="image the EC2 workers run (must contain dwave)")
+
+
+def _cluster_options(args):
+    from .cluster import ClusterOptions
+
+    return ClusterOptions(
+        kind=args.cluster, workers=args.workers, scheduler=args.scheduler,
+        wait_workers=args.wait_workers, partition=args.partition, walltime=args.walltime,
+        account=args.account, worker_memory=args.worker_memory, log_directory=args.worker_logs,
+        region=args.region, instance_type=args.instance_type, ami=args.ami,
+        docker_image=args.docker_image)
+
+
 def _cmd_preprocess(args) -> int:
     from .preprocess import run_preprocess
 
@@ -99,8 +138,7 @@ def _cmd_preprocess(args) -> int:
         args.out,
         sample_rate=args.sample_rate,
         quantization_channels=args.quantization_channels,
-        workers=args.workers,
-        scheduler=args.scheduler,
+        cluster=_cluster_options(args),
         metadata=args.metadata,
         overwrite=args.overwrite,
         storage_options=args.storage_options,

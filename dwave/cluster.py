@@ -1,41 +1,173 @@
-"""The one place that makes a Dask client: a LocalCluster by default, or an existing scheduler."""
+"""The one place that makes a Dask client: a LocalCluster by default, an existing scheduler,
+worker jobs on SLURM (dask-jobqueue), or EC2 instances (dask-cloudprovider).
+
+Which cluster and its size come from `ClusterOptions` (the `dwave preprocess` flags); anything
+left unset falls back to Dask's own configuration, so a site can keep its defaults in
+~/.config/dask/jobqueue.yaml / cloudprovider.yaml or in environment variables such as
+DASK_JOBQUEUE__SLURM__QUEUE and DASK_CLOUDPROVIDER__EC2__REGION.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import sys
 from typing import Iterator
+
+from .errors import DwaveError
+
+CLUSTER_KINDS = ("local", "slurm", "ec2")
+
+
+@dataclasses.dataclass
+class ClusterOptions:
+    kind: str = "local"
+    workers: int | None = None         # local: worker processes; slurm: jobs; ec2: instances
+    scheduler: str | None = None       # address or scheduler JSON file of a running cluster
+    wait_workers: int = 0              # start only once this many workers have joined
+    wait_timeout: float = 900.0        # seconds to wait for them
+    # SLURM (dask-jobqueue): one single-threaded worker per job
+    partition: str | None = None
+    walltime: str | None = None
+    worker_memory: str | None = None
+    account: str | None = None
+    log_directory: str | None = None
+    # EC2 (dask-cloudprovider)
+    region: str | None = None
+    instance_type: str | None = None
+    ami: str | None = None
+    docker_image: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in CLUSTER_KINDS:
+            raise DwaveError(f"unknown cluster {self.kind!r}: choose one of {', '.join(CLUSTER_KINDS)}")
+        if self.scheduler and self.kind != "local":
+            raise DwaveError("--scheduler connects to a running cluster: do not combine it "
+                             f"with --cluster {self.kind}")
+
+
+def slurm_cluster_kwargs(options: ClusterOptions) -> dict:
+    """dask_jobqueue.SLURMCluster arguments: one single-threaded worker process per job, the
+    workers running this same Python (a shared filesystem, as on every SLURM cluster)."""
+    kwargs = {
+        "cores": 1, "processes": 1, "memory": options.worker_memory or "4GiB",
+        "python": sys.executable, "job_name": "dwave-dask-worker",
+        "log_directory": options.log_directory or "dask-worker-logs",
+    }
+    for key, value in (("queue", options.partition), ("walltime", options.walltime),
+                       ("account", options.account)):
+        if value:
+            kwargs[key] = value
+    return kwargs
+
+
+def ec2_cluster_kwargs(options: ClusterOptions) -> dict:
+    """dask_cloudprovider.aws.EC2Cluster arguments: `workers` instances, each running one Dask
+    worker per core from the Docker image (the image must hold dwave and its dependencies)."""
+    kwargs = {"n_workers": options.workers or 2}
+    for key, value in (("region", options.region), ("instance_type", options.instance_type),
+                       ("ami", options.ami), ("docker_image", options.docker_image)):
+        if value:
+            kwargs[key] = value
+    return kwargs
+
+
+def cluster_class(kind: str):
+    """The Dask cluster class for `kind` (imported only when that kind is used)."""
+    if kind == "slurm":
+        from dask_jobqueue import SLURMCluster
+
+        return SLURMCluster
+    if kind == "ec2":
+        from dask_cloudprovider.aws import EC2Cluster
+
+        return EC2Cluster
+    from distributed import LocalCluster
+
+    return LocalCluster
 
 
 @contextlib.contextmanager
-def dask_client(workers: int | None = None, scheduler: str | None = None, log=print) -> Iterator:
-    """Yield a connected `distributed.Client`; tear down what this call started.
+def dask_client(options: ClusterOptions | None = None, log=print) -> Iterator:
+    """Yield a connected `distributed.Client`; tear down whatever this call started.
 
-    - `scheduler`: address of a running scheduler (``tcp://host:8786``, or a scheduler file
-      path ending in .json, as dask-mpi and `dask scheduler --scheduler-file` write).
-    - otherwise a LocalCluster of `workers` single-threaded processes (default: one per core).
-      Processes, not threads: decoding holds the GIL in places, and one process per core is
-      also what a cluster node runs, so laptop and cluster behave alike.
+    - `scheduler`: connect to a running scheduler (``tcp://host:8786``, or a scheduler file
+      ending in .json, as `dask scheduler --scheduler-file` and dask-mpi write; slurm/
+      preprocess.sbatch does this).
+    - kind "local": a LocalCluster of `workers` single-threaded processes (default: one per
+      core). Processes, not threads: decoding holds the GIL in places, and one process per core
+      is also what a cluster node runs, so laptop and cluster behave alike.
+    - kind "slurm": `workers` SLURM jobs of one worker each, submitted with sbatch.
+    - kind "ec2": `workers` EC2 instances (needs AWS credentials; billed while it runs).
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    if scheduler:
-        if scheduler.endswith(".json"):
-            client = Client(scheduler_file=scheduler)
+    options = options or ClusterOptions()
+    with contextlib.ExitStack() as stack:
+        if options.scheduler:
+            if options.scheduler.endswith(".json"):
+                client = stack.enter_context(Client(scheduler_file=options.scheduler))
+            else:
+                client = stack.enter_context(Client(options.scheduler))
+            what = f"Dask scheduler {client.scheduler.address}"
+        elif options.kind == "local":
+            n_workers = options.workers or os.cpu_count() or 1
+            cluster = stack.enter_context(cluster_class("local")(
+                n_workers=n_workers, threads_per_worker=1, processes=True,
+                dashboard_address=":8787"))
+            client = stack.enter_context(Client(cluster))
+            what = f"Dask LocalCluster of {n_workers} worker processes"
+        elif options.kind == "slurm":
+            _check_slurm_answers()
+            kwargs = slurm_cluster_kwargs(options)
+            cluster = stack.enter_context(cluster_class("slurm")(**kwargs))
+            jobs = options.workers or 2
+            cluster.scale(jobs=jobs)
+            client = stack.enter_context(Client(cluster))
+            what = (f"Dask on SLURM: {jobs} worker jobs submitted (`squeue -n "
+                    f"{kwargs['job_name']}`; their logs in {kwargs['log_directory']}/)")
         else:
-            client = Client(scheduler)
-        log(f"connected to Dask scheduler {client.scheduler.address} "
-            f"({len(client.scheduler_info()['workers'])} workers), "
-            f"dashboard {client.dashboard_link}")
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-
-    n_workers = workers or os.cpu_count() or 1
-    with LocalCluster(
-        n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":8787"
-    ) as cluster, Client(cluster) as client:
-        log(f"Dask LocalCluster: {n_workers} worker processes, dashboard {client.dashboard_link}")
+            kwargs = ec2_cluster_kwargs(options)
+            log(f"starting an EC2 cluster: {kwargs} (a few minutes)")
+            cluster = stack.enter_context(cluster_class("ec2")(**kwargs))
+            client = stack.enter_context(Client(cluster))
+            what = f"Dask on EC2: {kwargs['n_workers']} worker instances"
+        log(f"{what}, dashboard {client.dashboard_link}")
+        _wait_for_workers(client, options, log)
         yield client
+
+
+def _check_slurm_answers() -> None:
+    """dask-jobqueue reports a failed sbatch only as a log traceback and then waits for workers
+    that never come: ask the controller first, and fail in one line if it does not answer."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("sbatch"):
+        raise DwaveError("--cluster slurm: no sbatch on this machine's PATH (run it on a SLURM "
+                         "login node)")
+    try:
+        subprocess.run(["sinfo", "-h", "-o", "%P"], check=True, capture_output=True, text=True,
+                       timeout=60)
+    except subprocess.CalledProcessError as exc:
+        reason = (exc.stderr or exc.stdout or "").strip().splitlines()[-1:] or ["no output"]
+        raise DwaveError(f"--cluster slurm: the SLURM controller does not answer: {reason[0]}") from None
+    except subprocess.TimeoutExpired:
+        raise DwaveError("--cluster slurm: the SLURM controller did not answer `sinfo` within "
+                         "60 s") from None
+
+
+def _wait_for_workers(client, options: ClusterOptions, log) -> None:
+    wanted = options.wait_workers or (1 if options.kind != "local" or options.scheduler else 0)
+    if not wanted or len(client.scheduler_info()["workers"]) >= wanted:
+        return
+    log(f"waiting for {wanted} Dask worker{'s' if wanted > 1 else ''} to join "
+        f"(up to {options.wait_timeout:.0f} s)")
+    try:
+        client.wait_for_workers(wanted, timeout=options.wait_timeout)
+    except TimeoutError:
+        joined = len(client.scheduler_info()["workers"])
+        raise DwaveError(f"only {joined} of {wanted} Dask workers joined within "
+                         f"{options.wait_timeout:.0f} s: check the queue or the worker logs") from None
+    log(f"Dask workers joined: {len(client.scheduler_info()['workers'])}")

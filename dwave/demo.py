@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from .cluster import ClusterOptions
 from .info import describe_store, format_description
 from .preprocess import run_preprocess
 from .synth import write_corpus
@@ -25,7 +26,8 @@ def run_demo(out: str, source: str | None, songs: int, seconds: float, workers: 
         log(f"[1/4] using the songs in {source}")
     store = os.path.join(out, "store")
     log(f"[2/4] preprocessing {source} -> {store}")
-    summary = run_preprocess([source], store, workers=workers, metadata=metadata, log=log)
+    summary = run_preprocess([source], store, cluster=ClusterOptions(workers=workers),
+                             metadata=metadata, log=log)
     for line in summary.lines():
         log(line)
     if not summary.store_tracks:

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from .audio import AudioError, decode_to_mono, encode_in_place, normalisation_gain
+from .cluster import ClusterOptions
 from .errors import DwaveError
 from .sources import Source, expand_sources
 from .store import StoreConfig, TrackStore
@@ -139,8 +140,7 @@ def run_preprocess(
     *,
     sample_rate: int | None = None,
     quantization_channels: int | None = None,
-    workers: int | None = None,
-    scheduler: str | None = None,
+    cluster: ClusterOptions | None = None,
     metadata: str | None = None,
     overwrite: bool = False,
     storage_options: dict | None = None,
@@ -163,7 +163,7 @@ def run_preprocess(
                         if expansion.ignored else ""))
 
     if tasks:
-        with dask_client(workers=workers, scheduler=scheduler, log=log) as client:
+        with dask_client(cluster, log=log) as client:
             started = time.perf_counter()  # the work, not the cluster's start-up
             results = _compute(client, tasks, store, config, progress)
             summary.wall_seconds = time.perf_counter() - started

@@ -151,14 +151,15 @@ def test_sigkill_mid_run_then_rerun_gives_the_same_store(tmp_path, long_songs):
 def test_a_dask_worker_killed_mid_run_does_not_fail_the_run(tmp_path, long_songs):
     from distributed import Client, LocalCluster
 
+    from dwave.cluster import ClusterOptions
     from dwave.preprocess import run_preprocess
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
         outcome = {}
         runner = threading.Thread(target=lambda: outcome.update(summary=run_preprocess(
-            [long_songs], str(tmp_path / "store"), scheduler=cluster.scheduler_address,
-            progress=False, log=lambda *_: None)))
+            [long_songs], str(tmp_path / "store"),
+            cluster=ClusterOptions(scheduler=cluster.scheduler_address), progress=False, log=lambda *_: None)))
         runner.start()
         deadline = time.time() + 60
         while not any(client.processing().values()):
