@@ -156,3 +156,12 @@ def tone_store(tmp_path_factory) -> str:
     tracks = {str(i): (synthetic_codes(2.5, kind="tone" if i % 2 else "chirp", seed=i),
                        "tone" if i % 2 else "chirp") for i in range(1, 7)}
     return make_store(path, tracks)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tone_store, tmp_path_factory):
+    """A tiny genre-conditioned model trained 30 steps on the tone store (for generation)."""
+    run = tmp_path_factory.mktemp("runs") / "tones"
+    run_dwave("train", tone_store, "--run-dir", run, "--steps", "30", "--window", "256",
+              "--warmup-steps", "0", "--lr", "1e-2", "--genre-conditioning", check=0)
+    return run

@@ -99,14 +99,6 @@ def test_a_song_does_not_depend_on_its_batch():
     np.testing.assert_array_equal(together[:, 2], alone[:, 0])
 
 
-@pytest.fixture(scope="module")
-def trained_run(tone_store, tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "tones"
-    run_dwave("train", tone_store, "--run-dir", run, "--steps", "30", "--window", "256",
-              "--warmup-steps", "0", "--lr", "1e-2", "--genre-conditioning", check=0)
-    return run
-
-
 def test_generate_writes_songs_deterministically_across_ranks(trained_run, tmp_path):
     one = tmp_path / "one"
     proc = run_dwave("generate", trained_run, "--out", one, "--num-songs", "3", "--seconds",

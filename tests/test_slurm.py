@@ -1,0 +1,143 @@
+"""The sbatch scripts in slurm/, submitted to a real one-machine SLURM (started by
+scripts/slurm-up.sh): a Dask cluster inside a preprocess job, Dask worker jobs from
+`--cluster slurm`, a train job that checkpoints on SIGTERM and resumes when requeued, and a
+generate job whose songs, split over 2 ranks, equal a single process's."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run_dwave
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
+                "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm():
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "slurm-up.sh")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def sbatch(script: str, *args, output, options=()) -> str:
+    """Submit slurm/SCRIPT as a user would from the checkout; returns the job id."""
+    env = {**os.environ, "DWAVE_HOME": ROOT, "DWAVE_VENV": sys.prefix}
+    proc = subprocess.run(["sbatch", "--parsable", f"--output={output}", *options,
+                           os.path.join(ROOT, "slurm", script), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def job_fields(job_id: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                         text=True, timeout=60).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_for(job_id: str, log, timeout: float = 300) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        fields = job_fields(job_id)
+        if fields.get("JobState") in FINAL_STATES:
+            return fields
+        time.sleep(1)
+    subprocess.run(["scancel", job_id])
+    pytest.fail(f"job {job_id} still {fields.get('JobState')} after {timeout} s:\n"
+                + (open(log).read()[-3000:] if os.path.exists(log) else "(no output)"))
+
+
+def describe(store) -> dict:
+    from dwave.info import describe_store
+
+    return describe_store(str(store))
+
+
+def test_preprocess_job_runs_a_dask_cluster_inside_the_allocation(tmp_path, corpus):
+    songs, genres = corpus
+    log = tmp_path / "job.out"
+    job = sbatch("preprocess.sbatch", tmp_path / "store", songs, "--metadata", genres,
+                 output=log, options=["--ntasks=2"])
+    fields = wait_for(job, log)
+    text = log.read_text()
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), text[-3000:]
+    assert "Dask workers joined: 2" in text and "6 written, 0 already done, 0 failed" in text
+    description = describe(tmp_path / "store")
+    assert description["num_tracks"] == 6
+    assert description["genres"] == {"tonal": 2, "chiptune": 2, "percussive": 2}
+
+
+def test_cluster_slurm_submits_dask_worker_jobs(tmp_path, corpus):
+    songs, _ = corpus
+    proc = run_dwave("preprocess", songs, "--out", tmp_path / "store", "--cluster", "slurm",
+                     "--jobs", "2", "--worker-logs", tmp_path / "logs", "--no-progress",
+                     cwd=tmp_path, check=0, timeout=600)
+    assert "2 worker jobs submitted" in proc.stderr
+    assert describe(tmp_path / "store")["num_tracks"] == 6
+    # The worker jobs were real SLURM jobs: their logs are named by job id, and SLURM knows them.
+    job_ids = sorted({m.group(1) for f in os.listdir(tmp_path / "logs")
+                      if (m := re.fullmatch(r"dwave-dask-worker-(\d+)\.err", f))})
+    assert len(job_ids) == 2
+    for job_id in job_ids:
+        fields = job_fields(job_id)
+        assert fields["JobName"] == "dwave-dask-worker"
+        assert fields["JobState"] in {"CANCELLED", "COMPLETED", "COMPLETING"}  # stopped at the end
+
+
+def test_cluster_slurm_without_a_controller_is_a_one_line_error(tmp_path, corpus):
+    songs, _ = corpus
+    nowhere = tmp_path / "slurm.conf"  # a cluster whose controller is not running
+    nowhere.write_text("ClusterName=nowhere\nSlurmctldHost=localhost\nSlurmctldPort=9\n"
+                       "AuthType=auth/munge\nNodeName=localhost CPUs=1\n"
+                       "PartitionName=debug Nodes=localhost Default=YES\n")
+    proc = run_dwave("preprocess", songs, "--out", tmp_path / "store", "--cluster", "slurm",
+                     env={"SLURM_CONF": str(nowhere)}, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("dwave: error: --cluster slurm:")
+
+
+def test_train_job_checkpoints_on_sigterm_and_the_requeued_job_resumes(tmp_path, tone_store):
+    run, log = tmp_path / "run", tmp_path / "train.out"
+    job = sbatch("train.sbatch", tone_store, run, "--steps", "400", "--window", "256",
+                 "--batch-size", "2", "--ckpt-every", "20", "--val-every", "1000",
+                 output=log, options=["--ntasks=2"])
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "ckpt-40.index").exists():
+        assert time.time() < deadline, log.read_text()[-3000:]
+        assert job_fields(job).get("JobState") not in FINAL_STATES, log.read_text()[-3000:]
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=TERM", job], check=True)
+
+    fields = wait_for(job, log, timeout=400)
+    text = log.read_text()
+    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-3000:]
+    stopped = re.search(r"stopped by SIGTERM at step (\d+)", text)
+    assert stopped, text[-3000:]
+    step = int(stopped.group(1))
+    assert 40 <= step < 400
+    assert "requeueing job" in text
+    assert re.search(rf"resuming from .*ckpt-{step} at step {step}", text)
+    assert "weights identical on 2 ranks" in text and "training complete" in text
+    assert (run / "checkpoints" / "ckpt-400.index").exists()
+
+
+def test_generate_job_splits_songs_over_ranks_and_matches_one_process(tmp_path, trained_run):
+    log = tmp_path / "generate.out"
+    flags = ["--num-songs", "3", "--seconds", "0.25", "--genre", "tone", "--seed", "5"]
+    job = sbatch("generate.sbatch", trained_run, tmp_path / "job", *flags, output=log,
+                 options=["--ntasks=2"])
+    run_dwave("generate", trained_run, "--out", tmp_path / "local", *flags, check=0)
+    fields = wait_for(job, log)
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()[-3000:]
+    assert "2 rank(s)" in log.read_text()
+    for i in range(3):
+        wav = f"song-00{i}.wav"
+        assert (tmp_path / "job" / wav).read_bytes() == (tmp_path / "local" / wav).read_bytes()
+        assert (tmp_path / "job" / f"song-00{i}.png").stat().st_size > 0
