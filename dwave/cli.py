@@ -181,8 +181,8 @@ def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="run the whole job end to end on a synthesised corpus",
         description="Synthesise a small corpus of songs (or take --source DIR), preprocess it "
-                    "with Dask, train the tiny WaveNet and generate two songs. Needs no data "
-                    "and no network.")
+                    "with Dask, train the tiny WaveNet with 2 Horovod ranks and generate two "
+                    "songs. Needs no data and no network.")
     p.add_argument("--out", default="demo-output", metavar="DIR",
                    help="where the corpus, store and results go (default: demo-output)")
     p.add_argument("--source", metavar="DIR", help="use these songs instead of synthesising")
@@ -190,8 +190,10 @@ def _add_demo(sub) -> None:
     p.add_argument("--seconds", type=_positive_int, default=20, help="length of each (20)")
     p.add_argument("--workers", type=_positive_int, metavar="N",
                    help="Dask worker processes (default: one per core)")
-    p.add_argument("--steps", type=_positive_int, default=300,
-                   help="training steps of the tiny model (300)")
+    p.add_argument("--steps", type=_positive_int, default=600,
+                   help="training steps of the tiny model (600)")
+    p.add_argument("--ranks", type=_positive_int, default=2,
+                   help="Horovod ranks to train with, started by horovodrun (2)")
     p.add_argument("--generate-seconds", type=float, default=2.0,
                    help="length of each generated song (2)")
     p.set_defaults(func=_cmd_demo)
@@ -201,7 +203,7 @@ def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(args.out, args.source, args.songs, args.seconds, args.workers,
-                    steps=args.steps, generate_seconds=args.generate_seconds, log=_log)
+                    steps=args.steps, ranks=args.ranks, generate_seconds=args.generate_seconds, log=_log)
 
 
 def _add_train(sub) -> None:

@@ -1,21 +1,26 @@
 """`dwave demo`: the whole job end to end on a corpus it synthesises (or a directory you give).
 
-synthesise -> preprocess (Dask) -> train the tiny preset -> generate songs, each stage through
-the same functions as the `preprocess`, `train` and `generate` commands.
+synthesise -> preprocess (Dask) -> train the tiny preset with Horovod ranks -> generate songs,
+each stage through the same code as the `preprocess`, `train` and `generate` commands; training
+runs exactly as a user would start it, `horovodrun -np N dwave train ...`.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 
 from .cluster import ClusterOptions
+from .errors import DwaveError
 from .info import describe_store, format_description
 from .preprocess import run_preprocess
 from .synth import write_corpus
 
 
 def run_demo(out: str, source: str | None, songs: int, seconds: float, workers: int | None,
-             steps: int = 300, generate_seconds: float = 2.0, log=print) -> int:
+             steps: int = 600, ranks: int = 2, generate_seconds: float = 2.0, log=print) -> int:
     os.makedirs(out, exist_ok=True)
     metadata = None
     if source is None:
@@ -35,15 +40,15 @@ def run_demo(out: str, source: str | None, songs: int, seconds: float, workers: 
     log("")
     log(format_description(describe_store(store)))
 
-    from .generate import GenerateOptions, run_generate
-    from .train import TrainConfig, run_training
-
     run_dir = os.path.join(out, "run")
-    log(f"\n[3/4] training the tiny WaveNet for {steps} steps -> {run_dir} (rerun to go on "
-        "from the last checkpoint)")
-    run_training(TrainConfig(store=store, steps=steps, batch_size=4, lr=1e-2, warmup_steps=20,
-                             window=1024, val_every=max(1, steps // 3), ckpt_every=100),
-                 run_dir, preset="tiny", log=log)
+    command = train_command(store, run_dir, steps, ranks)
+    log(f"\n[3/4] training the tiny WaveNet with {ranks} Horovod rank{'s' if ranks > 1 else ''} "
+        f"for {steps} steps -> {run_dir} (rerun to go on from the last checkpoint):\n  "
+        + " ".join(command))
+    _run_streaming(command, log)
+
+    from .generate import GenerateOptions, run_generate
+
     songs_dir = os.path.join(out, "songs")
     log(f"\n[4/4] generating 2 songs of {generate_seconds:g} s -> {songs_dir}")
     run_generate(GenerateOptions(run_dir=run_dir, out=songs_dir, seconds=generate_seconds,
@@ -52,3 +57,45 @@ def run_demo(out: str, source: str | None, songs: int, seconds: float, workers: 
         f"  model        {run_dir}  (`tensorboard --logdir {run_dir}/tensorboard`)\n"
         f"  songs        {songs_dir}/song-000.wav, song-001.wav (+ .png spectrograms)")
     return 0
+
+
+def train_command(store: str, run_dir: str, steps: int, ranks: int) -> list[str]:
+    """`horovodrun -np RANKS dwave train ...` for the tiny preset (Gloo: no MPI set-up needed)."""
+    train = [sys.executable, "-m", "dwave.cli", "train", store, "--run-dir", run_dir,
+             "--preset", "tiny", "--steps", str(steps), "--batch-size", "4", "--lr", "5e-3",
+             "--warmup-steps", "20", "--window", "1024", "--val-every", str(max(1, steps // 3)),
+             "--ckpt-every", "100"]
+    if ranks == 1:
+        return train
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    if not os.path.exists(horovodrun):
+        horovodrun = shutil.which("horovodrun") or ""
+    if not horovodrun:
+        raise DwaveError("horovodrun not found next to this Python or on PATH: install Horovod "
+                         "(bash scripts/setup.sh) or run the demo with --ranks 1")
+    return [horovodrun, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", *train]
+
+
+def _run_streaming(command: list[str], log) -> None:
+    """Run `command`, passing its output on line by line (horovodrun's "[rank]<stream>:"
+    prefixes removed: only rank 0 prints)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    tail = []
+    for line in process.stdout:
+        line = line.rstrip("\n")
+        if "]<std" in line[:20]:
+            line = line.split(">:", 1)[-1]
+        if _noise(line):
+            continue
+        tail = (tail + [line])[-20:]
+        log(line)
+    if process.wait() != 0:
+        raise DwaveError(f"training failed (exit {process.returncode}); its last lines are above")
+
+
+def _noise(line: str) -> bool:
+    """TensorFlow's start-up chatter (CPU features, oneDNN), not worth a demo user's attention."""
+    return any(marker in line for marker in (
+        "cpu_feature_guard", "oneDNN custom operations", "rebuild TensorFlow with the appropriate",
+        "To enable the following instructions", "TF_ENABLE_ONEDNN_OPTS"))

@@ -1,4 +1,5 @@
-"""The README's main command, end to end on a small synthesised corpus."""
+"""The README's main command, end to end on a small synthesised corpus, training with 2
+Horovod ranks."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ def test_demo_runs_every_stage(tmp_path):
                      "--generate-seconds", "0.25", "--workers", "2", check=0, timeout=600)
     for stage in ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "demo done"):
         assert stage in proc.stderr
-    assert "done: step 20" in proc.stderr
+    assert "horovodrun -np 2" in proc.stderr and "dwave train: 2 ranks" in proc.stderr
+    assert "weights identical on 2 ranks" in proc.stderr and "done: step 20" in proc.stderr
     for i in range(2):
         info = sf.info(str(out / "songs" / f"song-00{i}.wav"))
         assert (info.samplerate, info.frames) == (16000, 4000)

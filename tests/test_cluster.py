@@ -1,0 +1,94 @@
+"""Cluster construction: EC2 through dask-cloudprovider (against a stand-in: EC2 cannot be
+reached from here) and the option checks. SLURM is tested for real in test_slurm.py."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from conftest import run_dwave
+from dwave.errors import DwaveError
+
+
+def ec2_parameters() -> set[str]:
+    """The arguments the real EC2Cluster (and the VMCluster it passes **kwargs to) accepts."""
+    from dask_cloudprovider.aws import EC2Cluster
+    from dask_cloudprovider.generic.vmcluster import VMCluster
+
+    return {name for cls in (EC2Cluster, VMCluster)
+            for name in inspect.signature(cls.__init__).parameters} - {"self", "kwargs"}
+
+
+def test_preprocess_on_ec2_builds_the_cluster_dask_cloudprovider_expects(tmp_path, corpus,
+                                                                          monkeypatch):
+    """MOCK: a stand-in for dask_cloudprovider.aws.EC2Cluster, which would start (and bill) EC2
+    instances this machine cannot reach. It accepts only the real class's arguments, records
+    them, and runs the workers locally, so everything after the cluster's construction is real."""
+    from distributed import LocalCluster
+
+    import dwave.cluster
+    from dwave.cluster import ClusterOptions
+    from dwave.info import describe_store
+    from dwave.preprocess import run_preprocess
+
+    received = []
+
+    class StandInEC2Cluster(LocalCluster):
+        def __init__(self, **kwargs):
+            unknown = set(kwargs) - ec2_parameters()
+            assert not unknown, f"EC2Cluster does not take {unknown}"
+            received.append(kwargs)
+            super().__init__(n_workers=kwargs["n_workers"], threads_per_worker=1,
+                             processes=True, dashboard_address=None)
+
+    real_cluster_class = dwave.cluster.cluster_class
+    monkeypatch.setattr(dwave.cluster, "cluster_class",
+                        lambda kind: StandInEC2Cluster if kind == "ec2" else real_cluster_class(kind))
+    songs, _ = corpus
+    lines = []
+    options = ClusterOptions(kind="ec2", workers=2, region="eu-west-1",
+                             instance_type="c6i.large", docker_image="ghcr.io/example/dwave:0.1")
+    summary = run_preprocess([songs], str(tmp_path / "store"), cluster=options, progress=False,
+                             log=lines.append)
+    assert received == [{"n_workers": 2, "region": "eu-west-1", "instance_type": "c6i.large",
+                         "docker_image": "ghcr.io/example/dwave:0.1"}]
+    assert len(summary.written) == 6 and not summary.failures
+    assert describe_store(str(tmp_path / "store"))["num_tracks"] == 6
+    assert any("Dask on EC2: 2 worker instances" in line for line in lines)
+
+
+def test_unset_ec2_values_are_left_to_dask_config():
+    from dwave.cluster import ClusterOptions, ec2_cluster_kwargs
+
+    assert ec2_cluster_kwargs(ClusterOptions(kind="ec2")) == {"n_workers": 2}
+
+
+def test_slurm_job_script_runs_one_single_threaded_worker_of_this_python(tmp_path):
+    import sys
+
+    from dask_jobqueue import SLURMCluster
+
+    from dwave.cluster import ClusterOptions, slurm_cluster_kwargs
+
+    kwargs = slurm_cluster_kwargs(ClusterOptions(kind="slurm", partition="gpu", walltime="01:00:00",
+                                                 worker_memory="2GiB", account="music",
+                                                 log_directory=str(tmp_path)))
+    with SLURMCluster(**kwargs) as cluster:  # a real one; nothing is submitted until scale()
+        script = cluster.job_script()
+    for line in ("#SBATCH -p gpu", "#SBATCH -A music", "#SBATCH -t 01:00:00",
+                 "#SBATCH -J dwave-dask-worker", "--nthreads 1", sys.executable):
+        assert line in script, script
+
+
+def test_scheduler_and_cluster_kind_do_not_combine():
+    from dwave.cluster import ClusterOptions
+
+    with pytest.raises(DwaveError, match="do not combine"):
+        ClusterOptions(kind="ec2", scheduler="tcp://127.0.0.1:8786")
+
+
+def test_unknown_cluster_kind_is_a_one_line_error(tmp_path):
+    proc = run_dwave("preprocess", tmp_path, "--out", tmp_path / "s", "--cluster", "k8s")
+    assert proc.returncode == 2 and "invalid choice: 'k8s'" in proc.stderr
+    assert "Traceback" not in proc.stderr
