@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Run the three benchmarks and gather every figure into one table.
+
+    python benchmarks/run_all.py [--out bench-output] [--only preprocess,train,generate]
+                                 [--publish benchmarks/results]
+
+1. preprocess: full-length 44.1 kHz MP3s made from Debian's asc-music (benchmarks/make_songs.sh),
+   bench_preprocess.py (decode overhead vs ffmpeg, Dask scaling, worker memory);
+2. train: a store of those songs (`dwave preprocess`), bench_train.py (base preset, 1 and 2
+   ranks, store vs synthetic input, Keras baseline, allreduce projection);
+3. generate: bench_generate.py (naive vs cached, 1/16/64 songs).
+
+Writes OUT/summary.md and OUT/summary.json (every figure, its target, and the machine it ran
+on) next to each benchmark's JSON and PNG; --publish copies them all into the given folder
+(what the README shows). Takes about 25 minutes on a 2-core machine. Run nothing else meanwhile:
+the figures are only as quiet as the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+STAGES = ("preprocess", "train", "generate")
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            memory_gib = int(f.readline().split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        memory_gib = float("nan")
+    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
+            "memory_gib": round(memory_gib, 1), "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def rows(figures: dict) -> list[dict]:
+    """One row per figure: benchmark, what, value, unit, target (text) and met (bool or None)."""
+    out = []
+
+    def add(bench, what, value, unit="", target=None, met=None):
+        out.append({"benchmark": bench, "figure": what, "value": value, "unit": unit,
+                    "target": target, "met": met})
+
+    p = figures.get("preprocess")
+    if p:
+        add("preprocess", "dwave / ffmpeg decode time per song", p["ratio"], "x", "<= 1.2",
+            p["ratio"] <= 1.2)
+        for workers, rate in sorted(p["throughput_songs_per_s"].items()):
+            add("preprocess", f"throughput, {workers} Dask worker(s)", rate, "songs/s")
+        add("preprocess", "parallel efficiency 1 -> 2 workers", p["parallel_efficiency"], "",
+            ">= 0.90", p["parallel_efficiency"] >= 0.9)
+        add("preprocess", f"worker peak memory, {p['long_song_minutes']:.0f}-min song",
+            p["worker_peak_mb"], "MB", "< 400", p["worker_peak_mb"] < 400)
+    t = figures.get("train")
+    if t:
+        for key, rate in t["samples_per_s"].items():
+            ranks, source = key.split("_ranks_")
+            add("train", f"{t['preset']}, {ranks} rank(s), {source} input", rate, "samples/s",
+                *((">= 32,000", rate >= 32000) if key == "1_ranks_store" else (None, None)))
+        add("train", "straightforward Keras WaveNet, 1 rank", t["keras_baseline_samples_per_s"],
+            "samples/s")
+        add("train", "speed-up over Keras", t["speedup_over_keras"], "x", ">= 1.5",
+            t["speedup_over_keras"] >= 1.5)
+        add("train", "weak-scaling efficiency 1 -> 2 ranks (store)", t["scaling_efficiency_store"],
+            "", ">= 0.90", t["scaling_efficiency_store"] >= 0.9)
+        for ranks, ratio in t["store_over_synthetic"].items():
+            add("train", f"store / synthetic input, {ranks} rank(s)", ratio, "", ">= 0.95",
+                ratio >= 0.95)
+        add("train", "input pipeline alone, 1 rank", t["input_batches_per_s_one_rank"], "batches/s")
+        for p_row in t["projection_gpu_step"]:
+            add("train", f"projection: {p_row['gpus']} GPUs, {p_row['link_gbps']} Gb/s, "
+                "100 ms step", p_row["efficiency"], "efficiency")
+    g = figures.get("generate")
+    if g:
+        naive = g["naive"]
+        add("generate", "naive, full pass per sample", naive, "samples/s")
+        for songs in (1, 16, 64):
+            rate = g[f"fast_{songs}"]
+            target = {1: (">= 5,000", rate >= 5000), 64: (">= 32,000", rate >= 32000)}.get(
+                songs, (None, None))
+            add("generate", f"fast, {songs} song(s), aggregate", rate, "samples/s", *target)
+        add("generate", "fast 1 song / naive", g["fast_1"] / naive, "x", ">= 100",
+            g["fast_1"] / naive >= 100)
+        add("generate", "fast 1 song, real-time factor", g["fast_1"] / g["sample_rate"], "x",
+            "stretch >= 1", g["fast_1"] >= g["sample_rate"])
+    return out
+
+
+def markdown(rows_: list[dict], host: dict) -> str:
+    lines = [f"Benchmarks on {host['host']}: {host['cpu']}, {host['cores']} cores, "
+             f"{host['memory_gib']} GiB, Python {host['python']}, {host['date']}", "",
+             "| benchmark | figure | value | target | met |", "|---|---|---:|---|---|"]
+    for r in rows_:
+        value = r["value"]
+        text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+        met = {True: "yes", False: "**no**", None: ""}[r["met"]]
+        lines.append(f"| {r['benchmark']} | {r['figure']} | {text} {r['unit']} | "
+                     f"{r['target'] or ''} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(command: list[str], log_path: str) -> None:
+    print("$ " + " ".join(command), flush=True)
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, cwd=ROOT)
+        for line in process.stdout:
+            log.write(line)
+            if not any(noise in line for noise in ("cpu_feature_guard", "rebuild TensorFlow",
+                                                   "oneDNN", "To enable the following")):
+                print("  " + line, end="", flush=True)
+    if process.wait() != 0:
+        sys.exit(f"run_all: `{' '.join(command)}` failed (exit {process.returncode}); "
+                 f"log: {log_path}")
+    print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="bench-output", help="working folder (bench-output)")
+    parser.add_argument("--only", default=",".join(STAGES),
+                        help="comma-separated subset of preprocess,train,generate")
+    parser.add_argument("--publish", metavar="DIR",
+                        help="copy the JSONs, PNGs and summary here (e.g. benchmarks/results)")
+    args = parser.parse_args()
+    stages = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        parser.error(f"--only: unknown {', '.join(sorted(unknown))}")
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    py = sys.executable
+    songs = os.path.join(out, "songs44k")
+    if "preprocess" in stages or "train" in stages:
+        run(["bash", os.path.join(HERE, "make_songs.sh"), songs], os.path.join(out, "songs.log"))
+    if "preprocess" in stages:
+        run([py, os.path.join(HERE, "bench_preprocess.py"), songs, "--out", out],
+            os.path.join(out, "preprocess.log"))
+    if "train" in stages:
+        store = os.path.join(out, "store")
+        run([py, "-m", "dwave.cli", "preprocess", songs, "--out", store, "--no-progress"],
+            os.path.join(out, "store.log"))
+        run([py, os.path.join(HERE, "bench_train.py"), store, "--out", out],
+            os.path.join(out, "train.log"))
+    if "generate" in stages:
+        run([py, os.path.join(HERE, "bench_generate.py"), "--out", out],
+            os.path.join(out, "generate.log"))
+
+    figures = {}
+    for stage in STAGES:
+        path = os.path.join(out, f"{stage}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                figures[stage] = json.load(f)
+    host = machine()
+    table = rows(figures)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump({"machine": host, "figures": table}, f, indent=2)
+    text = markdown(table, host)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(text)
+    print("\n" + text)
+    if args.publish:
+        os.makedirs(args.publish, exist_ok=True)
+        for name in os.listdir(out):
+            if name.endswith((".json", ".png")) or name == "summary.md":
+                shutil.copy2(os.path.join(out, name), os.path.join(args.publish, name))
+        print(f"copied the figures and curves to {args.publish}")
+
+
+if __name__ == "__main__":
+    main()
