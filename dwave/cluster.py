@@ -121,21 +121,47 @@ def dask_client(options: ClusterOptions | None = None, log=print) -> Iterator:
         elif options.kind == "slurm":
             _check_slurm_answers()
             kwargs = slurm_cluster_kwargs(options)
-            cluster = stack.enter_context(cluster_class("slurm")(**kwargs))
+            cluster = stack.enter_context(_started("slurm", kwargs))
             jobs = options.workers or 2
             cluster.scale(jobs=jobs)
             client = stack.enter_context(Client(cluster))
             what = (f"Dask on SLURM: {jobs} worker jobs submitted (`squeue -n "
                     f"{kwargs['job_name']}`; their logs in {kwargs['log_directory']}/)")
         else:
+            _check_aws_credentials()
             kwargs = ec2_cluster_kwargs(options)
             log(f"starting an EC2 cluster: {kwargs} (a few minutes)")
-            cluster = stack.enter_context(cluster_class("ec2")(**kwargs))
+            cluster = stack.enter_context(_started("ec2", kwargs))
             client = stack.enter_context(Client(cluster))
             what = f"Dask on EC2: {kwargs['n_workers']} worker instances"
         log(f"{what}, dashboard {client.dashboard_link}")
         _wait_for_workers(client, options, log)
         yield client
+
+
+def _started(kind: str, kwargs: dict):
+    """The cluster of `kind`, started; a failure to start is one line naming the cause."""
+    try:
+        return cluster_class(kind)(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - boto, asyncio and sbatch errors alike end here
+        message = str(exc).strip().splitlines()
+        raise DwaveError(f"--cluster {kind}: could not start the cluster: "
+                         f"{type(exc).__name__}: {message[0] if message else ''}") from None
+
+
+def _check_aws_credentials() -> None:
+    """EC2Cluster without credentials fails deep inside boto after a long retry: fail first."""
+    import botocore.exceptions
+    import botocore.session
+
+    try:
+        credentials = botocore.session.get_session().get_credentials()
+    except botocore.exceptions.BotoCoreError as exc:  # e.g. AWS_PROFILE names no profile
+        raise DwaveError(f"--cluster ec2: {exc}") from None
+    if credentials is None:
+        raise DwaveError("--cluster ec2: no AWS credentials (set AWS_PROFILE, or "
+                         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run on an instance "
+                         "with an IAM role)")
 
 
 def _check_slurm_answers() -> None:

@@ -49,8 +49,9 @@ def write_tone(path, seconds=2.0, rate=44100, channels=2, freq=1000.0) -> str:
 
 
 def run_dwave(*args, env=None, timeout=300, check=None, cwd=None) -> subprocess.CompletedProcess:
-    """Run `dwave ARGS` in a subprocess, exactly as a user would from the shell."""
-    full_env = {**os.environ, **(env or {})}
+    """Run `dwave ARGS` in a subprocess, exactly as a user would from the shell. `env` adds
+    variables; a value of None removes one."""
+    full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     proc = subprocess.run(
         [sys.executable, "-m", "dwave.cli", *map(str, args)],
         capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or ROOT,

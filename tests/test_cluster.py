@@ -42,6 +42,8 @@ def test_preprocess_on_ec2_builds_the_cluster_dask_cloudprovider_expects(tmp_pat
             super().__init__(n_workers=kwargs["n_workers"], threads_per_worker=1,
                              processes=True, dashboard_address=None)
 
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # what a real EC2Cluster needs
+        monkeypatch.setenv(name, "stand-in")
     real_cluster_class = dwave.cluster.cluster_class
     monkeypatch.setattr(dwave.cluster, "cluster_class",
                         lambda kind: StandInEC2Cluster if kind == "ec2" else real_cluster_class(kind))
@@ -92,3 +94,22 @@ def test_unknown_cluster_kind_is_a_one_line_error(tmp_path):
     proc = run_dwave("preprocess", tmp_path, "--out", tmp_path / "s", "--cluster", "k8s")
     assert proc.returncode == 2 and "invalid choice: 'k8s'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_ec2_without_aws_credentials_is_a_one_line_error(tmp_path, corpus):
+    songs, _ = corpus
+    no_credentials = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
+                      "AWS_PROFILE": None,
+                      "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+                      "AWS_CONFIG_FILE": str(tmp_path / "none"),
+                      "AWS_EC2_METADATA_DISABLED": "true"}
+    proc = run_dwave("preprocess", songs, "--out", tmp_path / "store", "--cluster", "ec2",
+                     env=no_credentials)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "dwave: error: --cluster ec2: no AWS credentials")
+    proc = run_dwave("preprocess", songs, "--out", tmp_path / "store", "--cluster", "ec2",
+                     env={**no_credentials, "AWS_PROFILE": "nobody"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "dwave: error: --cluster ec2: The config profile (nobody) could not be found")
