@@ -15,7 +15,9 @@ set -euo pipefail
 
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 HOST=$(hostname -s)
-CPUS=$(nproc)
+# The machine's CPUs, not `nproc`: that honours OMP_NUM_THREADS, which Dask and TensorFlow
+# set in the processes that may call this script.
+CPUS=$(getconf _NPROCESSORS_ONLN)
 # Memory in MB, less 1 GiB for the system: jobs that ask for --mem (dask-jobqueue does) fit.
 MEMORY_MB=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) - 1024 ))
 CONF=/etc/slurm/slurm.conf
