@@ -19,6 +19,17 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", 
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
+# Pending reasons that no amount of waiting resolves: the job asks for more than the partition has.
+NEVER_STARTS = {"PartitionConfig", "PartitionNodeLimit", "BadConstraints", "ReqNodeNotAvail"}
+
+
+def partition_summary() -> str:
+    out = subprocess.run(["scontrol", "show", "partition", "-o"], capture_output=True, text=True,
+                         timeout=60).stdout
+    return " ".join(f"{k}={v}" for k, v in re.findall(r"(\w+)=(\S*)", out)
+                    if k in ("PartitionName", "TotalCPUs", "State"))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def slurm():
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "slurm-up.sh")],
@@ -48,10 +59,18 @@ def wait_for(job_id: str, log, timeout: float = 300) -> dict:
         fields = job_fields(job_id)
         if fields.get("JobState") in FINAL_STATES:
             return fields
+        if fields.get("Reason") in NEVER_STARTS:
+            subprocess.run(["scancel", job_id])
+            pytest.fail(f"job {job_id} can never start here: {fields['Reason']} "
+                        f"(`scontrol show partition`: {partition_summary()})")
         time.sleep(1)
     subprocess.run(["scancel", job_id])
     pytest.fail(f"job {job_id} still {fields.get('JobState')} after {timeout} s:\n"
-                + (open(log).read()[-3000:] if os.path.exists(log) else "(no output)"))
+                + output_tail(log))
+
+
+def output_tail(log) -> str:
+    return open(log).read()[-3000:] if os.path.exists(log) else "(no output yet)"
 
 
 def describe(store) -> dict:
@@ -115,8 +134,10 @@ def test_train_job_checkpoints_on_sigterm_and_the_requeued_job_resumes(tmp_path,
                  output=log, options=["--ntasks=2"])
     deadline = time.time() + 240
     while not (run / "checkpoints" / "ckpt-40.index").exists():
-        assert time.time() < deadline, log.read_text()[-3000:]
-        assert job_fields(job).get("JobState") not in FINAL_STATES, log.read_text()[-3000:]
+        fields = job_fields(job)
+        assert time.time() < deadline, output_tail(log)
+        assert fields.get("JobState") not in FINAL_STATES, output_tail(log)
+        assert fields.get("Reason") not in NEVER_STARTS, f"{fields['Reason']}: {partition_summary()}"
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=TERM", *(["--batch"] if whom == "batch" else []), job],
                    check=True)
