@@ -203,7 +203,8 @@ def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(args.out, args.source, args.songs, args.seconds, args.workers,
-                    steps=args.steps, ranks=args.ranks, generate_seconds=args.generate_seconds, log=_log)
+                    steps=args.steps, ranks=args.ranks,
+                    generate_seconds=args.generate_seconds, log=_log)
 
 
 def _add_train(sub) -> None:

@@ -41,7 +41,8 @@ class ClusterOptions:
 
     def __post_init__(self):
         if self.kind not in CLUSTER_KINDS:
-            raise DwaveError(f"unknown cluster {self.kind!r}: choose one of {', '.join(CLUSTER_KINDS)}")
+            raise DwaveError(f"unknown cluster {self.kind!r}: choose one of "
+                             f"{', '.join(CLUSTER_KINDS)}")
         if self.scheduler and self.kind != "local":
             raise DwaveError("--scheduler connects to a running cluster: do not combine it "
                              f"with --cluster {self.kind}")
@@ -178,7 +179,8 @@ def _check_slurm_answers() -> None:
                        timeout=60)
     except subprocess.CalledProcessError as exc:
         reason = (exc.stderr or exc.stdout or "").strip().splitlines()[-1:] or ["no output"]
-        raise DwaveError(f"--cluster slurm: the SLURM controller does not answer: {reason[0]}") from None
+        raise DwaveError("--cluster slurm: the SLURM controller does not answer: "
+                         f"{reason[0]}") from None
     except subprocess.TimeoutExpired:
         raise DwaveError("--cluster slurm: the SLURM controller did not answer `sinfo` within "
                          "60 s") from None
@@ -195,5 +197,6 @@ def _wait_for_workers(client, options: ClusterOptions, log) -> None:
     except TimeoutError:
         joined = len(client.scheduler_info()["workers"])
         raise DwaveError(f"only {joined} of {wanted} Dask workers joined within "
-                         f"{options.wait_timeout:.0f} s: check the queue or the worker logs") from None
+                         f"{options.wait_timeout:.0f} s: check the queue or the worker "
+                         "logs") from None
     log(f"Dask workers joined: {len(client.scheduler_info()['workers'])}")

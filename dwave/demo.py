@@ -81,14 +81,12 @@ def _run_streaming(command: list[str], log) -> None:
     prefixes removed: only rank 0 prints)."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    tail = []
     for line in process.stdout:
         line = line.rstrip("\n")
         if "]<std" in line[:20]:
             line = line.split(">:", 1)[-1]
         if _noise(line):
             continue
-        tail = (tail + [line])[-20:]
         log(line)
     if process.wait() != 0:
         raise DwaveError(f"training failed (exit {process.returncode}); its last lines are above")

@@ -46,7 +46,8 @@ def test_preprocess_on_ec2_builds_the_cluster_dask_cloudprovider_expects(tmp_pat
         monkeypatch.setenv(name, "stand-in")
     real_cluster_class = dwave.cluster.cluster_class
     monkeypatch.setattr(dwave.cluster, "cluster_class",
-                        lambda kind: StandInEC2Cluster if kind == "ec2" else real_cluster_class(kind))
+                        lambda kind: StandInEC2Cluster if kind == "ec2"
+                        else real_cluster_class(kind))
     songs, _ = corpus
     lines = []
     options = ClusterOptions(kind="ec2", workers=2, region="eu-west-1",

@@ -159,7 +159,8 @@ def test_a_dask_worker_killed_mid_run_does_not_fail_the_run(tmp_path, long_songs
         outcome = {}
         runner = threading.Thread(target=lambda: outcome.update(summary=run_preprocess(
             [long_songs], str(tmp_path / "store"),
-            cluster=ClusterOptions(scheduler=cluster.scheduler_address), progress=False, log=lambda *_: None)))
+            cluster=ClusterOptions(scheduler=cluster.scheduler_address), progress=False,
+            log=lambda *_: None)))
         runner.start()
         deadline = time.time() + 60
         while not any(client.processing().values()):

@@ -137,14 +137,16 @@ def test_train_job_checkpoints_on_sigterm_and_the_requeued_job_resumes(tmp_path,
         fields = job_fields(job)
         assert time.time() < deadline, output_tail(log)
         assert fields.get("JobState") not in FINAL_STATES, output_tail(log)
-        assert fields.get("Reason") not in NEVER_STARTS, f"{fields['Reason']}: {partition_summary()}"
+        assert fields.get("Reason") not in NEVER_STARTS, (
+            f"{fields['Reason']}: {partition_summary()}")
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=TERM", *(["--batch"] if whom == "batch" else []), job],
                    check=True)
 
     fields = wait_for(job, log, timeout=400)
     text = log.read_text()
-    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-3000:]
+    state = (fields["JobState"], fields["ExitCode"], fields["Restarts"])
+    assert state == ("COMPLETED", "0:0", "1"), text[-3000:]
     stopped = re.search(r"stopped by SIGTERM at step (\d+)", text)
     assert stopped, text[-3000:]
     step = int(stopped.group(1))
