@@ -30,6 +30,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from dwave.demo import is_tensorflow_chatter  # noqa: E402
 STAGES = ("preprocess", "train", "generate")
 
 
@@ -124,8 +127,7 @@ def run(command: list[str], log_path: str) -> None:
                                    text=True, cwd=ROOT)
         for line in process.stdout:
             log.write(line)
-            if not any(noise in line for noise in ("cpu_feature_guard", "rebuild TensorFlow",
-                                                   "oneDNN", "To enable the following")):
+            if not is_tensorflow_chatter(line):
                 print("  " + line, end="", flush=True)
     if process.wait() != 0:
         sys.exit(f"run_all: `{' '.join(command)}` failed (exit {process.returncode}); "

@@ -85,14 +85,14 @@ def _run_streaming(command: list[str], log) -> None:
         line = line.rstrip("\n")
         if "]<std" in line[:20]:
             line = line.split(">:", 1)[-1]
-        if _noise(line):
+        if is_tensorflow_chatter(line):
             continue
         log(line)
     if process.wait() != 0:
         raise DwaveError(f"training failed (exit {process.returncode}); its last lines are above")
 
 
-def _noise(line: str) -> bool:
+def is_tensorflow_chatter(line: str) -> bool:
     """TensorFlow's start-up chatter (CPU features, oneDNN), not worth a demo user's attention."""
     return any(marker in line for marker in (
         "cpu_feature_guard", "oneDNN custom operations", "rebuild TensorFlow with the appropriate",
