@@ -300,6 +300,9 @@ def _add_generate(sub) -> None:
                    help="a checkpoint prefix, e.g. RUN_DIR/checkpoints/ckpt-500 (default: latest)")
     p.add_argument("--batch-size", type=_positive_int, default=64,
                    help="songs generated together per rank (64)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="threads per rank, each stepping its share of the batch (default: the "
+                        "cores this rank may use, divided among the ranks on its node)")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -310,7 +313,7 @@ def _cmd_generate(args) -> int:
         run_dir=args.run_dir, out=args.out, seconds=args.seconds, num_songs=args.num_songs,
         temperature=args.temperature, seed=args.seed, prime=args.prime,
         prime_seconds=args.prime_seconds, genre=args.genre, checkpoint=args.checkpoint,
-        batch_size=args.batch_size)
+        batch_size=args.batch_size, threads=args.threads)
     run_generate(options, log=_log)
     return 0
 

@@ -5,61 +5,120 @@ last d of its inputs in a ring buffer (slot t mod d), so a step reads one slot, 
 gated unit for one position and writes one slot: every layer once per sample, instead of the
 whole network over the receptive field (Paine et al. 2016, "Fast Wavenet Generation").
 
-The step is a Numba-compiled loop over plain float32 arrays exported from the model: a whole
-chunk of samples runs without returning to Python, the matrix products go to BLAS, and all
-songs of a batch advance together (each product is then a (songs x channels) matrix times the
-weights). A TensorFlow graph pays microseconds of dispatch per op, and a step is ~200 ops, which
-is why this is not a tf.function (measured: benchmarks/bench_generate.py).
+The step is a Numba-compiled loop over float32 weights exported from the model, padded to
+whole 16-column panels and packed once for the tiled product kernel in `dwave.tiles`: a whole
+chunk of samples runs without returning to Python, and all songs of a lane advance together
+(each product is a (songs x channels) matrix times the weights). A TensorFlow graph pays
+microseconds of dispatch per op, and a step is ~200 ops, which is why this is not a
+tf.function; BLAS is half as fast on these shapes (measured: benchmarks/bench_generate.py).
 
 Random draws come in as uniforms, one stream per song (seeded by the song's number), so a
-song's samples do not depend on which batch or rank generated it. Priming fills every cache
-from one pass of the full network (TensorFlow, causal mode) over the prime.
+song's samples do not depend on which batch, lane or rank generated it. Priming fills every
+cache from one pass of the full network (TensorFlow, causal mode) over the prime.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
 import numba
 import numpy as np
 
-def export_weights(model) -> tuple:
-    """The model's weights as contiguous float32 arrays, stacked per kind."""
-    f32 = lambda v: np.ascontiguousarray(np.asarray(v, np.float32))  # noqa: E731
-    m = model
-    res_w = [v.numpy() for v in m.res_w] or [np.zeros((m.config.dilation_channels,
-                                                      m.config.residual_channels))]
-    res_b = [v.numpy() for v in m.res_b] or [np.zeros(m.config.residual_channels)]
-    return (f32(m.embedding.numpy()), f32([v.numpy() for v in m.conv_w]),
-            f32([v.numpy() for v in m.conv_b]), f32(res_w), f32(res_b), f32(m.skip_w.numpy()),
-            f32(m.skip_b.numpy()), f32(m.head1_w.numpy()), f32(m.head1_b.numpy()),
-            f32(m.head2_w.numpy()), f32(m.head2_b.numpy()))
+from .tiles import matmul, pack, pad_blocks, padded
+
+
+class PackedWeights(NamedTuple):
+    """The model's weights for the compiled loop. Channel counts are padded to whole panels
+    (C -> Cp and so on) with zeros, so padded channels stay exactly 0 and change nothing."""
+
+    embedding: np.ndarray  # (Q, Cp)
+    conv: np.ndarray  # (layers, 2Dp / 16, 2Cp, 16): [filter | gate] from [past | now]
+    residual: np.ndarray  # (layers - 1 or 1, Cp / 16, Dp, 16)
+    residual_bias: np.ndarray  # (layers - 1 or 1, Cp)
+    skip: np.ndarray  # (Sp / 16, layers * Dp, 16)
+    skip_bias: np.ndarray  # (Sp,)
+    head1: np.ndarray  # (Sp / 16, Sp, 16)
+    head1_bias: np.ndarray  # (Sp,)
+    head2: np.ndarray  # (Qp / 16, Sp, 16)
+    head2_bias: np.ndarray  # (Qp,)
+
+
+def export_weights(model) -> PackedWeights:
+    """The model's weights, padded and packed (conv biases are left out: they go into each
+    song's gate bias, see gate_biases)."""
+    c = model.config
+    C, D, S = c.residual_channels, c.dilation_channels, c.skip_channels
+    values = lambda vs: [v.numpy() for v in vs]  # noqa: E731
+    res_w = values(model.res_w) or [np.zeros((D, C))]  # a one-layer model has no residual
+    res_b = values(model.res_b) or [np.zeros(C)]
+    return PackedWeights(
+        embedding=pad_blocks(model.embedding.numpy(), None, C),
+        conv=np.stack([pack(pad_blocks(w, C, D)) for w in values(model.conv_w)]),
+        residual=np.stack([pack(pad_blocks(w, D, C)) for w in res_w]),
+        residual_bias=pad_blocks(np.stack(res_b), None, C),
+        skip=pack(pad_blocks(model.skip_w.numpy(), D, S)),
+        skip_bias=pad_blocks(model.skip_b.numpy()[None], None, S)[0],
+        head1=pack(pad_blocks(model.head1_w.numpy(), S, S)),
+        head1_bias=pad_blocks(model.head1_b.numpy()[None], None, S)[0],
+        head2=pack(pad_blocks(model.head2_w.numpy(), S, c.quantization_channels)),
+        head2_bias=pad_blocks(model.head2_b.numpy()[None], None, c.quantization_channels)[0],
+    )
+
+
+def gate_biases(model, genre_ids, batch: int) -> np.ndarray:
+    """(batch, layers, 2Dp): each layer's conv bias plus the song's genre bias, padded like
+    the conv outputs ([filter | gate], D -> Dp each)."""
+    c = model.config
+    layers, D = len(c.dilations), c.dilation_channels
+    conv_b = np.asarray([v.numpy() for v in model.conv_b], np.float32)  # (layers, 2D)
+    bias = model.genre_bias(genre_ids)  # raises for a conditioned model without ids
+    genre = 0 if bias is None else bias.numpy().reshape(batch, layers, 2 * D)
+    total = np.broadcast_to(conv_b + genre, (batch, layers, 2 * D))
+    return pad_blocks(total.reshape(batch * layers, 2 * D), None, D).reshape(batch, layers, -1)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask: a rank bound to one core gets 1)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 class FastGenerator:
     """Cached generation for a batch of songs with one model.
 
-    State: the caches (songs, sum of dilations, C) with layer l's ring at offsets[l], the step
-    counter t (position of the next input) and each song's next input code.
+    The songs are split into `threads` lanes (default: the usable cores) that step side by
+    side, one thread each: the compiled loop releases the GIL. A song's arithmetic does not
+    depend on its lane.
+
+    State per lane: the caches (slots, songs, Cp), slot offsets[l] + t mod d holding layer
+    l's input from step t - d. Shared: the step counter t (position of the next input) and
+    each song's next input code.
     """
 
-    def __init__(self, model, batch: int, genre_ids=None):
+    def __init__(self, model, batch: int, genre_ids=None, threads: int | None = None):
         self.model = model
         self.config = c = model.config
         self.batch = batch
+        self.genre_ids = None if genre_ids is None else np.asarray(genre_ids, np.int32)
         self.weights = export_weights(model)
+        self.gate_bias = gate_biases(model, self.genre_ids, batch)
         self.dilations = np.array(c.dilations, np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.dilations)[:-1]]).astype(np.int64)
-        self.genre_ids = None if genre_ids is None else np.asarray(genre_ids, np.int32)
-        bias = model.genre_bias(self.genre_ids)  # raises for a conditioned model without ids
-        layers, D2 = len(c.dilations), 2 * c.dilation_channels
-        self.genre_bias = (np.zeros((batch, layers, D2), np.float32) if bias is None else
-                           np.ascontiguousarray(bias.numpy().reshape(batch, layers, D2)))
+        lanes = max(1, min(usable_cores() if threads is None else threads, batch))
+        bounds = np.linspace(0, batch, lanes + 1).round().astype(int)
+        self.lanes = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
         self.reset()
 
     def reset(self) -> None:
         """Silence before the start: zero caches, exactly what causal zero-padding computes."""
         c = self.config
-        self.caches = np.zeros((self.batch, int(self.dilations.sum()), c.residual_channels),
-                               np.float32)
+        slots, width = int(self.dilations.sum()), padded(c.residual_channels)
+        self.caches = [np.zeros((slots, lane.stop - lane.start, width), np.float32)
+                       for lane in self.lanes]
         self.t = 0
         self.next_code = np.full(self.batch, c.quantization_channels // 2, np.int64)
 
@@ -67,7 +126,7 @@ class FastGenerator:
         """Start every song from `codes` (batch, N), N >= 1: one full-network pass over all but
         the last code fills the caches; the last code is the next input."""
         codes = np.asarray(codes)
-        n = codes.shape[1]
+        n, C = codes.shape[1], self.config.residual_channels
         self.reset()
         if n > 1:
             inputs: list = []
@@ -75,7 +134,8 @@ class FastGenerator:
             for h, d, offset in zip(inputs, self.dilations, self.offsets):
                 h = h.numpy()
                 for k in range(max(0, n - 1 - d), n - 1):  # the last d inputs, by slot
-                    self.caches[:, offset + k % d] = h[:, k]
+                    for lane, caches in zip(self.lanes, self.caches):
+                        caches[offset + k % d, :, :C] = h[lane, k]
         self.t = n - 1
         self.next_code = codes[:, -1].astype(np.int64)
 
@@ -85,76 +145,104 @@ class FastGenerator:
         with `keep_logits` also every step's logits (steps, batch, Q).
 
         `forced` (steps, batch) >= 0 replaces the sampled code (teacher forcing, for tests)."""
-        uniforms = np.ascontiguousarray(uniforms, np.float32)
+        uniforms = np.asarray(uniforms, np.float32)
         steps = uniforms.shape[0]
-        if forced is None:
-            forced = np.full(uniforms.shape, -1, np.int64)
-        codes = np.empty((steps, self.batch), np.int64)
+        forced = (np.full(uniforms.shape, -1, np.int64) if forced is None else
+                  np.asarray(forced, np.int64))
         q = self.config.quantization_channels
+        codes = np.empty((steps, self.batch), np.int64)
         logits = np.empty((steps if keep_logits else 1, self.batch, q), np.float32)
-        inv_t = 0.0 if temperature == 0 else 1.0 / temperature
-        _run(self.weights, self.dilations, self.offsets, self.genre_bias, self.caches,
-             self.t, self.next_code, uniforms, np.float32(inv_t),
-             np.asarray(forced, np.int64), codes, logits, keep_logits)
+        inv_t = np.float32(0.0 if temperature == 0 else 1.0 / temperature)
+
+        def run_lane(i: int) -> None:
+            lane = self.lanes[i]
+            lane_codes = np.empty((steps, lane.stop - lane.start), np.int64)
+            lane_logits = np.empty((logits.shape[0], lane.stop - lane.start, q), np.float32)
+            _run(self.weights, self.dilations, self.offsets, self.gate_bias[lane],
+                 self.caches[i], self.t, self.next_code[lane],
+                 np.ascontiguousarray(uniforms[:, lane]), inv_t,
+                 np.ascontiguousarray(forced[:, lane]), lane_codes, lane_logits, keep_logits)
+            codes[:, lane] = lane_codes
+            logits[:, lane] = lane_logits
+
+        if len(self.lanes) == 1:
+            run_lane(0)
+        else:
+            with ThreadPoolExecutor(len(self.lanes), "dwave-lane") as pool:
+                for running in [pool.submit(run_lane, i) for i in range(len(self.lanes))]:
+                    running.result()
         self.t += steps
         self.next_code = codes[-1].copy()
         return (codes, logits) if keep_logits else codes
 
 
-@numba.njit(cache=True, nogil=True)
-def _run(weights, dilations, offsets, genre_bias, caches, t0, first_code, uniforms, inv_t,
+# error_model="numpy": no zero-division checks, whose branches stop the element loops from
+# vectorising (the gate loop runs 8x faster without them).
+@numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
+def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, uniforms, inv_t,
          forced, codes_out, logits_out, keep_logits):
-    emb, conv_w, conv_b, res_w, res_b, skip_w, skip_b, h1_w, h1_b, h2_w, h2_b = weights
-    B = caches.shape[0]
-    C = caches.shape[2]
-    D = conv_w.shape[2] // 2
-    L = conv_w.shape[0]
-    Q = h2_w.shape[1]
+    """Advance one lane. `caches` (slots, songs, Cp): layer l's ring is slots offsets[l] ..
+    offsets[l] + d - 1. `gate_bias` (songs, layers, 2Dp)."""
+    w = weights
+    B, C = caches.shape[1], caches.shape[2]  # songs, padded residual channels
+    L, D = gate_bias.shape[1], gate_bias.shape[2] // 2  # layers, padded dilation channels
+    Q = logits_out.shape[2]
     x = np.empty((B, 2 * C), np.float32)  # [past, now]: one product for both conv taps
-    h = np.empty((B, C), np.float32)
-    zs = np.empty((B, L * D), np.float32)
-    z = np.empty((B, D), np.float32)
+    now = x[:, C:]  # the layer's input, updated in place by each residual
+    fg = np.empty((B, 2 * D), np.float32)
+    zs = np.empty((B, L * D), np.float32)  # every layer's gate output, for the skip product
+    skip = np.empty((B, w.skip_bias.shape[0]), np.float32)
+    hidden = np.empty((B, w.head1_bias.shape[0]), np.float32)
+    logits = np.empty((B, w.head2_bias.shape[0]), np.float32)
     code = first_code.copy()
     zero, half = np.float32(0.0), np.float32(0.5)
     for k in range(uniforms.shape[0]):
         t = t0 + k
         for b in range(B):
-            h[b] = emb[code[b]]
+            for j in range(C):
+                now[b, j] = w.embedding[code[b], j]
         for layer in range(L):
-            slot = offsets[layer] + t % dilations[layer]
+            ring = caches[offsets[layer] + t % dilations[layer]]
             for b in range(B):
-                x[b, :C] = caches[b, slot]
-                x[b, C:] = h[b]
-                caches[b, slot] = h[b]
-            fg = np.dot(x, conv_w[layer])
+                for j in range(C):
+                    x[b, j] = ring[b, j]
+                    ring[b, j] = now[b, j]
+            matmul(x, w.conv[layer], fg, False)
             for b in range(B):
                 for j in range(D):
-                    f = fg[b, j] + conv_b[layer, j] + genre_bias[b, layer, j]
-                    g = fg[b, D + j] + conv_b[layer, D + j] + genre_bias[b, layer, D + j]
-                    value = _tanh(f) * (half + half * _tanh(half * g))  # tanh(f) sigmoid(g)
-                    z[b, j] = value
-                    zs[b, layer * D + j] = value
+                    f = fg[b, j] + gate_bias[b, layer, j]
+                    g = fg[b, D + j] + gate_bias[b, layer, D + j]
+                    zs[b, layer * D + j] = _tanh(f) * (half + half * _tanh(half * g))
             if layer < L - 1:
-                r = np.dot(z, res_w[layer])
+                matmul(zs[:, layer * D:(layer + 1) * D], w.residual[layer], now, True)
                 for b in range(B):
                     for j in range(C):
-                        h[b, j] += r[b, j] + res_b[layer, j]
-        skip = np.maximum(np.dot(zs, skip_w) + skip_b, zero)
-        hidden = np.maximum(np.dot(skip, h1_w) + h1_b, zero)
-        logits = np.dot(hidden, h2_w) + h2_b
+                        now[b, j] += w.residual_bias[layer, j]
+        matmul(zs, w.skip, skip, False)
+        for b in range(B):
+            for j in range(skip.shape[1]):
+                skip[b, j] = max(skip[b, j] + w.skip_bias[j], zero)
+        matmul(skip, w.head1, hidden, False)
+        for b in range(B):
+            for j in range(hidden.shape[1]):
+                hidden[b, j] = max(hidden[b, j] + w.head1_bias[j], zero)
+        matmul(hidden, w.head2, logits, False)
+        for b in range(B):
+            for j in range(Q):
+                logits[b, j] += w.head2_bias[j]
         if keep_logits:
-            logits_out[k] = logits
+            logits_out[k] = logits[:, :Q]
         for b in range(B):
             if forced[k, b] >= 0:
                 code[b] = forced[k, b]
             elif inv_t == 0.0:
-                code[b] = np.argmax(logits[b])
+                code[b] = np.argmax(logits[b, :Q])
             else:
                 code[b] = _sample_row(logits[b], inv_t, uniforms[k, b], Q)
             codes_out[k, b] = code[b]
 
 
-@numba.njit(cache=True, inline="always", fastmath=True)
+@numba.njit(cache=True, inline="always", fastmath=True, error_model="numpy")
 def _tanh(x):
     """float32 tanh as a rational function (Eigen's ptanh coefficients): |error| < 4e-7, and
     plain arithmetic, 3-4x faster here than libm's tanh/exp per element."""

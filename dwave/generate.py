@@ -35,6 +35,7 @@ class GenerateOptions:
     genre: str | None = None
     checkpoint: str | None = None
     batch_size: int = 64  # songs per step on one rank
+    threads: int | None = None  # lanes per rank; None: the usable cores / ranks on this node
 
     def __post_init__(self):
         if not self.seconds > 0:
@@ -45,6 +46,8 @@ class GenerateOptions:
             raise DwaveError(f"--temperature must be >= 0, got {self.temperature:g}")
         if not self.prime_seconds > 0:
             raise DwaveError("--prime-seconds must be positive")
+        if self.threads is not None and self.threads < 1:
+            raise DwaveError("--threads must be at least 1")
 
 
 def load_model(run_dir: str, checkpoint: str | None = None):
@@ -151,13 +154,17 @@ def run_generate(options: GenerateOptions, log=print) -> dict:
         prime = prime_codes(options.prime, options.prime_seconds, rate, q)
     total = int(round(options.seconds * rate))
     mine = list(range(rank, options.num_songs, size))
+
+    from .fast import FastGenerator, usable_cores
+
+    # Ranks that share a node share its cores (a rank bound to one core sees just that one).
+    threads = options.threads or max(1, usable_cores() // hvd.local_size())
     os.makedirs(options.out, exist_ok=True)
     say(f"dwave generate: {options.num_songs} song(s) of {options.seconds:g} s at {rate} Hz "
-        f"from {checkpoint}, temperature {options.temperature:g}, {size} rank(s)"
+        f"from {checkpoint}, temperature {options.temperature:g}, {size} rank(s) x "
+        f"{threads} thread(s)"
         + (f", primed with {len(prime) / rate:.2f} s of {options.prime}" if prime is not None
            else "") + (f", genre {options.genre}" if gid is not None else ""))
-
-    from .fast import FastGenerator
 
     started = time.perf_counter()
     generated = 0
@@ -165,7 +172,7 @@ def run_generate(options: GenerateOptions, log=print) -> dict:
     for first in range(0, len(mine), options.batch_size):
         songs = mine[first:first + options.batch_size]
         generator = FastGenerator(model, len(songs),
-                                  None if gid is None else [gid] * len(songs))
+                                  None if gid is None else [gid] * len(songs), threads)
         head = np.zeros((len(songs), 0), np.int64)
         if prime is not None:
             head = np.tile(prime, (len(songs), 1))

@@ -32,18 +32,25 @@ def random_model(genres=(), seed=0, **overrides):
     return model
 
 
-@pytest.mark.parametrize("genres", [(), ("a", "b", "c")])
-def test_teacher_forced_fast_logits_equal_the_full_network(genres):
+# Channel counts that are not whole 16-column panels: the generator pads them.
+ODD_SIZES = dict(residual_channels=12, dilation_channels=10, skip_channels=20,
+                 quantization_channels=100)
+
+
+@pytest.mark.parametrize("genres, sizes, threads", [((), {}, 1), (("a", "b", "c"), {}, 2),
+                                                    (("a", "b", "c"), ODD_SIZES, 3)])
+def test_teacher_forced_fast_logits_equal_the_full_network(genres, sizes, threads):
     from dwave.fast import FastGenerator
 
-    model = random_model(genres)
+    model = random_model(genres, **sizes)
     config = model.config
     assert config.stacks >= 2
     steps, batch = 3 * config.receptive_field, 3
-    codes = np.random.default_rng(1).integers(0, 256, (batch, steps))
+    codes = np.random.default_rng(1).integers(0, config.quantization_channels, (batch, steps))
     genre = np.array([2, 0, 1]) if genres else None
     full = model(codes, genre=genre, causal=True).numpy()  # (batch, steps, Q)
-    generator = FastGenerator(model, batch, genre)
+    generator = FastGenerator(model, batch, genre, threads=threads)
+    assert len(generator.lanes) == threads
     generator.next_code = codes[:, 0].copy()
     forced = np.concatenate([codes[:, 1:], codes[:, -1:]], axis=1).T  # next inputs
     _, logits = generator.generate(np.zeros((steps, batch)), 1.0, forced=forced,
@@ -93,10 +100,12 @@ def test_a_song_does_not_depend_on_its_batch():
     from dwave.generate import song_uniforms
 
     model = random_model()
-    together = FastGenerator(model, 3).generate(
-        np.stack([song_uniforms(7, s, 400) for s in range(3)], axis=1), 1.0)
+    uniforms = np.stack([song_uniforms(7, s, 400) for s in range(5)], axis=1)
+    one_lane = FastGenerator(model, 5, threads=1).generate(uniforms, 1.0)
+    two_lanes = FastGenerator(model, 5, threads=2).generate(uniforms, 1.0)
     alone = FastGenerator(model, 1).generate(song_uniforms(7, 2, 400)[:, None], 1.0)
-    np.testing.assert_array_equal(together[:, 2], alone[:, 0])
+    np.testing.assert_array_equal(one_lane, two_lanes)
+    np.testing.assert_array_equal(one_lane[:, 2], alone[:, 0])
 
 
 def test_generate_writes_songs_deterministically_across_ranks(trained_run, tmp_path):
