@@ -103,6 +103,12 @@ def rows(figures: dict) -> list[dict]:
             g["fast_1"] / naive >= 100)
         add("generate", "fast 1 song, real-time factor", g["fast_1"] / g["sample_rate"], "x",
             "stretch >= 1", g["fast_1"] >= g["sample_rate"])
+        add("generate", "fast, 64 songs, one thread", g["fast_64_one_thread"], "samples/s")
+        products = g["products"]
+        add("generate", f"step products, {products['rows']} songs, tiled kernel",
+            products["tiled_gflops"], "GFLOP/s")
+        add("generate", f"step products, {products['rows']} songs, BLAS (one core)",
+            products["blas_gflops"], "GFLOP/s")
     return out
 
 

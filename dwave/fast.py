@@ -26,7 +26,8 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from .tiles import matmul, pack, pad_blocks, padded
+from .spin import barrier, flags
+from .tiles import ROWS, WIDTH, matmul, pack, pad_blocks, padded
 
 
 class PackedWeights(NamedTuple):
@@ -108,10 +109,22 @@ class FastGenerator:
         self.gate_bias = gate_biases(model, self.genre_ids, batch)
         self.dilations = np.array(c.dilations, np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.dilations)[:-1]]).astype(np.int64)
-        lanes = max(1, min(usable_cores() if threads is None else threads, batch))
+        threads = usable_cores() if threads is None else threads
+        # Lanes of at least one full row tile each; threads left over share a lane's columns.
+        lanes = max(1, min(threads, batch // ROWS))
+        self.threads_per_lane = max(1, threads // lanes)
         bounds = np.linspace(0, batch, lanes + 1).round().astype(int)
         self.lanes = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
         self.reset()
+
+    def _work(self, songs: int) -> tuple:
+        """A lane's activation buffers (see _run), widths padded like the weights."""
+        w = self.weights
+        C, layers = w.embedding.shape[1], len(self.dilations)
+        D = self.gate_bias.shape[2] // 2
+        widths = (2 * C, 2 * D, layers * D, w.skip_bias.shape[0], w.head1_bias.shape[0],
+                  w.head2_bias.shape[0])
+        return tuple(np.zeros((songs, width), np.float32) for width in widths)
 
     def reset(self) -> None:
         """Silence before the start: zero caches, exactly what causal zero-padding computes."""
@@ -154,83 +167,120 @@ class FastGenerator:
         logits = np.empty((steps if keep_logits else 1, self.batch, q), np.float32)
         inv_t = np.float32(0.0 if temperature == 0 else 1.0 / temperature)
 
-        def run_lane(i: int) -> None:
-            lane = self.lanes[i]
-            lane_codes = np.empty((steps, lane.stop - lane.start), np.int64)
-            lane_logits = np.empty((logits.shape[0], lane.stop - lane.start, q), np.float32)
-            _run(self.weights, self.dilations, self.offsets, self.gate_bias[lane],
-                 self.caches[i], self.t, self.next_code[lane],
-                 np.ascontiguousarray(uniforms[:, lane]), inv_t,
-                 np.ascontiguousarray(forced[:, lane]), lane_codes, lane_logits, keep_logits)
+        parts = self.threads_per_lane
+        jobs, outputs = [], []
+        for i, lane in enumerate(self.lanes):
+            songs = lane.stop - lane.start
+            lane_codes = np.empty((steps, songs), np.int64)
+            lane_logits = np.empty((logits.shape[0], songs, q), np.float32)
+            outputs.append((lane, lane_codes, lane_logits))
+            args = (self.weights, self.dilations, self.offsets, self.gate_bias[lane],
+                    self.caches[i], self.t, self.next_code[lane],
+                    np.ascontiguousarray(uniforms[:, lane]), inv_t,
+                    np.ascontiguousarray(forced[:, lane]), lane_codes, lane_logits,
+                    keep_logits, self._work(songs))
+            arrivals = flags(parts)
+            jobs += [args + (me, parts, arrivals) for me in range(parts)]
+        if len(jobs) == 1:
+            _run(*jobs[0])
+        else:
+            # One thread per job, all started together: a lane's threads wait on each other.
+            with ThreadPoolExecutor(len(jobs), "dwave-generate") as pool:
+                for running in [pool.submit(_run, *job) for job in jobs]:
+                    running.result()
+        for lane, lane_codes, lane_logits in outputs:
             codes[:, lane] = lane_codes
             logits[:, lane] = lane_logits
-
-        if len(self.lanes) == 1:
-            run_lane(0)
-        else:
-            with ThreadPoolExecutor(len(self.lanes), "dwave-lane") as pool:
-                for running in [pool.submit(run_lane, i) for i in range(len(self.lanes))]:
-                    running.result()
         self.t += steps
         self.next_code = codes[-1].copy()
         return (codes, logits) if keep_logits else codes
+
+
+@numba.njit(inline="always")
+def _share(panels, me, parts):
+    """Thread `me` of `parts`'s share [lo, hi) of `panels` column panels."""
+    return panels * me // parts, panels * (me + 1) // parts
 
 
 # error_model="numpy": no zero-division checks, whose branches stop the element loops from
 # vectorising (the gate loop runs 8x faster without them).
 @numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, uniforms, inv_t,
-         forced, codes_out, logits_out, keep_logits):
-    """Advance one lane. `caches` (slots, songs, Cp): layer l's ring is slots offsets[l] ..
-    offsets[l] + d - 1. `gate_bias` (songs, layers, 2Dp)."""
+         forced, codes_out, logits_out, keep_logits, work, me, parts, arrivals):
+    """Advance one lane, as thread `me` of the `parts` threads that share it.
+
+    `caches` (slots, songs, Cp): layer l's ring is slots offsets[l] .. offsets[l] + d - 1.
+    `gate_bias` (songs, layers, 2Dp). `work`: the lane's activations, shared by its threads:
+    x (songs, 2Cp) = [past | now], fg (songs, 2Dp), zs (songs, layers * Dp), skip, hidden,
+    logits. Each thread computes its share of every product's column panels and the element
+    work of those columns; a barrier (dwave.spin) wherever the next product reads columns
+    another thread wrote: twice per layer, three times for the head. Every thread draws the
+    same samples (same logits, same uniforms), so the codes need no barrier.
+    """
     w = weights
+    x, fg, zs, skip, hidden, logits = work
     B, C = caches.shape[1], caches.shape[2]  # songs, padded residual channels
     L, D = gate_bias.shape[1], gate_bias.shape[2] // 2  # layers, padded dilation channels
     Q = logits_out.shape[2]
-    x = np.empty((B, 2 * C), np.float32)  # [past, now]: one product for both conv taps
     now = x[:, C:]  # the layer's input, updated in place by each residual
-    fg = np.empty((B, 2 * D), np.float32)
-    zs = np.empty((B, L * D), np.float32)  # every layer's gate output, for the skip product
-    skip = np.empty((B, w.skip_bias.shape[0]), np.float32)
-    hidden = np.empty((B, w.head1_bias.shape[0]), np.float32)
-    logits = np.empty((B, w.head2_bias.shape[0]), np.float32)
+    c_lo, c_hi = _share(C // WIDTH, me, parts)
+    d_lo, d_hi = _share(D // WIDTH, me, parts)
+    s_lo, s_hi = _share(skip.shape[1] // WIDTH, me, parts)
+    h_lo, h_hi = _share(hidden.shape[1] // WIDTH, me, parts)
+    q_lo, q_hi = _share(logits.shape[1] // WIDTH, me, parts)
     code = first_code.copy()
     zero, half = np.float32(0.0), np.float32(0.5)
+    n = 0  # barriers passed
     for k in range(uniforms.shape[0]):
         t = t0 + k
-        for b in range(B):
-            for j in range(C):
-                now[b, j] = w.embedding[code[b], j]
         for layer in range(L):
             ring = caches[offsets[layer] + t % dilations[layer]]
             for b in range(B):
-                for j in range(C):
+                for j in range(c_lo * WIDTH, c_hi * WIDTH):
+                    if layer == 0:
+                        now[b, j] = w.embedding[code[b], j]
                     x[b, j] = ring[b, j]
                     ring[b, j] = now[b, j]
-            matmul(x, w.conv[layer], fg, False)
+            n += 1
+            barrier(arrivals, me, parts, n)  # x complete
+            f_panels = w.conv[layer, d_lo:d_hi]
+            g_panels = w.conv[layer, D // WIDTH + d_lo:D // WIDTH + d_hi]
+            matmul(x, f_panels, fg[:, d_lo * WIDTH:d_hi * WIDTH], False)
+            matmul(x, g_panels, fg[:, D + d_lo * WIDTH:D + d_hi * WIDTH], False)
             for b in range(B):
-                for j in range(D):
+                for j in range(d_lo * WIDTH, d_hi * WIDTH):
                     f = fg[b, j] + gate_bias[b, layer, j]
                     g = fg[b, D + j] + gate_bias[b, layer, D + j]
                     zs[b, layer * D + j] = _tanh(f) * (half + half * _tanh(half * g))
             if layer < L - 1:
-                matmul(zs[:, layer * D:(layer + 1) * D], w.residual[layer], now, True)
+                n += 1
+                barrier(arrivals, me, parts, n)  # z complete
+                matmul(zs[:, layer * D:(layer + 1) * D], w.residual[layer, c_lo:c_hi],
+                       now[:, c_lo * WIDTH:c_hi * WIDTH], True)
                 for b in range(B):
-                    for j in range(C):
+                    for j in range(c_lo * WIDTH, c_hi * WIDTH):
                         now[b, j] += w.residual_bias[layer, j]
-        matmul(zs, w.skip, skip, False)
+        n += 1
+        barrier(arrivals, me, parts, n)  # zs complete
+        matmul(zs, w.skip[s_lo:s_hi], skip[:, s_lo * WIDTH:s_hi * WIDTH], False)
         for b in range(B):
-            for j in range(skip.shape[1]):
+            for j in range(s_lo * WIDTH, s_hi * WIDTH):
                 skip[b, j] = max(skip[b, j] + w.skip_bias[j], zero)
-        matmul(skip, w.head1, hidden, False)
+        n += 1
+        barrier(arrivals, me, parts, n)  # skip complete
+        matmul(skip, w.head1[h_lo:h_hi], hidden[:, h_lo * WIDTH:h_hi * WIDTH], False)
         for b in range(B):
-            for j in range(hidden.shape[1]):
+            for j in range(h_lo * WIDTH, h_hi * WIDTH):
                 hidden[b, j] = max(hidden[b, j] + w.head1_bias[j], zero)
-        matmul(hidden, w.head2, logits, False)
+        n += 1
+        barrier(arrivals, me, parts, n)  # hidden complete
+        matmul(hidden, w.head2[q_lo:q_hi], logits[:, q_lo * WIDTH:q_hi * WIDTH], False)
         for b in range(B):
-            for j in range(Q):
+            for j in range(q_lo * WIDTH, q_hi * WIDTH):
                 logits[b, j] += w.head2_bias[j]
-        if keep_logits:
+        n += 1
+        barrier(arrivals, me, parts, n)  # logits complete
+        if keep_logits and me == 0:
             logits_out[k] = logits[:, :Q]
         for b in range(B):
             if forced[k, b] >= 0:
@@ -239,7 +289,8 @@ def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, uniform
                 code[b] = np.argmax(logits[b, :Q])
             else:
                 code[b] = _sample_row(logits[b], inv_t, uniforms[k, b], Q)
-            codes_out[k, b] = code[b]
+            if me == 0:
+                codes_out[k, b] = code[b]
 
 
 @numba.njit(cache=True, inline="always", fastmath=True, error_model="numpy")

@@ -58,18 +58,19 @@ def pack(w: np.ndarray) -> np.ndarray:
                                 .transpose(1, 0, 2))
 
 
-def _tile_kernel(rows: int):
-    """An intrinsic computing c[r, 0:16] (+)= sum_k a[r, k] * w[k, 0:16] for r < rows.
-    Arguments: a (address), lda, w (address of a packed panel), K >= 1, c (address), ldc,
-    accumulate. Addresses are integers (array.ctypes.data + byte offset); strides in floats."""
+def _tile_kernel(rows: int, panels: int):
+    """An intrinsic computing c[r, 0:16 * panels] (+)= sum_k a[r, k] * w[k, 0:16 * panels] for
+    r < rows, with 2 * rows * panels vector accumulators. Arguments: a (address), lda, w
+    (address of the first packed panel), panel_stride, K >= 1, c (address), ldc, accumulate.
+    Addresses are integers (array.ctypes.data + byte offset); strides count floats."""
 
     @intrinsic
-    def tile(typingctx, a_addr, lda, w_addr, k_count, c_addr, ldc, accumulate):
-        sig = types.void(types.uintp, types.intp, types.uintp, types.intp, types.uintp,
-                         types.intp, types.boolean)
+    def tile(typingctx, a_addr, lda, w_addr, panel_stride, k_count, c_addr, ldc, accumulate):
+        sig = types.void(types.uintp, types.intp, types.uintp, types.intp, types.intp,
+                         types.uintp, types.intp, types.boolean)
 
         def codegen(context, builder, signature, args):
-            a_i, lda_v, w_i, k_v, c_i, ldc_v, accumulate_v = args
+            a_i, lda_v, w_i, panel_stride_v, k_v, c_i, ldc_v, accumulate_v = args
             f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
             vec = ir.VectorType(f32, 8)
             vec_ptr = vec.as_pointer()
@@ -89,13 +90,18 @@ def _tile_kernel(rows: int):
             builder.branch(loop)
             builder.position_at_end(loop)
             k = builder.phi(i64)
-            acc = [builder.phi(vec) for _ in range(2 * rows)]
+            vectors = 2 * panels  # per row
+            acc = [builder.phi(vec) for _ in range(rows * vectors)]
             k.add_incoming(const(0), entry)
             for phi in acc:
                 phi.add_incoming(zero, entry)
-            w_k = builder.gep(w, [builder.mul(k, const(WIDTH))])
-            w_lo = builder.load(builder.bitcast(w_k, vec_ptr), align=4)
-            w_hi = builder.load(builder.bitcast(builder.gep(w_k, [const(8)]), vec_ptr), align=4)
+            w_row = []  # row k of each panel, 8 floats at a time
+            for panel in range(panels):
+                start = builder.add(builder.mul(const(panel), panel_stride_v),
+                                    builder.mul(k, const(WIDTH)))
+                for half in range(2):
+                    where = builder.gep(w, [builder.add(start, const(8 * half))])
+                    w_row.append(builder.load(builder.bitcast(where, vec_ptr), align=4))
             summed = []
             for r in range(rows):
                 a_rk = builder.load(builder.gep(a, [builder.add(builder.mul(const(r), lda_v), k)]))
@@ -103,8 +109,8 @@ def _tile_kernel(rows: int):
                                              ir.Constant(i32, 0))
                 splat = builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined),
                                                broadcast_mask)
-                summed.append(builder.call(fma, [splat, w_lo, acc[2 * r]]))
-                summed.append(builder.call(fma, [splat, w_hi, acc[2 * r + 1]]))
+                for v in range(vectors):
+                    summed.append(builder.call(fma, [splat, w_row[v], acc[r * vectors + v]]))
             k_next = builder.add(k, const(1))
             k.add_incoming(k_next, builder.block)
             for phi, value in zip(acc, summed):
@@ -113,11 +119,11 @@ def _tile_kernel(rows: int):
 
             builder.position_at_end(done)
             for r in range(rows):
-                for half in range(2):
+                for v in range(vectors):
                     where = builder.gep(c, [builder.add(builder.mul(const(r), ldc_v),
-                                                        const(8 * half))])
+                                                        const(8 * v))])
                     where = builder.bitcast(where, vec_ptr)
-                    value = summed[2 * r + half]
+                    value = summed[r * vectors + v]
                     with builder.if_else(accumulate_v) as (then, otherwise):
                         with then:
                             builder.store(builder.fadd(builder.load(where, align=4), value),
@@ -131,26 +137,44 @@ def _tile_kernel(rows: int):
     return tile
 
 
-_tile1, _tile2, _tile3, _tile4 = (_tile_kernel(rows) for rows in (1, 2, 3, 4))
+# (rows, panels) shapes: 8 accumulators each where the rows allow, so that even one row keeps
+# eight independent FMA chains in flight (one chain would wait on each FMA's latency).
+_tile4x1 = _tile_kernel(4, 1)
+_tile3x1 = _tile_kernel(3, 1)
+_tile2x2, _tile2x1 = _tile_kernel(2, 2), _tile_kernel(2, 1)
+_tile1x4, _tile1x1 = _tile_kernel(1, 4), _tile_kernel(1, 1)
 
 
 @numba.njit(inline="always")
 def matmul(a, packed, out, accumulate):
     """out (+)= a @ w, with packed = pack(w) of shape (N / WIDTH, K, WIDTH); `a` (M, >= K) and
     `out` (M, >= N) are float32 views with unit column stride (any row stride)."""
-    rows, k_count = a.shape[0], packed.shape[1]
-    lda, ldc = a.strides[0] // 4, out.strides[0] // 4
-    a0, c0 = a.ctypes.data, out.ctypes.data
+    rows, panels, k_count = a.shape[0], packed.shape[0], packed.shape[1]
+    lda, ldc, stride = a.strides[0] // 4, out.strides[0] // 4, packed.strides[0] // 4
+    a0, c0, w0 = a.ctypes.data, out.ctypes.data, packed.ctypes.data
     tail = rows % ROWS
-    for panel in range(packed.shape[0]):
-        w = packed[panel].ctypes.data
-        c_panel = c0 + 4 * panel * WIDTH
+    for p in range(panels):
+        w, c = w0 + 4 * p * stride, c0 + 4 * p * WIDTH
         for r in range(0, rows - tail, ROWS):
-            _tile4(a0 + 4 * r * lda, lda, w, k_count, c_panel + 4 * r * ldc, ldc, accumulate)
-        r = rows - tail
-        if tail == 1:
-            _tile1(a0 + 4 * r * lda, lda, w, k_count, c_panel + 4 * r * ldc, ldc, accumulate)
-        elif tail == 2:
-            _tile2(a0 + 4 * r * lda, lda, w, k_count, c_panel + 4 * r * ldc, ldc, accumulate)
-        elif tail == 3:
-            _tile3(a0 + 4 * r * lda, lda, w, k_count, c_panel + 4 * r * ldc, ldc, accumulate)
+            _tile4x1(a0 + 4 * r * lda, lda, w, stride, k_count, c + 4 * r * ldc, ldc, accumulate)
+    r = rows - tail
+    a_tail, c_tail = a0 + 4 * r * lda, c0 + 4 * r * ldc
+    if tail == 3:
+        for p in range(panels):
+            _tile3x1(a_tail, lda, w0 + 4 * p * stride, stride, k_count, c_tail + 4 * p * WIDTH,
+                     ldc, accumulate)
+    elif tail == 2:
+        for p in range(0, panels - 1, 2):
+            _tile2x2(a_tail, lda, w0 + 4 * p * stride, stride, k_count, c_tail + 4 * p * WIDTH,
+                     ldc, accumulate)
+        if panels % 2:
+            p = panels - 1
+            _tile2x1(a_tail, lda, w0 + 4 * p * stride, stride, k_count, c_tail + 4 * p * WIDTH,
+                     ldc, accumulate)
+    elif tail == 1:
+        for p in range(0, panels - 3, 4):
+            _tile1x4(a_tail, lda, w0 + 4 * p * stride, stride, k_count, c_tail + 4 * p * WIDTH,
+                     ldc, accumulate)
+        for p in range(panels - panels % 4, panels):
+            _tile1x1(a_tail, lda, w0 + 4 * p * stride, stride, k_count, c_tail + 4 * p * WIDTH,
+                     ldc, accumulate)

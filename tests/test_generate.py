@@ -50,7 +50,8 @@ def test_teacher_forced_fast_logits_equal_the_full_network(genres, sizes, thread
     genre = np.array([2, 0, 1]) if genres else None
     full = model(codes, genre=genre, causal=True).numpy()  # (batch, steps, Q)
     generator = FastGenerator(model, batch, genre, threads=threads)
-    assert len(generator.lanes) == threads
+    # 3 songs are less than a row tile: the threads share each product's columns.
+    assert (len(generator.lanes), generator.threads_per_lane) == (1, threads)
     generator.next_code = codes[:, 0].copy()
     forced = np.concatenate([codes[:, 1:], codes[:, -1:]], axis=1).T  # next inputs
     _, logits = generator.generate(np.zeros((steps, batch)), 1.0, forced=forced,
@@ -100,12 +101,15 @@ def test_a_song_does_not_depend_on_its_batch():
     from dwave.generate import song_uniforms
 
     model = random_model()
-    uniforms = np.stack([song_uniforms(7, s, 400) for s in range(5)], axis=1)
-    one_lane = FastGenerator(model, 5, threads=1).generate(uniforms, 1.0)
-    two_lanes = FastGenerator(model, 5, threads=2).generate(uniforms, 1.0)
-    alone = FastGenerator(model, 1).generate(song_uniforms(7, 2, 400)[:, None], 1.0)
-    np.testing.assert_array_equal(one_lane, two_lanes)
-    np.testing.assert_array_equal(one_lane[:, 2], alone[:, 0])
+    uniforms = np.stack([song_uniforms(7, s, 400) for s in range(9)], axis=1)
+    one_thread = FastGenerator(model, 9, threads=1)
+    two_lanes = FastGenerator(model, 9, threads=2)
+    alone_two_threads = FastGenerator(model, 1, threads=2)  # one song, columns shared
+    assert len(two_lanes.lanes) == 2 and alone_two_threads.threads_per_lane == 2
+    together = one_thread.generate(uniforms, 1.0)
+    np.testing.assert_array_equal(two_lanes.generate(uniforms, 1.0), together)
+    alone = alone_two_threads.generate(song_uniforms(7, 2, 400)[:, None], 1.0)
+    np.testing.assert_array_equal(alone[:, 0], together[:, 2])
 
 
 def test_generate_writes_songs_deterministically_across_ranks(trained_run, tmp_path):
