@@ -91,13 +91,16 @@ def usable_cores() -> int:
 class FastGenerator:
     """Cached generation for a batch of songs with one model.
 
-    The songs are split into `threads` lanes (default: the usable cores) that step side by
-    side, one thread each: the compiled loop releases the GIL. A song's arithmetic does not
-    depend on its lane.
+    `threads` (default: the usable cores) run side by side; the compiled loop releases the
+    GIL. The songs are split into lanes of at least ROWS songs (one row tile), one thread
+    each; threads left over (a batch smaller than ROWS x threads, one song at the least) share
+    a lane's products by columns and meet at spin barriers (see _run). A song's numbers do not
+    depend on its lane or on the number of threads: every output element is the same FMA
+    chain either way.
 
-    State per lane: the caches (slots, songs, Cp), slot offsets[l] + t mod d holding layer
-    l's input from step t - d. Shared: the step counter t (position of the next input) and
-    each song's next input code.
+    State: caches[lane][thread] (slots, songs, Cp), slot offsets[l] + t mod d holding layer
+    l's input from step t - d; the step counter t (position of the next input); each song's
+    next input code.
     """
 
     def __init__(self, model, batch: int, genre_ids=None, threads: int | None = None):
@@ -110,9 +113,9 @@ class FastGenerator:
         self.dilations = np.array(c.dilations, np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.dilations)[:-1]]).astype(np.int64)
         threads = usable_cores() if threads is None else threads
-        # Lanes of at least one full row tile each; threads left over share a lane's columns.
         lanes = max(1, min(threads, batch // ROWS))
-        self.threads_per_lane = max(1, threads // lanes)
+        # Threads that share a lane spin while they wait for each other: one core each.
+        self.threads_per_lane = max(1, min(threads, usable_cores()) // lanes)
         bounds = np.linspace(0, batch, lanes + 1).round().astype(int)
         self.lanes = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
         self.reset()
@@ -130,8 +133,9 @@ class FastGenerator:
         """Silence before the start: zero caches, exactly what causal zero-padding computes."""
         c = self.config
         slots, width = int(self.dilations.sum()), padded(c.residual_channels)
-        self.caches = [np.zeros((slots, lane.stop - lane.start, width), np.float32)
-                       for lane in self.lanes]
+        # caches[lane][part]: each of a lane's threads keeps its own copy (see _run).
+        self.caches = [[np.zeros((slots, lane.stop - lane.start, width), np.float32)
+                        for _ in range(self.threads_per_lane)] for lane in self.lanes]
         self.t = 0
         self.next_code = np.full(self.batch, c.quantization_channels // 2, np.int64)
 
@@ -147,8 +151,9 @@ class FastGenerator:
             for h, d, offset in zip(inputs, self.dilations, self.offsets):
                 h = h.numpy()
                 for k in range(max(0, n - 1 - d), n - 1):  # the last d inputs, by slot
-                    for lane, caches in zip(self.lanes, self.caches):
-                        caches[offset + k % d, :, :C] = h[lane, k]
+                    for lane, copies in zip(self.lanes, self.caches):
+                        for caches in copies:
+                            caches[offset + k % d, :, :C] = h[lane, k]
         self.t = n - 1
         self.next_code = codes[:, -1].astype(np.int64)
 
@@ -174,13 +179,15 @@ class FastGenerator:
             lane_codes = np.empty((steps, songs), np.int64)
             lane_logits = np.empty((logits.shape[0], songs, q), np.float32)
             outputs.append((lane, lane_codes, lane_logits))
-            args = (self.weights, self.dilations, self.offsets, self.gate_bias[lane],
-                    self.caches[i], self.t, self.next_code[lane],
-                    np.ascontiguousarray(uniforms[:, lane]), inv_t,
-                    np.ascontiguousarray(forced[:, lane]), lane_codes, lane_logits,
-                    keep_logits, self._work(songs))
+            shared = self._work(songs)
             arrivals = flags(parts)
-            jobs += [args + (me, parts, arrivals) for me in range(parts)]
+            for me in range(parts):
+                own_x = np.zeros_like(shared[0])
+                jobs.append((self.weights, self.dilations, self.offsets, self.gate_bias[lane],
+                             self.caches[i][me], self.t, self.next_code[lane],
+                             np.ascontiguousarray(uniforms[:, lane]), inv_t,
+                             np.ascontiguousarray(forced[:, lane]), lane_codes, lane_logits,
+                             keep_logits, (own_x,) + shared[1:], me, parts, arrivals))
         if len(jobs) == 1:
             _run(*jobs[0])
         else:
@@ -209,21 +216,22 @@ def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, uniform
          forced, codes_out, logits_out, keep_logits, work, me, parts, arrivals):
     """Advance one lane, as thread `me` of the `parts` threads that share it.
 
-    `caches` (slots, songs, Cp): layer l's ring is slots offsets[l] .. offsets[l] + d - 1.
-    `gate_bias` (songs, layers, 2Dp). `work`: the lane's activations, shared by its threads:
-    x (songs, 2Cp) = [past | now], fg (songs, 2Dp), zs (songs, layers * Dp), skip, hidden,
-    logits. Each thread computes its share of every product's column panels and the element
-    work of those columns; a barrier (dwave.spin) wherever the next product reads columns
-    another thread wrote: twice per layer, three times for the head. Every thread draws the
-    same samples (same logits, same uniforms), so the codes need no barrier.
+    `caches` (slots, songs, Cp): this thread's copy of the lane's rings, layer l's ring being
+    slots offsets[l] .. offsets[l] + d - 1. `gate_bias` (songs, layers, 2Dp). `work`: the
+    activations x (songs, 2Cp) = [past | now] (this thread's own) and fg, zs (songs, layers *
+    Dp), skip, hidden, logits (shared by the lane's threads).
+
+    The threads split the columns of the big products (conv, skip, head) and of the gate,
+    and each computes the small residual product and the ring updates in full on its own
+    copy: so a layer needs one barrier (dwave.spin), after the gate, and the head three.
+    Every thread draws the same samples (same logits, same uniforms): no barrier for codes.
     """
     w = weights
-    x, fg, zs, skip, hidden, logits = work
+    x, fg, zs, skip, hidden, logits = work  # x: this thread's; the rest shared
     B, C = caches.shape[1], caches.shape[2]  # songs, padded residual channels
     L, D = gate_bias.shape[1], gate_bias.shape[2] // 2  # layers, padded dilation channels
     Q = logits_out.shape[2]
     now = x[:, C:]  # the layer's input, updated in place by each residual
-    c_lo, c_hi = _share(C // WIDTH, me, parts)
     d_lo, d_hi = _share(D // WIDTH, me, parts)
     s_lo, s_hi = _share(skip.shape[1] // WIDTH, me, parts)
     h_lo, h_hi = _share(hidden.shape[1] // WIDTH, me, parts)
@@ -236,13 +244,11 @@ def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, uniform
         for layer in range(L):
             ring = caches[offsets[layer] + t % dilations[layer]]
             for b in range(B):
-                for j in range(c_lo * WIDTH, c_hi * WIDTH):
+                for j in range(C):
                     if layer == 0:
                         now[b, j] = w.embedding[code[b], j]
                     x[b, j] = ring[b, j]
                     ring[b, j] = now[b, j]
-            n += 1
-            barrier(arrivals, me, parts, n)  # x complete
             f_panels = w.conv[layer, d_lo:d_hi]
             g_panels = w.conv[layer, D // WIDTH + d_lo:D // WIDTH + d_hi]
             matmul(x, f_panels, fg[:, d_lo * WIDTH:d_hi * WIDTH], False)
@@ -252,16 +258,13 @@ def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, uniform
                     f = fg[b, j] + gate_bias[b, layer, j]
                     g = fg[b, D + j] + gate_bias[b, layer, D + j]
                     zs[b, layer * D + j] = _tanh(f) * (half + half * _tanh(half * g))
+            n += 1
+            barrier(arrivals, me, parts, n)  # z complete
             if layer < L - 1:
-                n += 1
-                barrier(arrivals, me, parts, n)  # z complete
-                matmul(zs[:, layer * D:(layer + 1) * D], w.residual[layer, c_lo:c_hi],
-                       now[:, c_lo * WIDTH:c_hi * WIDTH], True)
+                matmul(zs[:, layer * D:(layer + 1) * D], w.residual[layer], now, True)
                 for b in range(B):
-                    for j in range(c_lo * WIDTH, c_hi * WIDTH):
+                    for j in range(C):
                         now[b, j] += w.residual_bias[layer, j]
-        n += 1
-        barrier(arrivals, me, parts, n)  # zs complete
         matmul(zs, w.skip[s_lo:s_hi], skip[:, s_lo * WIDTH:s_hi * WIDTH], False)
         for b in range(B):
             for j in range(s_lo * WIDTH, s_hi * WIDTH):
