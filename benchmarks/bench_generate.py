@@ -153,7 +153,7 @@ def main() -> None:
     for name, rate in rows:
         print(f"{name:32}{rate:>12,.0f}{rate / naive:>10,.0f}{rate / config.sample_rate:>13.2f}")
     products = figures["products"]
-    print(f"\nlanes: {figures['threads']} (one per usable core); products of one step for "
+    print(f"\nthreads: {figures['threads']} (one per usable core); products of one step for "
           f"{products['rows']} songs: tiled kernel {products['tiled_gflops']:.1f} GFLOP/s, "
           f"BLAS {products['blas_gflops']:.1f} GFLOP/s "
           f"({products['tiled_gflops'] / products['blas_gflops']:.2f}x)")

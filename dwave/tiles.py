@@ -3,12 +3,12 @@ weights, callable inside Numba-compiled loops.
 
 A generation step is ~90 products of a (songs x K) activation matrix with a fixed (K x N)
 weight matrix, K and N of 64 to 2,000. BLAS handles these poorly: it repacks the weights on
-every call and its small-matrix paths run at ~40 GFLOP/s on a core that peaks near 90
-(benchmarks/bench_generate.py prints both). Here the weights are packed once, in panels of 16
-columns stored k-major (`pack`), and a kernel keeps a tile of up to 4 rows x 16 columns in
-eight 8-float registers while it runs down K: two vector loads and four broadcasts feed eight
-fused multiply-adds per k. Measured on this project's 2-core AMD EPYC: 70-89 GFLOP/s for the
-base model's shapes at 32 songs, 27 at 1 song (BLAS: 33-45 and 12).
+every call and its small-matrix paths fall far short of the core's peak. Here the weights are
+packed once, in panels of 16 columns stored k-major (`pack`), and a kernel keeps a tile of up
+to 4 rows x 16 columns in eight 8-float registers while it runs down K: two vector loads and
+four broadcasts feed eight fused multiply-adds per k (fewer rows: more panels at once, still
+eight independent chains). benchmarks/bench_generate.py measures the products of one step of
+the base model for 32 songs on one core: 64 GFLOP/s here against BLAS's 32.
 
 Every output element is one float32 FMA chain over k in order, whatever the number of rows or
 where a row sits in the batch: a song's numbers do not depend on its batch.
