@@ -273,6 +273,33 @@ def _cmd_train(args) -> int:
     return 0
 
 
+# `dwave status`'s exit status for a run that has not reached its last step: distinct from 1
+# and 2 (errors), so a job script can tell "resume it" from "something is wrong".
+EXIT_NOT_FINISHED = 3
+
+
+def _add_status(sub) -> None:
+    p = sub.add_parser(
+        "status", help="how far a training run is",
+        description="Step of the last checkpoint and the steps asked for, from RUN_DIR's "
+                    "config.json. Exit status 0 when the run has reached its last step, "
+                    f"{EXIT_NOT_FINISHED} when it has not (resume it with the same `dwave train` "
+                    "command), 2 on an error. slurm/train.sbatch uses it to decide whether to "
+                    "requeue.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a `dwave train` run directory")
+    p.set_defaults(func=_cmd_status)
+
+
+def _cmd_status(args) -> int:
+    from .train import read_progress
+
+    step, steps = read_progress(args.run_dir)
+    finished = step >= steps
+    print(f"{args.run_dir}: step {step} of {steps}, " +
+          ("finished" if finished else "not finished: rerun the same `dwave train` to resume"))
+    return 0 if finished else EXIT_NOT_FINISHED
+
+
 def _add_generate(sub) -> None:
     p = sub.add_parser(
         "generate", help="write new songs with a trained model (fast cached sampling)",
@@ -331,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preprocess(sub)
     _add_info(sub)
     _add_train(sub)
+    _add_status(sub)
     _add_generate(sub)
     _add_demo(sub)
     return parser

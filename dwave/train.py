@@ -204,6 +204,22 @@ def read_run_config(run_dir: str) -> tuple[ModelConfig, dict] | None:
         raise DwaveError(f"{path} is not a dwave run config ({exc})") from None
 
 
+def read_progress(run_dir: str) -> tuple[int, int]:
+    """(step of the last checkpoint, steps asked for) of a run, from its config.json (no
+    TensorFlow). A missing or foreign run dir is a DwaveError."""
+    if not os.path.isdir(run_dir):
+        raise DwaveError(f"run dir {run_dir} does not exist")
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        raise DwaveError(f"{run_dir} has no config.json: is it a `dwave train` run dir?")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return int(data["step"]), int(data["train"]["steps"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise DwaveError(f"{path} is not a dwave run config ({exc})") from None
+
+
 def resolve_model_config(saved: ModelConfig | None, preset: str | None, overrides: dict,
                          conditioning: bool | None, store_genres: list[str],
                          sample_rate: int, run_dir: str = "") -> ModelConfig:

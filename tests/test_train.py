@@ -174,6 +174,19 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(tone_store, tmp_path):
     m = re.search(r"stopped by SIGTERM at step (\d+)", output)
     assert m, output[-2000:]
     assert int(m.group(1)) > 0 and latest_step(run) == int(m.group(1))
+    # `dwave status` (what slurm/train.sbatch asks before requeueing): not finished, exit 3.
+    status = run_dwave("status", run, check=3)
+    assert f"step {m.group(1)} of 100000, not finished" in status.stdout
+
+
+def test_status_of_finished_missing_and_foreign_run_dirs(trained_run, tmp_path):
+    status = run_dwave("status", trained_run, check=0)
+    assert status.stdout.strip() == f"{trained_run}: step 30 of 30, finished"
+    (tmp_path / "config.json").write_text("[1, 2]")
+    for run_dir, reason in [(tmp_path / "nowhere", "does not exist"),
+                            (tmp_path, "is not a dwave run config")]:
+        proc = run_dwave("status", run_dir, check=2)
+        assert reason in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_training_from_an_s3_store(s3_bucket, tmp_path):
