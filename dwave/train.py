@@ -283,12 +283,13 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 
 class _StopSignal:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits at the next step boundary."""
+    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits at the next step boundary.
+    SIGUSR1 too: Open MPI's mpirun kills its ranks on SIGTERM but forwards SIGUSR1 to them."""
 
     def __init__(self):
         self.requested = False
         self.signal_name = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame):

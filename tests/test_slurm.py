@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_dwave
+from conftest import MPI_ENV, ROOT, run_dwave
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -37,9 +37,10 @@ def slurm():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def sbatch(script: str, *args, output, options=()) -> str:
-    """Submit slurm/SCRIPT as a user would from the checkout; returns the job id."""
-    env = {**os.environ, "DWAVE_HOME": ROOT, "DWAVE_VENV": sys.prefix}
+def sbatch(script: str, *args, output, options=(), env=None) -> str:
+    """Submit slurm/SCRIPT as a user would from the checkout; returns the job id. `env`: more
+    variables for the job (sbatch passes the submitting environment on)."""
+    env = {**os.environ, "DWAVE_HOME": ROOT, "DWAVE_VENV": sys.prefix, **(env or {})}
     proc = subprocess.run(["sbatch", "--parsable", f"--output={output}", *options,
                            os.path.join(ROOT, "slurm", script), *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
@@ -125,13 +126,15 @@ def test_cluster_slurm_without_a_controller_is_a_one_line_error(tmp_path, corpus
 @pytest.mark.parametrize("whom", [
     "steps",  # `scancel --signal=TERM`: the ranks themselves
     "batch",  # the batch shell only, as SLURM's --signal=B:TERM@300 before the time limit
+    "batch-mpirun",  # the same with DWAVE_LAUNCHER=mpirun: the script forwards SIGUSR1
 ])
 def test_train_job_checkpoints_on_sigterm_and_the_requeued_job_resumes(tmp_path, tone_store,
                                                                        whom):
     run, log = tmp_path / "run", tmp_path / "train.out"
+    launcher = {"DWAVE_LAUNCHER": "mpirun", **MPI_ENV} if whom.endswith("mpirun") else {}
     job = sbatch("train.sbatch", tone_store, run, "--steps", "300", "--window", "256",
                  "--batch-size", "2", "--ckpt-every", "20", "--val-every", "1000",
-                 output=log, options=["--ntasks=2"])
+                 output=log, options=["--ntasks=2"], env=launcher)
     deadline = time.time() + 240
     while not (run / "checkpoints" / "ckpt-40.index").exists():
         fields = job_fields(job)
@@ -140,14 +143,15 @@ def test_train_job_checkpoints_on_sigterm_and_the_requeued_job_resumes(tmp_path,
         assert fields.get("Reason") not in NEVER_STARTS, (
             f"{fields['Reason']}: {partition_summary()}")
         time.sleep(0.5)
-    subprocess.run(["scancel", "--signal=TERM", *(["--batch"] if whom == "batch" else []), job],
-                   check=True)
+    subprocess.run(["scancel", "--signal=TERM",
+                    *(["--batch"] if whom.startswith("batch") else []), job], check=True)
 
     fields = wait_for(job, log, timeout=400)
     text = log.read_text()
     state = (fields["JobState"], fields["ExitCode"], fields["Restarts"])
     assert state == ("COMPLETED", "0:0", "1"), text[-3000:]
-    stopped = re.search(r"stopped by SIGTERM at step (\d+)", text)
+    signal_name = "SIGUSR1" if whom.endswith("mpirun") else "SIGTERM"
+    stopped = re.search(rf"stopped by {signal_name} at step (\d+)", text)
     assert stopped, text[-3000:]
     step = int(stopped.group(1))
     assert 40 <= step < 300
