@@ -133,7 +133,7 @@ def main() -> None:
                "preset": args.preset, "sample_rate": config.sample_rate}
     print("naive ...", flush=True)
     figures["naive"] = naive_rate(model, args.naive_samples)
-    from dwave.fast import usable_cores
+    from dwave.cpus import usable_cores
 
     figures["threads"] = usable_cores()
     for songs in (1, 16, 64):

@@ -329,7 +329,7 @@ def _add_generate(sub) -> None:
                    help="songs generated together per rank (64)")
     p.add_argument("--threads", type=_positive_int,
                    help="threads per rank, each stepping its share of the batch (default: the "
-                        "cores this rank may use, divided among the ranks on its node)")
+                        "rank's cores: those it is bound to, or its share of the node's)")
     p.set_defaults(func=_cmd_generate)
 
 

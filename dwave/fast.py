@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
+from .cpus import usable_cores
 from .spin import barrier, flags
 from .tiles import ROWS, WIDTH, matmul, pack, pad_blocks, padded
 
@@ -78,14 +79,6 @@ def gate_biases(model, genre_ids, batch: int) -> np.ndarray:
     genre = 0 if bias is None else bias.numpy().reshape(batch, layers, 2 * D)
     total = np.broadcast_to(conv_b + genre, (batch, layers, 2 * D))
     return pad_blocks(total.reshape(batch * layers, 2 * D), None, D).reshape(batch, layers, -1)
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask: a rank bound to one core gets 1)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 class FastGenerator:

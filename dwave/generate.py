@@ -155,10 +155,10 @@ def run_generate(options: GenerateOptions, log=print) -> dict:
     total = int(round(options.seconds * rate))
     mine = list(range(rank, options.num_songs, size))
 
-    from .fast import FastGenerator, usable_cores
+    from .cpus import cores_per_rank
+    from .fast import FastGenerator
 
-    # Ranks that share a node share its cores (a rank bound to one core sees just that one).
-    threads = options.threads or max(1, usable_cores() // hvd.local_size())
+    threads = options.threads or cores_per_rank(hvd.local_size())
     os.makedirs(options.out, exist_ok=True)
     say(f"dwave generate: {options.num_songs} song(s) of {options.seconds:g} s at {rate} Hz "
         f"from {checkpoint}, temperature {options.temperature:g}, {size} rank(s) x "

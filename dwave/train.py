@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass
 
 from .config import ModelConfig
+from .cpus import cores_per_rank
 from .errors import DwaveError
 
 LN2 = math.log(2.0)
@@ -306,8 +307,7 @@ def configure_devices(hvd, threads: int | None) -> int:
         gpu = gpus[hvd.local_rank() % len(gpus)]
         tf.config.set_visible_devices(gpu, "GPU")
         tf.config.experimental.set_memory_growth(gpu, True)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = threads or max(1, (cores or 1) // hvd.local_size())
+    threads = threads or cores_per_rank(hvd.local_size())
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
     return threads

@@ -40,7 +40,8 @@ ODD_SIZES = dict(residual_channels=12, dilation_channels=10, skip_channels=20,
 @pytest.mark.parametrize("genres, sizes, threads", [((), {}, 1), (("a", "b", "c"), {}, 2),
                                                     (("a", "b", "c"), ODD_SIZES, 2)])
 def test_teacher_forced_fast_logits_equal_the_full_network(genres, sizes, threads):
-    from dwave.fast import FastGenerator, usable_cores
+    from dwave.cpus import usable_cores
+    from dwave.fast import FastGenerator
 
     model = random_model(genres, **sizes)
     config = model.config
