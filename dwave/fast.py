@@ -202,6 +202,17 @@ def _share(panels, me, parts):
     return panels * me // parts, panels * (me + 1) // parts
 
 
+@numba.njit(inline="always", fastmath=True, error_model="numpy")
+def _dense(a, packed, bias, out, lo, hi, relu):
+    """Column panels lo..hi-1 of out = a @ w + bias, then max(., 0) with `relu`."""
+    matmul(a, packed[lo:hi], out[:, lo * WIDTH:hi * WIDTH], False)
+    zero = np.float32(0.0)
+    for b in range(out.shape[0]):
+        for j in range(lo * WIDTH, hi * WIDTH):
+            value = out[b, j] + bias[j]
+            out[b, j] = max(value, zero) if relu else value
+
+
 # error_model="numpy": no zero-division checks, whose branches stop the element loops from
 # vectorising (the gate loop runs 8x faster without them).
 @numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
@@ -230,7 +241,7 @@ def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, uniform
     h_lo, h_hi = _share(hidden.shape[1] // WIDTH, me, parts)
     q_lo, q_hi = _share(logits.shape[1] // WIDTH, me, parts)
     code = first_code.copy()
-    zero, half = np.float32(0.0), np.float32(0.5)
+    half = np.float32(0.5)
     n = 0  # barriers passed
     for k in range(uniforms.shape[0]):
         t = t0 + k
@@ -258,22 +269,13 @@ def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, uniform
                 for b in range(B):
                     for j in range(C):
                         now[b, j] += w.residual_bias[layer, j]
-        matmul(zs, w.skip[s_lo:s_hi], skip[:, s_lo * WIDTH:s_hi * WIDTH], False)
-        for b in range(B):
-            for j in range(s_lo * WIDTH, s_hi * WIDTH):
-                skip[b, j] = max(skip[b, j] + w.skip_bias[j], zero)
+        _dense(zs, w.skip, w.skip_bias, skip, s_lo, s_hi, True)
         n += 1
         barrier(arrivals, me, parts, n)  # skip complete
-        matmul(skip, w.head1[h_lo:h_hi], hidden[:, h_lo * WIDTH:h_hi * WIDTH], False)
-        for b in range(B):
-            for j in range(h_lo * WIDTH, h_hi * WIDTH):
-                hidden[b, j] = max(hidden[b, j] + w.head1_bias[j], zero)
+        _dense(skip, w.head1, w.head1_bias, hidden, h_lo, h_hi, True)
         n += 1
         barrier(arrivals, me, parts, n)  # hidden complete
-        matmul(hidden, w.head2[q_lo:q_hi], logits[:, q_lo * WIDTH:q_hi * WIDTH], False)
-        for b in range(B):
-            for j in range(q_lo * WIDTH, q_hi * WIDTH):
-                logits[b, j] += w.head2_bias[j]
+        _dense(hidden, w.head2, w.head2_bias, logits, q_lo, q_hi, False)
         n += 1
         barrier(arrivals, me, parts, n)  # logits complete
         if keep_logits and me == 0:
