@@ -35,7 +35,7 @@ class GenerateOptions:
     genre: str | None = None
     checkpoint: str | None = None
     batch_size: int = 64  # songs per step on one rank
-    threads: int | None = None  # lanes per rank; None: the usable cores / ranks on this node
+    threads: int | None = None  # per rank; None: the rank's cores (dwave.cpus.cores_per_rank)
 
     def __post_init__(self):
         if not self.seconds > 0:
