@@ -79,15 +79,15 @@ def product_speeds(model, rows: int = 32) -> dict:
                 matmul(inputs[i], weights[i], outputs[i], False)
 
     packed = export_weights(model)
-    shapes = ([w for w in packed.conv] + [w for w in packed.residual]
-              + [packed.skip, packed.head1, packed.head2])
+    weights = list(packed.conv) + list(packed.residual) + [packed.skip, packed.head1,
+                                                            packed.head2]
     rng = np.random.default_rng(0)
-    inputs = [rng.random((rows, w.shape[1]), dtype=np.float32) for w in shapes]
-    outputs = [np.empty((rows, w.shape[0] * w.shape[2]), np.float32) for w in shapes]
-    dense = [np.ascontiguousarray(w.transpose(1, 0, 2).reshape(w.shape[1], -1)) for w in shapes]
+    inputs = [rng.random((rows, w.shape[1]), dtype=np.float32) for w in weights]
+    outputs = [np.empty((rows, w.shape[0] * w.shape[2]), np.float32) for w in weights]
+    dense = [np.ascontiguousarray(w.transpose(1, 0, 2).reshape(w.shape[1], -1)) for w in weights]
     flops = sum(2.0 * rows * w.shape[0] * w.shape[1] for w in dense)
     numba_list = numba.typed.List
-    args = (numba_list(inputs), numba_list(shapes), numba_list(outputs))
+    args = (numba_list(inputs), numba_list(weights), numba_list(outputs))
     tiled(*args, 1)
 
     def best(run) -> float:
