@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""Run the three benchmarks and gather every figure into one table.
+"""Run the four benchmarks and gather every figure into one table.
 
-    python benchmarks/run_all.py [--out bench-output] [--only preprocess,train,generate]
+    python benchmarks/run_all.py [--out bench-output] [--only preprocess,train,learning,generate]
                                  [--publish benchmarks/results]
 
 1. preprocess: full-length 44.1 kHz MP3s made from Debian's asc-music (benchmarks/make_songs.sh),
    bench_preprocess.py (decode overhead vs ffmpeg, Dask scaling, worker memory);
 2. train: a store of those songs (`dwave preprocess`), bench_train.py (base preset, 1 and 2
    ranks, store vs synthetic input, Keras baseline, allreduce projection);
-3. generate: bench_generate.py (naive vs cached, 1/16/64 songs).
+3. learning: the same store, bench_learning.py (the `small` preset at its defaults for 800
+   steps, validation bits/sample against the store's code histogram and bigram);
+4. generate: bench_generate.py (naive vs cached, 1/16/64 songs).
 
 Writes OUT/summary.md and OUT/summary.json (every figure, its target, and the machine it ran
 on) next to each benchmark's JSON and PNG; --publish copies them all into the given folder
@@ -33,7 +35,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 from dwave.demo import is_tensorflow_chatter  # noqa: E402
-STAGES = ("preprocess", "train", "generate")
+STAGES = ("preprocess", "train", "learning", "generate")
 
 
 def machine() -> dict:
@@ -90,6 +92,17 @@ def rows(figures: dict) -> list[dict]:
         for p_row in t["projection_gpu_step"]:
             add("train", f"projection: {p_row['gpus']} GPUs, {p_row['link_gbps']} Gb/s, "
                 "100 ms step", p_row["efficiency"], "efficiency")
+    lr = figures.get("learning")
+    if lr:
+        b = lr["baselines"]
+        add("learning", "code histogram (unigram) baseline", b["unigram_bits"], "bits/sample")
+        add("learning", "bigram baseline p(x_t | x_t-1)", b["bigram_bits"], "bits/sample")
+        for h in lr["history"]:
+            target = {400: ("< bigram", h["bits"] < b["bigram_bits"]),
+                      800: ("<= bigram - 0.5", h["bits"] <= b["bigram_bits"] - 0.5)}.get(
+                h["step"], (None, None))
+            add("learning", f"{lr['preset']}, validation at step {h['step']}", h["bits"],
+                "bits/sample", *target)
     g = figures.get("generate")
     if g:
         naive = g["naive"]
@@ -145,7 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench-output", help="working folder (bench-output)")
     parser.add_argument("--only", default=",".join(STAGES),
-                        help="comma-separated subset of preprocess,train,generate")
+                        help="comma-separated subset of preprocess,train,learning,generate")
     parser.add_argument("--publish", metavar="DIR",
                         help="copy the JSONs, PNGs and summary here (e.g. benchmarks/results)")
     args = parser.parse_args()
@@ -157,17 +170,24 @@ def main() -> None:
     os.makedirs(out, exist_ok=True)
     py = sys.executable
     songs = os.path.join(out, "songs44k")
-    if "preprocess" in stages or "train" in stages:
+    store = os.path.join(out, "store")
+    if {"preprocess", "train", "learning"} & set(stages):
         run(["bash", os.path.join(HERE, "make_songs.sh"), songs], os.path.join(out, "songs.log"))
     if "preprocess" in stages:
         run([py, os.path.join(HERE, "bench_preprocess.py"), songs, "--out", out],
             os.path.join(out, "preprocess.log"))
-    if "train" in stages:
-        store = os.path.join(out, "store")
+    if {"train", "learning"} & set(stages):
         run([py, "-m", "dwave.cli", "preprocess", songs, "--out", store, "--no-progress"],
             os.path.join(out, "store.log"))
+    if "train" in stages:
         run([py, os.path.join(HERE, "bench_train.py"), store, "--out", out],
             os.path.join(out, "train.log"))
+    if "learning" in stages:
+        previous = os.path.join(out, "learning-small")
+        if os.path.exists(previous):
+            shutil.rmtree(previous)  # the benchmark's own run dir from an earlier run_all
+        run([py, os.path.join(HERE, "bench_learning.py"), store, "--out", out],
+            os.path.join(out, "learning.log"))
     if "generate" in stages:
         run([py, os.path.join(HERE, "bench_generate.py"), "--out", out],
             os.path.join(out, "generate.log"))

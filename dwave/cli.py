@@ -11,6 +11,7 @@ import json
 import sys
 
 from .cluster import CLUSTER_KINDS
+from .config import PRESET_LEARNING_RATES, PRESETS
 from .errors import DwaveError
 
 
@@ -222,7 +223,7 @@ def _add_train(sub) -> None:
     p.add_argument("store", metavar="STORE", help="a store made by `dwave preprocess`")
     p.add_argument("--run-dir", required=True, metavar="DIR",
                    help="checkpoints, config.json and TensorBoard logs (resumed if present)")
-    p.add_argument("--preset", choices=["tiny", "small", "base"],
+    p.add_argument("--preset", choices=list(PRESETS),
                    help="model size (default: the run dir's, else tiny)")
     for name, help_text in [("residual-channels", "residual channels"),
                             ("dilation-channels", "filter and gate channels, each"),
@@ -233,10 +234,13 @@ def _add_train(sub) -> None:
     p.add_argument("--steps", type=_positive_int, default=1000, help="total steps (1000)")
     p.add_argument("--batch-size", type=_positive_int, default=4,
                    help="windows per rank per step (4)")
-    p.add_argument("--lr", type=_positive_float, default=1e-3,
-                   help="Adam learning rate for one rank; N ranks use N x this (1e-3)")
+    p.add_argument("--lr", type=_positive_float,
+                   help="Adam learning rate for one rank; N ranks use N x this (default: the "
+                        "run dir's, else the preset's: "
+                        + ", ".join(f"{k} {v:g}" for k, v in PRESET_LEARNING_RATES.items()) + ")")
     p.add_argument("--warmup-steps", type=_non_negative_int, default=100,
-                   help="linear learning-rate warm-up (100)")
+                   help="with N ranks, the rate climbs linearly from --lr to N x --lr over "
+                        "this many steps; one rank has no warm-up (100)")
     p.add_argument("--window", type=_positive_int, default=4000,
                    help="predicted samples per window, beyond the receptive field (4000)")
     p.add_argument("--genre-conditioning", action="store_true", default=None,
@@ -252,6 +256,9 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=_non_negative_int, default=0, help="initial weights, windows (0)")
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="TensorFlow threads per rank (default: cores / ranks on the node)")
+    p.add_argument("--listen-seconds", type=float, default=1.0, metavar="S",
+                   help="at each validation, write a sample of S seconds generated from the "
+                        "current weights to RUN_DIR/samples and TensorBoard; 0 turns it off (1)")
     p.add_argument("--data-mode", choices=["memory", "stream"],
                    help="hold the training tracks in memory, or read windows from the store "
                         "(default: memory when they fit in 4 GiB)")
@@ -267,7 +274,7 @@ def _cmd_train(args) -> int:
         warmup_steps=args.warmup_steps, window=args.window,
         genre_conditioning=args.genre_conditioning, val_every=args.val_every,
         ckpt_every=args.ckpt_every, keep_checkpoints=args.keep_checkpoints, precision=args.precision, seed=args.seed,
-        data_mode=args.data_mode, threads=args.threads)
+        data_mode=args.data_mode, threads=args.threads, listen_seconds=args.listen_seconds)
     overrides = {name: getattr(args, name) for name in MODEL_FIELDS}
     run_training(config, args.run_dir, args.preset, overrides, args.storage_options, log=_log)
     return 0

@@ -21,6 +21,16 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Adam's default rate for one rank, per preset, settled with benchmarks/bench_learning.py on
+# real music (asc-music, batch 4 x 4000): `small` at 1e-3 (the reference WaveNet's rate) is
+# below the bigram by step 300 and 0.75 bit below by 800, where 2e-3 is no better and spikier;
+# `tiny` learns too slowly at 1e-3 (still 0.5 bit above the bigram at step 400) and is below it
+# by step 250 at 5e-3. `base` keeps the reference's 1e-3. A run that overrides a preset's
+# channels keeps the preset's rate.
+PRESET_LEARNING_RATES: dict[str, float] = {"tiny": 5e-3, "small": 1e-3, "base": 1e-3}
+DEFAULT_PRESET = "tiny"
+
+
 @dataclass
 class ModelConfig:
     """The architecture. Saved as config.json in every run directory."""

@@ -23,7 +23,6 @@ Both go through the same tf.data pipeline: step numbers -> parallel batch assemb
 from __future__ import annotations
 
 import hashlib
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -93,6 +92,17 @@ class WindowSampler:
             list(pool.map(load, range(len(self.tracks))))
         return buffer
 
+    def code_chunks(self, max_stream_batches: int = 64):
+        """The sampler's codes for fitting baselines: every track whole in memory mode; in
+        stream mode (a store too big to hold) the windows of its first `max_stream_batches`
+        batches (rank 0), which is a uniform sample of the tracks."""
+        if self.mode == "memory":
+            for lo, hi in zip(self.track_offsets[:-1], self.track_offsets[1:]):
+                yield self.buffer[lo:hi]
+        else:
+            for step in range(max_stream_batches):
+                yield from self.batch(0, step)[0]
+
     def _array(self, track_id: str):
         if track_id not in self._arrays:
             self._arrays[track_id] = self.store.track_array(track_id)
@@ -143,8 +153,8 @@ class TrainingData:
     validation: WindowSampler | None
     genres: list[str]
     sample_rate: int
+    levels: int  # quantization channels of the store's codes
     train_samples: int
-    validation_samples: int
 
 
 def list_tracks(store: TrackStore) -> list[Track]:
@@ -193,13 +203,7 @@ def open_training_data(store_url: str, window: int, batch_size: int, seed: int,
         validation=make(val, 1) if val else None,
         genres=genres,
         sample_rate=config.sample_rate,
+        levels=config.quantization_channels,
         train_samples=train_bytes,
-        validation_samples=sum(t.length for t in val),
     )
 
-
-def histogram_entropy_bits(codes: np.ndarray, channels: int = 256) -> float:
-    """Entropy of the code histogram in bits: the loss of the best model that ignores context."""
-    counts = np.bincount(codes.ravel(), minlength=channels).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log2(p)).sum()) if p.size else math.nan

@@ -55,15 +55,30 @@ def run_demo(out: str, source: str | None, songs: int, seconds: float, workers: 
                                  num_songs=2, temperature=1.0), log=log)
     log(f"\ndemo done:\n  store        {store}  (`dwave info {store}`)\n"
         f"  model        {run_dir}  (`tensorboard --logdir {run_dir}/tensorboard`)\n"
+        f"  learning     {learning_summary(run_dir)}\n"
         f"  songs        {songs_dir}/song-000.wav, song-001.wav (+ .png spectrograms)")
     return 0
 
 
+def learning_summary(run_dir: str) -> str:
+    """The last validation loss against the store's baselines, from RUN_DIR/validation.json."""
+    from .train import read_validation_log
+
+    log = read_validation_log(run_dir)
+    if not log or not log.get("history") or not log.get("baselines"):
+        return "no validation recorded (a store of one track holds none out)"
+    last, b = log["history"][-1], log["baselines"]
+    verdict = ("below the bigram: it learns from context" if last["bits"] < b["bigram_bits"]
+               else "not yet below the bigram: train longer (--steps)")
+    return (f"validation {last['bits']:.3f} bits/sample at step {last['step']}; the store's "
+            f"bigram {b['bigram_bits']:.3f}, code histogram {b['unigram_bits']:.3f} ({verdict})")
+
+
 def train_command(store: str, run_dir: str, steps: int, ranks: int) -> list[str]:
-    """`horovodrun -np RANKS dwave train ...` for the tiny preset (Gloo: no MPI set-up needed)."""
+    """`horovodrun -np RANKS dwave train ...` for the tiny preset with the default training flags
+    (Gloo: no MPI set-up needed)."""
     train = [sys.executable, "-m", "dwave.cli", "train", store, "--run-dir", run_dir,
-             "--preset", "tiny", "--steps", str(steps), "--batch-size", "4", "--lr", "5e-3",
-             "--warmup-steps", "20", "--window", "1024", "--val-every", str(max(1, steps // 3)),
+             "--preset", "tiny", "--steps", str(steps), "--val-every", str(max(1, steps // 3)),
              "--ckpt-every", "100"]
     if ranks == 1:
         return train

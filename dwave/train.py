@@ -8,7 +8,8 @@ SLURM:                 srun --mpi=pmix dwave train ...   (see slurm/train.sbatch
 Every rank draws its own windows (seeded by seed, rank and step), computes gradients on them,
 and Horovod averages the gradients with a ring allreduce before each identical update, so
 N ranks with batch B train exactly like one process with batch N*B (the learning rate is
-scaled by N, with a warm-up). Rank 0 alone writes checkpoints, config and TensorBoard logs.
+scaled by N, reached by a warm-up: dwave.schedule). Rank 0 alone writes checkpoints, config,
+TensorBoard logs and the listening samples.
 
 The run directory:
 
@@ -18,7 +19,10 @@ The run directory:
                                  which is replaced atomically after the files are complete, so a
                                  crash mid-write leaves the previous checkpoint as the latest
     RUN_DIR/tensorboard/         train/ and validation/ scalars (loss in bits per sample,
-                                 samples/s, learning rate)
+                                 samples/s, the optimizer's learning rate), validation audio
+    RUN_DIR/validation.json      the store's baselines (code histogram, bigram) and every
+                                 validation loss so far, with its step and time
+    RUN_DIR/samples/             step-N.wav + .png: a short song from the weights at step N
 
 Rerunning with the same run directory resumes from the latest checkpoint, optimizer state
 included. SIGTERM (SLURM's warning before the time limit, `scancel --signal=TERM`) makes all
@@ -37,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .config import ModelConfig
+from .config import DEFAULT_PRESET, PRESET_LEARNING_RATES, ModelConfig
 from .cpus import cores_per_rank
 from .errors import DwaveError
 
@@ -53,8 +57,8 @@ class TrainConfig:
     store: str
     steps: int = 1000
     batch_size: int = 4  # per rank
-    lr: float = 1e-3  # for one rank; N ranks use N * lr
-    warmup_steps: int = 100
+    lr: float | None = None  # Adam's rate for one rank (N ranks: N * lr); None: the preset's
+    warmup_steps: int = 100  # N ranks: the rate climbs from lr to N * lr over these updates
     window: int = 4000  # predicted samples per window; the window read is receptive field + this
     genre_conditioning: bool | None = None  # None: as the run dir has it, else off
     val_every: int = 200
@@ -66,6 +70,7 @@ class TrainConfig:
     validation_fraction: float = 0.1
     data_mode: str | None = None  # memory | stream; default: memory if it fits
     threads: int | None = None  # TF threads per rank; default: cores / local ranks
+    listen_seconds: float = 1.0  # a sample of this length at each validation; 0: none
 
     def __post_init__(self):
         if self.precision not in ("fp32", "mixed"):
@@ -73,22 +78,14 @@ class TrainConfig:
         for name in ("steps", "batch_size", "window", "val_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise DwaveError(f"--{name.replace('_', '-')} must be positive")
-        if self.warmup_steps < 0 or self.lr <= 0:
+        if self.warmup_steps < 0 or (self.lr is not None and not self.lr > 0):
             raise DwaveError("--lr must be positive and --warmup-steps not negative")
+        if not 0 <= self.listen_seconds <= 60:
+            raise DwaveError(f"--listen-seconds must be between 0 and 60, got "
+                             f"{self.listen_seconds:g}")
 
 
 # -- pure pieces ------------------------------------------------------------------------------
-
-
-def learning_rate(step, peak: float, warmup_steps: int):
-    """Linear warm-up from peak/warmup to peak over `warmup_steps`, then constant. Large
-    effective batches (many ranks) diverge if they start at the full scaled rate."""
-    import tensorflow as tf
-
-    if warmup_steps == 0:
-        return tf.constant(peak, tf.float32)
-    ramp = tf.cast(step + 1, tf.float32) / float(warmup_steps)
-    return peak * tf.minimum(1.0, ramp)
 
 
 def weights_digest(variables) -> str:
@@ -118,21 +115,15 @@ class Trainer:
         import tensorflow as tf
 
         from .model import WaveNet
+        from .schedule import make_optimizer
 
         if precision == "mixed":
             tf.keras.mixed_precision.set_global_policy("mixed_float16")
         self.config = model_config
         self.hvd = hvd
         self.model = WaveNet(model_config)
-        self.peak_lr = lr * world_size
-        self.warmup_steps = warmup_steps
-        self.lr = tf.Variable(learning_rate(0, self.peak_lr, warmup_steps), trainable=False,
-                              name="learning_rate")
-        optimizer = tf.keras.optimizers.Adam(learning_rate=self.lr)
         self.mixed = precision == "mixed"
-        if self.mixed:
-            optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
-        self.optimizer = optimizer
+        self.optimizer = make_optimizer(lr, world_size, warmup_steps, self.mixed)
         self.optimizer.build(self.model.trainable_variables)
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.train_step = tf.function(self._train_step, reduce_retracing=True)
@@ -166,13 +157,19 @@ class Trainer:
         grads = tape.gradient(scaled, variables)
         if self.mixed:
             grads = self.optimizer.get_unscaled_gradients(grads)
-        self.lr.assign(learning_rate(self.step, self.peak_lr, self.warmup_steps))
         self.optimizer.apply_gradients(zip(grads, variables))
         self.step.assign_add(1)
         stop = tf.cast(stop_requested, tf.float32)
         if self.hvd:
             stop = self.hvd.allreduce(stop, op=self.hvd.Max)
         return self._average(loss), stop > 0
+
+    @property
+    def learning_rate(self) -> float:
+        """The rate of the last update, read back from the optimizer."""
+        from .schedule import current_rate
+
+        return current_rate(self.optimizer)
 
     def broadcast_from_rank0(self):
         """Make every rank start from rank 0's weights and optimizer state."""
@@ -221,6 +218,16 @@ def read_progress(run_dir: str) -> tuple[int, int]:
         raise DwaveError(f"{path} is not a dwave run config ({exc})") from None
 
 
+def default_learning_rate(lr: float | None, preset: str | None, saved) -> float:
+    """--lr if given; else a resumed run's own rate; else the preset's (dwave.config)."""
+    if lr is not None:
+        return lr
+    saved_lr = saved[1].get("lr") if saved else None
+    if isinstance(saved_lr, (int, float)) and saved_lr > 0:
+        return float(saved_lr)
+    return PRESET_LEARNING_RATES.get(preset or DEFAULT_PRESET, PRESET_LEARNING_RATES["base"])
+
+
 def resolve_model_config(saved: ModelConfig | None, preset: str | None, overrides: dict,
                          conditioning: bool | None, store_genres: list[str],
                          sample_rate: int, run_dir: str = "") -> ModelConfig:
@@ -232,7 +239,7 @@ def resolve_model_config(saved: ModelConfig | None, preset: str | None, override
     """
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if saved is None:
-        return ModelConfig.from_preset(preset or "tiny", sample_rate=sample_rate,
+        return ModelConfig.from_preset(preset or DEFAULT_PRESET, sample_rate=sample_rate,
                                        genres=store_genres if conditioning else [], **overrides)
     wanted = ModelConfig.from_preset(preset, **overrides).to_dict() if preset else overrides
     have = saved.to_dict()
@@ -323,9 +330,10 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     # The store and the run dir are checked before TensorFlow loads: a bad one fails in a second.
     saved = read_run_config(run_dir)
     saved_model = saved[0] if saved else None
+    train = dataclasses.replace(train, lr=default_learning_rate(train.lr, preset, saved))
     overrides = {k: v for k, v in (model_overrides or {}).items() if v is not None}
     # The window needs the receptive field, which needs only the architecture, not the genres.
-    architecture = saved_model or ModelConfig.from_preset(preset or "tiny", **overrides)
+    architecture = saved_model or ModelConfig.from_preset(preset or DEFAULT_PRESET, **overrides)
     window = architecture.receptive_field + train.window
     data = open_training_data(
         train.store, window, train.batch_size, train.seed, train.validation_fraction,
@@ -357,10 +365,21 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     say(f"data: {len(data.train.tracks)} training tracks ({data.train_samples / data.sample_rate / 3600:.2f} h), "
         f"{len(data.validation.tracks) if data.validation else 0} validation tracks, "
         f"{data.train.mode} mode; window {window} = receptive field {model_config.receptive_field}"
-        f" + {train.window}; batch {train.batch_size} per rank, {train.batch_size * size} global;"
-        f" lr {train.lr:g} x {size} ranks, warm-up {train.warmup_steps} steps")
+        f" + {train.window}; batch {train.batch_size} per rank, {train.batch_size * size} global")
+    say("optimizer: Adam, " + (
+        f"rate {train.lr:g}" if size == 1 else
+        f"rate {train.lr:g} x {size} ranks = {train.lr * size:g}, reached from {train.lr:g} "
+        f"over a warm-up of {train.warmup_steps} steps")
+        + f"; now {trainer.learning_rate:.3g} (read from the optimizer)")
     if restored:
         say(f"resuming from {restored} at step {start_step}")
+    history = _ValidationLog(run_dir, resuming) if rank == 0 else None
+    if history is not None and data.validation:
+        history.baselines = _baselines(data, model_config, train.val_batches).to_dict()
+        b = history.baselines
+        say(f"baselines on the validation windows: code histogram {b['unigram_bits']:.3f} "
+            f"bits/sample, bigram p(x_t | x_t-1) {b['bigram_bits']:.3f}: a WaveNet that learns "
+            f"is below the bigram within a few hundred steps")
     if start_step >= train.steps:
         say(f"run already at step {start_step} >= --steps {train.steps}: nothing to do")
         return {"step": start_step, "stopped": False, "resumed_from": start_step}
@@ -388,6 +407,13 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     step, loss_bits, stopped = start_step, math.nan, False
     window_started, window_steps = time.perf_counter(), 0
     val_bits = None
+    listener = None
+    if rank == 0 and data.validation and train.listen_seconds > 0:
+        from .listen import Listener
+
+        listener = Listener(run_dir, train.listen_seconds, model_config.sample_rate,
+                            model_config.quantization_channels, writers["validation"])
+    loop_started = time.perf_counter()
     while step < train.steps:
         codes, genre = next(batches)
         loss, stop_all = trainer.train_step(codes, genre, tf.constant(stop.requested))
@@ -400,20 +426,33 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
         now = time.perf_counter()
         if progress.due(now) or step == train.steps or bool(stop_all):
             rate = predicted_per_step * window_steps / (now - window_started)
-            progress.show(step, loss_bits, rate, float(trainer.lr.numpy()))
+            learning_rate = trainer.learning_rate
+            progress.show(step, loss_bits, rate, learning_rate)
             if writers:
                 with writers["train"].as_default(step=step):
                     tf.summary.scalar("loss_bits_per_sample", loss_bits)
                     tf.summary.scalar("samples_per_second", rate)
-                    tf.summary.scalar("learning_rate", float(trainer.lr.numpy()))
+                    tf.summary.scalar("learning_rate", learning_rate)
             window_started, window_steps = time.perf_counter(), 0
         if data.validation and (step % train.val_every == 0 or step == train.steps):
+            started = time.perf_counter()
             val_bits = _validate(trainer, data.validation, rank, size, train.val_batches, hvd)
-            say(f"step {step}: validation loss {val_bits:.3f} bits/sample")
-            if writers:
+            val_seconds = time.perf_counter() - started
+            if rank == 0:
+                say(f"step {step}: validation loss {val_bits:.3f} bits/sample"
+                    + history.versus_baselines(val_bits) + f" ({val_seconds:.1f} s)")
+                history.add(step, val_bits, time.perf_counter() - loop_started)
                 with writers["validation"].as_default(step=step):
                     tf.summary.scalar("loss_bits_per_sample", val_bits)
+                if listener:
+                    codes, genre = data.validation.batch(0, 0)
+                    listener.start(trainer.model, codes[0],
+                                   int(genre[0]) if model_config.conditioned else None, step,
+                                   wait=step == train.steps)
             window_started, window_steps = time.perf_counter(), 0
+        if listener:
+            for line in listener.finished():
+                say(line)
         if bool(stop_all):
             stopped = True
             break
@@ -422,6 +461,9 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     save(step)
     progress.finish()
     digests = _check_ranks_in_sync(trainer, hvd, size)
+    if listener:
+        for line in listener.close():
+            say(line)
     if writers:
         for w in writers.values():
             w.flush()
@@ -433,9 +475,57 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
         say(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {step}: "
             f"checkpoint written; rerun the same command to resume")
     say(f"done: step {step}, train loss {loss_bits:.3f} bits/sample"
-        + (f", validation {val_bits:.3f}" if val_bits is not None else "")
+        + (f", validation {val_bits:.3f}" + history.versus_baselines(val_bits)
+           if val_bits is not None and history is not None else "")
         + f"; checkpoint {summary['checkpoint']}")
     return summary
+
+
+def read_validation_log(run_dir: str) -> dict | None:
+    """RUN_DIR/validation.json ({"baselines": ..., "history": [...]}), or None if absent or
+    unreadable (it is a report, not state the run needs)."""
+    try:
+        with open(os.path.join(run_dir, _ValidationLog.NAME)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _baselines(data, model_config: ModelConfig, val_batches: int):
+    """The store's code histogram and bigram, fitted on the training tracks, scored on the
+    validation windows the model is scored on."""
+    from .baselines import count_codes, evaluate
+
+    counts = count_codes(data.train.code_chunks(), data.levels)
+    windows = (data.validation.batch(0, i)[0] for i in range(val_batches))
+    return evaluate(counts, windows, model_config.receptive_field)
+
+
+class _ValidationLog:
+    """RUN_DIR/validation.json: the store's baselines (computed anew at each start) and every
+    validation loss of the run (kept across resumes), rewritten whole after each validation."""
+
+    NAME = "validation.json"
+
+    def __init__(self, run_dir: str, resuming: bool):
+        self.path = os.path.join(run_dir, self.NAME)
+        self.baselines, self.history = None, []
+        saved = read_validation_log(run_dir) if resuming else None
+        if isinstance(saved, dict) and isinstance(saved.get("history"), list):
+            self.history = saved["history"]  # a damaged log is only history: start it again
+
+    def versus_baselines(self, bits: float) -> str:
+        if not self.baselines:
+            return ""
+        bigram = self.baselines["bigram_bits"]
+        return (f" (bigram {bigram:.3f}: {bits - bigram:+.3f}; code histogram "
+                f"{self.baselines['unigram_bits']:.3f})")
+
+    def add(self, step: int, bits: float, seconds: float) -> None:
+        """`seconds`: since this process started training (a resumed run starts again at 0)."""
+        self.history = [h for h in self.history if h["step"] < step]  # a resume redoes steps
+        self.history.append({"step": step, "bits": bits, "seconds": round(seconds, 2)})
+        _atomic_write_json(self.path, {"baselines": self.baselines, "history": self.history})
 
 
 def _validate(trainer: Trainer, sampler, rank: int, size: int, batches: int, hvd) -> float:

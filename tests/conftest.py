@@ -160,6 +160,14 @@ def tone_store(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def music_store(tmp_path_factory) -> str:
+    """asc-music's three real songs (game music, 5-7 minutes each) preprocessed at 16 kHz."""
+    path = str(tmp_path_factory.mktemp("stores") / "asc-music")
+    run_dwave("preprocess", ASC_MUSIC, "--out", path, "--no-progress", check=0)
+    return path
+
+
+@pytest.fixture(scope="session")
 def trained_run(tone_store, tmp_path_factory):
     """A tiny genre-conditioned model trained 30 steps on the tone store (for generation)."""
     run = tmp_path_factory.mktemp("runs") / "tones"

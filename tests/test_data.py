@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import make_store
-from dwave.data import (histogram_entropy_bits, open_training_data, split_tracks, Track)
+from dwave.data import open_training_data, split_tracks, Track
 from dwave.errors import DwaveError
 
 
@@ -102,7 +102,3 @@ def test_stores_that_cannot_feed_a_window_are_clear_errors(tmp_path):
     with pytest.raises(DwaveError, match="not a dwave store"):
         open_training_data(str(tmp_path / "nothing"), 100, 1, 0)
 
-
-def test_histogram_entropy():
-    assert histogram_entropy_bits(np.arange(256).astype(np.uint8)) == pytest.approx(8.0)
-    assert histogram_entropy_bits(np.zeros(10, np.uint8)) == 0.0

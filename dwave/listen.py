@@ -1,0 +1,110 @@
+"""Listen while training: at each validation, rank 0 writes a short sample made by the fast
+generator from the current weights, primed with a validation window, so a user can hear what
+the numbers mean (a stuck run is audible: silence, a hum or white noise).
+
+Written as RUN_DIR/samples/step-NNNNNNN.wav + .png (spectrogram) and to TensorBoard's
+validation run as audio.
+
+The other ranks must not wait for it. Rank 0 takes a copy of the weights and primes the caches
+on its own thread (one causal pass over the window, milliseconds), then the sampling loop, the
+files and the summary run on a background thread of one core while training goes on: the
+compiled loop releases the GIL. At most one sample is in flight; a validation that comes while
+the previous sample is still being made skips its own (and says so).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+SAMPLES_DIR = "samples"
+
+
+def primed_generator(model, prime: np.ndarray, genre_id: int | None):
+    """A one-song fast generator holding a copy of the model's current weights, its caches
+    filled from `prime` (1-D codes)."""
+    from .fast import FastGenerator
+
+    generator = FastGenerator(model, 1, None if genre_id is None else [genre_id], threads=1)
+    generator.prime(np.asarray(prime, np.int64)[None])
+    return generator
+
+
+def sample_codes(generator, samples: int, seed: int) -> np.ndarray:
+    """`samples` new codes at temperature 1 (uses only the generator's copied weights)."""
+    uniforms = np.random.default_rng(seed).random((samples, 1), dtype=np.float32)
+    return generator.generate(uniforms, 1.0)[:, 0]
+
+
+class Listener:
+    """Makes and writes the listening samples of one training run, one at a time, beside it."""
+
+    def __init__(self, run_dir: str, seconds: float, sample_rate: int, levels: int, writer=None):
+        self.directory = os.path.join(run_dir, SAMPLES_DIR)
+        self.samples = max(1, int(round(seconds * sample_rate)))
+        self.sample_rate, self.levels, self.writer = sample_rate, levels, writer
+        self.pool = ThreadPoolExecutor(1, "dwave-listen")
+        self.pending: tuple[int, Future] | None = None
+        self.reports: list[str] = []
+
+    def start(self, model, prime: np.ndarray, genre_id: int | None, step: int,
+              wait: bool = False) -> bool:
+        """Begin the sample of `step`; False (nothing started) while the last is not done,
+        unless `wait` (the run's last validation: nobody is waiting for rank 0 any more)."""
+        if wait and self.pending:
+            self.pending[1].exception()  # waits
+        if self.pending and not self.pending[1].done():
+            self.reports.append(f"listen: step {step} skipped, the sample of step "
+                                f"{self.pending[0]} is still being made")
+            return False
+        self._collect()
+        generator = primed_generator(model, prime, genre_id)
+        self.pending = (step, self.pool.submit(self._make, generator, step))
+        return True
+
+    def _make(self, generator, step: int) -> str:
+        from .audio import mu_law_decode
+        from .generate import write_song
+
+        started = time.perf_counter()
+        codes = sample_codes(generator, self.samples, seed=step)
+        os.makedirs(self.directory, exist_ok=True)
+        stem = os.path.join(self.directory, f"step-{step:07d}")
+        write_song(stem, codes, self.sample_rate, self.levels)
+        if self.writer is not None:
+            import tensorflow as tf
+
+            audio = mu_law_decode(codes, self.levels).astype(np.float32)
+            with self.writer.as_default(step=step):
+                tf.summary.audio("sample", audio[None, :, None], self.sample_rate,
+                                 max_outputs=1,
+                                 description="fast generator, primed with a validation window")
+        return (f"listen: step {step} -> {os.path.relpath(stem, os.path.dirname(self.directory))}"
+                f".wav ({self.samples / self.sample_rate:g} s of audio, made in "
+                f"{time.perf_counter() - started:.1f} s beside training)")
+
+    def _collect(self) -> None:
+        if self.pending and self.pending[1].done():
+            step, future = self.pending
+            self.pending = None
+            try:
+                self.reports.append(future.result())
+            except Exception as exc:  # a sample is a by-product: never stop training for it
+                self.reports.append(f"listen: warning: the sample of step {step} failed: "
+                                    f"{type(exc).__name__}: {exc}")
+
+    def finished(self) -> list[str]:
+        """Report lines of samples finished (or skipped) since the last call."""
+        self._collect()
+        reports, self.reports = self.reports, []
+        return reports
+
+    def close(self) -> list[str]:
+        """Wait for the sample in flight; its report lines."""
+        if self.pending:
+            self.pending[1].exception()  # waits
+        self.pool.shutdown(wait=True)
+        return self.finished()
