@@ -101,7 +101,9 @@ def plot(result: dict, path: str) -> None:
     ax.set_xlabel("step (batch 4 x 4000 predicted samples)" if result["samples_per_step"] == 16000
                   else f"step ({result['samples_per_step']:,} predicted samples)")
     ax.set_ylabel("validation bits / sample")
-    ax.set_title(f"Learning on {result['store_name']} ({result['cpu']})", fontsize=9)
+    b = result["baselines"]
+    ax.set_title(f"{result['store_name']}: {b['training_tracks']} training / "
+                 f"{b['validation_tracks']} validation tracks ({result['cpu']})", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

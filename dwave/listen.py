@@ -61,11 +61,13 @@ class Listener:
                                 f"{self.pending[0]} is still being made")
             return False
         self._collect()
+        started = time.perf_counter()
         generator = primed_generator(model, prime, genre_id)
-        self.pending = (step, self.pool.submit(self._make, generator, step))
+        blocking = time.perf_counter() - started  # what the training thread spent on it
+        self.pending = (step, self.pool.submit(self._make, generator, step, blocking))
         return True
 
-    def _make(self, generator, step: int) -> str:
+    def _make(self, generator, step: int, blocking: float) -> str:
         from .audio import mu_law_decode
         from .generate import write_song
 
@@ -84,7 +86,8 @@ class Listener:
                                  description="fast generator, primed with a validation window")
         return (f"listen: step {step} -> {os.path.relpath(stem, os.path.dirname(self.directory))}"
                 f".wav ({self.samples / self.sample_rate:g} s of audio, made in "
-                f"{time.perf_counter() - started:.1f} s beside training)")
+                f"{time.perf_counter() - started:.1f} s beside training after "
+                f"{blocking:.2f} s of priming on the training thread)")
 
     def _collect(self) -> None:
         if self.pending and self.pending[1].done():

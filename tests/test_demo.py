@@ -3,6 +3,9 @@ Horovod ranks."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import soundfile as sf
 
 from conftest import run_dwave
@@ -21,3 +24,13 @@ def test_demo_runs_every_stage(tmp_path):
         assert (info.samplerate, info.frames) == (16000, 4000)
         assert (out / "songs" / f"song-00{i}.png").stat().st_size > 1000
     assert (out / "run" / "config.json").exists()
+    # Training with the defaults: no special rate; the summary sets the validation loss against
+    # the store's baselines, as recorded in the run dir.
+    command = next(line for line in proc.stderr.splitlines() if "horovodrun -np 2" in line)
+    assert "--lr" not in command and "--warmup-steps" not in command
+    log = json.loads((out / "run" / "validation.json").read_text())
+    last, b = log["history"][-1], log["baselines"]
+    line = re.search(r"learning +(validation .*)", proc.stderr).group(1)
+    assert line.startswith(f"validation {last['bits']:.3f} bits/sample at step 20; the store's "
+                           f"bigram {b['bigram_bits']:.3f}, code histogram "
+                           f"{b['unigram_bits']:.3f}")

@@ -124,6 +124,7 @@ def test_two_ranks_stay_identical_and_equal_one_big_batch_step(launcher, tone_st
     import tensorflow as tf
 
     from dwave.data import open_training_data
+    from dwave.schedule import rate_at
     from dwave.train import Trainer, read_run_config
 
     model_config, train_config = read_run_config(str(run))
@@ -132,7 +133,9 @@ def test_two_ranks_stay_identical_and_equal_one_big_batch_step(launcher, tone_st
     union = [np.concatenate(parts) for parts in zip(data.train.batch(0, 0), data.train.batch(1, 0))]
 
     def restored(step):
-        trainer = Trainer(model_config, lr=1e-3, warmup_steps=0, world_size=2)
+        # The run's own schedule (1e-3 climbing to 2e-3 over 100 steps): update 0 at 1e-3.
+        trainer = Trainer(model_config, lr=train_config["lr"],
+                          warmup_steps=train_config["warmup_steps"], world_size=2)
         tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer,
                             step=trainer.step).restore(
             str(run / "checkpoints" / f"ckpt-{step}")).assert_existing_objects_matched()
@@ -149,6 +152,11 @@ def test_two_ranks_stay_identical_and_equal_one_big_batch_step(launcher, tone_st
     moved = sum(float(np.abs(a.numpy() - b.numpy()).max()) for a, b in
                 zip(initial.model.variables, after.model.variables))
     assert moved > 1e-4  # the step did change the weights
+    # The optimizer saved at step 2 holds the rate its second update used: one step into the
+    # warm-up from the preset's rate towards twice it.
+    lr, warmup = train_config["lr"], train_config["warmup_steps"]
+    assert restored(2).learning_rate == pytest.approx(rate_at(1, lr, 2 * lr, warmup), rel=1e-6)
+    assert rate_at(1, lr, 2 * lr, warmup) > lr
 
 
 def _start_training(store, run, steps, extra=()):
