@@ -96,7 +96,7 @@ def rows(figures: dict) -> list[dict]:
     if lr:
         b = lr["baselines"]
         add("learning", "code histogram (unigram) baseline", b["unigram_bits"], "bits/sample")
-        add("learning", "bigram baseline p(x_t | x_t-1)", b["bigram_bits"], "bits/sample")
+        add("learning", "bigram baseline p(x_t \\| x_t-1)", b["bigram_bits"], "bits/sample")
         for h in lr["history"]:
             target = {400: ("< bigram", h["bits"] < b["bigram_bits"]),
                       800: ("<= bigram - 0.5", h["bits"] <= b["bigram_bits"] - 0.5)}.get(

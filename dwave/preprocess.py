@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from .audio import AudioError, decode_to_mono, encode_in_place, normalisation_gain
 from .cluster import ClusterOptions
 from .errors import DwaveError
-from .sources import Source, expand_sources
+from .sources import Source, check_out_apart_from_sources, expand_sources
 from .store import StoreConfig, TrackStore
 
 
@@ -151,6 +151,7 @@ def run_preprocess(
     from .cluster import dask_client
     from .metadata import load_genres
 
+    check_out_apart_from_sources(specs, out)
     genres = load_genres(metadata) if metadata else {}
     store = TrackStore(out, storage_options)
     expansion = expand_sources(specs, store.storage_options, cache_dir)

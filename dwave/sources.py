@@ -259,3 +259,38 @@ def _verify_sha256(path: str, expected: str, url: str) -> None:
     if digest.hexdigest() != expected:
         os.remove(path)
         raise DwaveError(f"checksum mismatch for {url}: got sha256 {digest.hexdigest()}")
+
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def spec_root(spec: str) -> str | None:
+    """The location a SOURCE spec reads from, as a normalised path ("/abs/dir", or
+    "s3://bucket/prefix" without a trailing slash); the part before any glob character. None
+    for http(s) (a download lands in the cache, never in a store)."""
+    if spec.startswith(("http://", "https://")):
+        return None
+    match = _GLOB_CHARS.search(spec)
+    base = spec[:match.start()] if match else spec
+    if match:
+        base = base.rsplit("/", 1)[0] if "/" in base else "."
+    if spec.startswith("s3://"):
+        return base.rstrip("/")
+    return os.path.realpath(base or ".")
+
+
+def overlapping(a: str, b: str) -> bool:
+    """Whether two locations from spec_root are the same, or one lies inside the other."""
+    a, b = a.rstrip("/") or "/", b.rstrip("/") or "/"
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def check_out_apart_from_sources(specs: list[str], out: str) -> None:
+    """A store must not be, contain or lie inside a source: preprocess would read its own
+    output, or a rerun's --overwrite could reach the songs."""
+    out_root = spec_root(out)
+    for spec in specs:
+        root = spec_root(spec)
+        if root is not None and out_root is not None and overlapping(root, out_root):
+            raise DwaveError(f"--out {out} overlaps the source {spec} (the same place, or one "
+                             "inside the other): write the store somewhere else")

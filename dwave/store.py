@@ -31,6 +31,7 @@ from zarr.codecs import ZstdCodec
 from .errors import DwaveError
 
 STORE_FORMAT_VERSION = 1
+ZARR_JSON = "zarr.json"  # a Zarr 3 node's metadata: the store's root attributes live in it
 CHUNK_SAMPLES = 1 << 20
 DEFAULT_SAMPLE_RATE = 16000
 DEFAULT_QUANTIZATION_CHANNELS = 256
@@ -92,12 +93,76 @@ class TrackStore:
             self.url, mode=mode, zarr_format=3, use_consolidated=consolidated, **kwargs
         )
 
-    def exists(self) -> bool:
+    def _filesystem(self):
+        """(fsspec filesystem, root path) of the store's location."""
+        import fsspec
+
+        options = self.storage_options if is_remote(self.url) else {}
+        return fsspec.core.url_to_fs(self.url, **options)
+
+    def location_state(self) -> str:
+        """What is at the store's location: "new" (nothing, or an empty directory or prefix)
+        or "store" (a dwave store). Anything else is an error that names it, never "new": other
+        files (a user's songs or notes, a bucket's objects), a damaged store (root metadata
+        unreadable or truncated), or a location that cannot be read at all (permissions, an S3
+        error). The caller may then write only into "new", and replace only a "store"."""
+        where = f"--out {self.url}"
         try:
-            root = self._open("r")
-        except (FileNotFoundError, KeyError, ValueError, OSError):
-            return False
-        return "dwave_store_version" in root.attrs
+            fs, root = self._filesystem()
+            if root.rstrip("/") and fs.isfile(root):
+                raise DwaveError(f"{where} is a file, not a directory: give a new or empty "
+                                 "directory (or an existing dwave store)")
+            try:
+                raw = fs.cat_file(f"{root.rstrip('/')}/{ZARR_JSON}")
+            except FileNotFoundError:
+                raw = None
+            if raw is None:
+                try:
+                    entries = fs.ls(root, detail=False)
+                except FileNotFoundError:
+                    entries = []
+                entries = [e for e in entries if e.rstrip("/") != root.rstrip("/")]
+                if not entries:
+                    return "new"
+                names = ", ".join(repr(os.path.basename(e.rstrip("/"))) for e in entries[:3])
+                raise DwaveError(
+                    f"{where} holds {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} "
+                    f"({names}{', ...' if len(entries) > 3 else ''}) and is not a dwave store: "
+                    "preprocess writes only into a new or empty location or an existing store "
+                    "(--overwrite replaces only a dwave store); choose another --out")
+        except DwaveError:
+            raise
+        except PermissionError as exc:
+            raise DwaveError(f"{where}: cannot read it ({exc.strerror or exc}): fix its "
+                             "permissions or choose another --out") from None
+        except Exception as exc:  # S3 errors, a dead mount: unknown is not "absent"
+            raise DwaveError(f"{where}: cannot tell what is there ({type(exc).__name__}: "
+                             f"{str(exc)[:200]}); nothing was changed, check the location and "
+                             "credentials and retry") from None
+        try:
+            attrs = json.loads(raw)["attributes"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DwaveError(
+                f"{where}: the store's root metadata {ZARR_JSON} is damaged ({type(exc).__name__}"
+                f"); nothing was changed: restore it from a backup, or remove the store yourself "
+                "if it is expendable, or choose another --out") from None
+        if "dwave_store_version" not in attrs:
+            raise DwaveError(f"{where} is a Zarr group but not a dwave store; choose another "
+                             "--out")
+        return "store"
+
+    def exists(self) -> bool:
+        """A readable dwave store is there (a damaged or foreign location raises)."""
+        return self.location_state() == "store"
+
+    def _remove_store(self) -> None:
+        """Delete what dwave wrote (its root metadata and its two groups), nothing else."""
+        fs, root = self._filesystem()
+        for name in ("tracks", "index", ZARR_JSON):
+            path = f"{root.rstrip('/')}/{name}"
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+        _cached_tracks_group.cache_clear()
 
     def config(self) -> StoreConfig:
         try:
@@ -113,9 +178,12 @@ class TrackStore:
     ) -> StoreConfig:
         """Create the store (or wipe it with `overwrite`), or check an existing one's config.
 
-        A value left as None takes the existing store's, else the default.
+        A value left as None takes the existing store's, else the default. Nothing is written
+        to a location holding anything but a dwave store (see location_state), and
+        `overwrite` removes only the store's own parts.
         """
-        if self.exists() and not overwrite:
+        state = self.location_state()
+        if state == "store" and not overwrite:
             config = self.config()
             for name, wanted, have in [
                 ("--sample-rate", sample_rate, config.sample_rate),
@@ -135,7 +203,9 @@ class TrackStore:
             config.dtype  # validates the channel count before anything is written
         except ValueError as exc:
             raise DwaveError(f"--quantization-channels: {exc}") from None
-        root = self._open("w")
+        if state == "store":
+            self._remove_store()
+        root = self._open("a")
         root.attrs.update(
             {
                 "dwave_store_version": STORE_FORMAT_VERSION,

@@ -387,10 +387,13 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     def save(step: int) -> None:
         if rank == 0:
             os.makedirs(run_dir, exist_ok=True)
+            # The checkpoint first, then the step in config.json that says it exists: a failed
+            # save (disk full) leaves config.json at the last checkpoint that is complete, so
+            # `dwave status` never calls a run finished without its final weights.
+            manager.save(checkpoint_number=step)
             _atomic_write_json(os.path.join(run_dir, "config.json"), {
                 "model": model_config.to_dict(), "train": dataclasses.asdict(train),
                 "world_size": size, "step": step})
-            manager.save(checkpoint_number=step)
 
     if not resuming:
         save(start_step)  # config.json and ckpt-0 on disk from the first second

@@ -1,0 +1,111 @@
+"""Preprocess never deletes what it did not write: a non-store --out is refused (even with
+--overwrite), a store that overlaps a source is refused, a damaged store is an error naming the
+damage (never wiped as "no store"), and --overwrite of a real store removes only its own parts.
+Locally and on a real S3 endpoint (moto's server)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import run_dwave, tone, write_audio
+
+
+def tree(path) -> dict[str, bytes]:
+    """Every file under `path` with its bytes: to show nothing changed."""
+    out = {}
+    for directory, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(directory, name)
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, path)] = f.read()
+    return out
+
+
+def refused(*args, cwd=None, message: str) -> str:
+    proc = run_dwave("preprocess", *args, "--workers", "1", "--no-progress", cwd=cwd)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and message in lines[-1], proc.stderr[-2000:]
+    assert len([l for l in lines if l.startswith("dwave: error")]) == 1
+    return lines[-1]
+
+
+@pytest.fixture
+def song(tmp_path) -> str:
+    songs = tmp_path / "songs"
+    songs.mkdir()
+    return write_audio(songs / "a.wav", tone(0.5, 22050), 22050)
+
+
+def test_a_location_holding_other_files_is_refused_even_with_overwrite(tmp_path, song):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("my notes")
+    (notes / "sub").mkdir()
+    (notes / "sub" / "more.txt").write_text("more")
+    before = tree(notes)
+    for extra in ([], ["--overwrite"]):
+        line = refused(song, "--out", notes, *extra, message="is not a dwave store")
+        assert "holds 2 entries" in line and "'todo.txt'" in line
+    assert tree(notes) == before
+
+    # `--out .` in a directory with files in it
+    refused(song, "--out", ".", "--overwrite", cwd=notes, message="is not a dwave store")
+    assert tree(notes) == before
+
+    # a regular file
+    (tmp_path / "file").write_text("x")
+    refused(song, "--out", tmp_path / "file", message="is a file, not a directory")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_store_that_is_in_or_around_a_source_is_refused(tmp_path, song):
+    songs = os.path.dirname(song)
+    before = tree(songs)
+    for out in (songs, os.path.join(songs, "store"), tmp_path):
+        refused(songs, "--out", out, "--overwrite", message="overlaps the source")
+    refused(os.path.join(songs, "*.wav"), "--out", songs, message="overlaps the source")
+    assert tree(songs) == before
+
+
+def test_a_damaged_store_is_an_error_not_an_empty_place(tmp_path, song):
+    store = tmp_path / "store"
+    run_dwave("preprocess", song, "--out", store, "--workers", "1", "--no-progress", check=0)
+    root = store / "zarr.json"
+    root.write_bytes(root.read_bytes()[:40])  # truncated, as by a full disk
+    before = tree(store)
+    for extra in ([], ["--overwrite"]):
+        line = refused(song, "--out", store, *extra, message="root metadata zarr.json is damaged")
+        assert "nothing was changed" in line
+    assert tree(store) == before
+
+
+def test_overwrite_replaces_only_what_the_store_wrote(tmp_path, song):
+    store = tmp_path / "store"
+    run_dwave("preprocess", song, "--out", store, "--sample-rate", "8000", "--workers", "1",
+              "--no-progress", check=0)
+    (store / "README.txt").write_text("the user's note beside the store")
+    run_dwave("preprocess", song, "--out", store, "--sample-rate", "16000", "--overwrite",
+              "--workers", "1", "--no-progress", check=0)
+    assert (store / "README.txt").read_text() == "the user's note beside the store"
+    info = json.loads(run_dwave("info", store, "--json", check=0).stdout)
+    assert info["sample_rate"] == 16000 and [t["length"] for t in info["tracks"]] == [8000]
+
+
+def test_s3_bucket_root_or_prefix_with_other_objects_is_refused(s3_bucket, song):
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=s3_bucket, Key="photos/cat.jpg", Body=b"meow")
+    s3.put_object(Bucket=s3_bucket, Key="data/notes.txt", Body=b"notes")
+    for out in (f"s3://{s3_bucket}", f"s3://{s3_bucket}/", f"s3://{s3_bucket}/data"):
+        refused(song, "--out", out, "--overwrite", message="is not a dwave store")
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"])
+    assert keys == ["data/notes.txt", "photos/cat.jpg"]
+    # an empty prefix is a new store
+    run_dwave("preprocess", song, "--out", f"s3://{s3_bucket}/store", "--workers", "1",
+              "--no-progress", check=0)
+    assert s3.get_object(Bucket=s3_bucket, Key="data/notes.txt")["Body"].read() == b"notes"
