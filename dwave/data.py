@@ -12,7 +12,8 @@ hash of their id, so the split never changes as the store grows.
 Where the codes live:
 
 * "memory" (default while the training tracks fit in `cache_bytes`): every track is read once,
-  in parallel, into one flat uint8 buffer; a window is then a slice. Fastest by far, and
+  in parallel, into one flat buffer of the store's code type (uint8, or uint16 above 256
+  levels); a window is then a slice. Fastest by far, and
   what a store of a few thousand songs needs (an hour of 16 kHz audio is 58 MB).
 * "stream": windows are read from the Zarr arrays as they are drawn (the store may be any size,
   local or on S3), by a pool of tf.data workers ahead of the training step.
@@ -65,8 +66,10 @@ class WindowSampler:
     """Batches of windows from a list of tracks. `batch(rank, step)` is deterministic."""
 
     def __init__(self, store: TrackStore, tracks: list[Track], genres: list[str], window: int,
-                 batch_size: int, seed: int, stream: int, mode: str, read_threads: int = 8):
+                 batch_size: int, seed: int, stream: int, mode: str, dtype=np.uint8,
+                 read_threads: int = 8):
         self.store, self.tracks, self.window = store, tracks, window
+        self.dtype = np.dtype(dtype)  # the store's: codes above 255 must never wrap
         self.batch_size, self.seed, self.stream_id, self.mode = batch_size, seed, stream, mode
         genre_index = {g: i for i, g in enumerate(genres)}
         self.track_genre = np.array([genre_index.get(t.genre, 0) for t in tracks], np.int32)
@@ -82,7 +85,7 @@ class WindowSampler:
             self._arrays = {}
 
     def _load_all(self, threads: int) -> np.ndarray:
-        buffer = np.empty(int(self.track_offsets[-1]), np.uint8)
+        buffer = np.empty(int(self.track_offsets[-1]), self.dtype)
 
         def load(i: int) -> None:
             codes = self.store.read_codes(self.tracks[i].id)
@@ -117,9 +120,9 @@ class WindowSampler:
         return track, draws - before
 
     def batch(self, rank: int, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(codes uint8 (batch, window), genre int32 (batch,))."""
+        """(codes (batch, window) of the store's dtype, genre int32 (batch,))."""
         track, start = self.locate(rank, step)
-        codes = np.empty((self.batch_size, self.window), np.uint8)
+        codes = np.empty((self.batch_size, self.window), self.dtype)
         for row, (t, s) in enumerate(zip(track, start)):
             if self.mode == "memory":
                 begin = self.track_offsets[t] + s
@@ -137,7 +140,8 @@ class WindowSampler:
 
         steps = tf.data.Dataset.range(first_step, last_step)
         batches = steps.map(
-            lambda s: tf.numpy_function(assemble, [s], (tf.uint8, tf.int32), stateful=False),
+            lambda s: tf.numpy_function(assemble, [s], (tf.as_dtype(self.dtype), tf.int32),
+                                        stateful=False),
             num_parallel_calls=parallel, deterministic=True)
         shape = ((self.batch_size, self.window), (self.batch_size,))
         batches = batches.map(lambda c, g: (tf.ensure_shape(c, shape[0]),
@@ -191,19 +195,19 @@ def open_training_data(store_url: str, window: int, batch_size: int, seed: int,
     if genres is None:
         genres = sorted({t.genre for t in tracks})
     train, val = split_tracks(usable, validation_fraction)
-    train_bytes = sum(t.length for t in train)
+    train_bytes = sum(t.length for t in train) * config.dtype.itemsize
     if mode is None:
         mode = "memory" if train_bytes <= cache_bytes else "stream"
     if mode not in ("memory", "stream"):
         raise DwaveError(f"data mode must be memory or stream, got {mode!r}")
     make = lambda ts, stream: WindowSampler(  # noqa: E731
-        store, ts, genres, window, batch_size, seed, stream, mode)
+        store, ts, genres, window, batch_size, seed, stream, mode, config.dtype)
     return TrainingData(
         train=make(train, 0),
         validation=make(val, 1) if val else None,
         genres=genres,
         sample_rate=config.sample_rate,
         levels=config.quantization_channels,
-        train_samples=train_bytes,
+        train_samples=sum(t.length for t in train),
     )
 

@@ -81,6 +81,19 @@ def gate_biases(model, genre_ids, batch: int) -> np.ndarray:
     return pad_blocks(total.reshape(batch * layers, 2 * D), None, D).reshape(batch, layers, -1)
 
 
+def inverse_temperature(temperature: float) -> np.float32:
+    """1 / temperature for the step loop, where 0 means "the most likely code". A temperature so
+    small that its inverse overflows float32 (1e-40, say) is that limit too: sampling from
+    logits times inf would give NaN probabilities and a constant full-scale signal."""
+    if not (temperature >= 0 and np.isfinite(temperature)):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if temperature == 0:
+        return np.float32(0.0)
+    with np.errstate(over="ignore"):
+        inverse = np.float32(1.0 / temperature)
+    return inverse if np.isfinite(inverse) else np.float32(0.0)
+
+
 class FastGenerator:
     """Cached generation for a batch of songs with one model.
 
@@ -163,7 +176,7 @@ class FastGenerator:
         q = self.config.quantization_channels
         codes = np.empty((steps, self.batch), np.int64)
         logits = np.empty((steps if keep_logits else 1, self.batch, q), np.float32)
-        inv_t = np.float32(0.0 if temperature == 0 else 1.0 / temperature)
+        inv_t = inverse_temperature(temperature)
 
         parts = self.threads_per_lane
         jobs, outputs = [], []

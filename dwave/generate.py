@@ -10,6 +10,7 @@ seed: its random draws come from its own stream seeded by (seed, i), whichever r
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -38,14 +39,16 @@ class GenerateOptions:
     threads: int | None = None  # per rank; None: the rank's cores (dwave.cpus.cores_per_rank)
 
     def __post_init__(self):
-        if not self.seconds > 0:
-            raise DwaveError(f"--seconds must be positive, got {self.seconds:g}")
+        if not (self.seconds > 0 and math.isfinite(self.seconds)):
+            raise DwaveError(f"--seconds must be a positive number, got {self.seconds:g}")
         if self.num_songs < 1:
             raise DwaveError("--num-songs must be at least 1")
-        if self.temperature < 0:
-            raise DwaveError(f"--temperature must be >= 0, got {self.temperature:g}")
-        if not self.prime_seconds > 0:
-            raise DwaveError("--prime-seconds must be positive")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise DwaveError(f"--temperature must be a finite number >= 0, got "
+                             f"{self.temperature:g}")
+        if not (self.prime_seconds > 0 and math.isfinite(self.prime_seconds)):
+            raise DwaveError(f"--prime-seconds must be a positive number, got "
+                             f"{self.prime_seconds:g}")
         if self.threads is not None and self.threads < 1:
             raise DwaveError("--threads must be at least 1")
 

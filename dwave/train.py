@@ -230,16 +230,18 @@ def default_learning_rate(lr: float | None, preset: str | None, saved) -> float:
 
 def resolve_model_config(saved: ModelConfig | None, preset: str | None, overrides: dict,
                          conditioning: bool | None, store_genres: list[str],
-                         sample_rate: int, run_dir: str = "") -> ModelConfig:
+                         sample_rate: int, run_dir: str = "", levels: int = 256) -> ModelConfig:
     """The run's architecture.
 
-    A new run: the preset (default `tiny`) with overrides, conditioned on the store's genres
-    if asked. An existing run (`saved`): its config; flags that disagree with it are an error
-    rather than a silently different model.
+    A new run: the preset (default `tiny`) with overrides, at the store's sample rate and
+    quantization levels, conditioned on the store's genres if asked. An existing run (`saved`):
+    its config; flags or a store that disagree with it are an error rather than a silently
+    different model.
     """
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if saved is None:
         return ModelConfig.from_preset(preset or DEFAULT_PRESET, sample_rate=sample_rate,
+                                       quantization_channels=levels,
                                        genres=store_genres if conditioning else [], **overrides)
     wanted = ModelConfig.from_preset(preset, **overrides).to_dict() if preset else overrides
     have = saved.to_dict()
@@ -249,6 +251,9 @@ def resolve_model_config(saved: ModelConfig | None, preset: str | None, override
         clashes.append("genre conditioning " + ("on" if saved.conditioned else "off"))
     if saved.sample_rate != sample_rate:
         clashes.append(f"sample rate {saved.sample_rate} (the store's is {sample_rate})")
+    if saved.quantization_channels != levels:
+        clashes.append(f"{saved.quantization_channels} quantization levels (the store's codes "
+                       f"have {levels})")
     if clashes:
         raise DwaveError(f"run dir {run_dir} holds a model with {'; '.join(clashes)}: use a new "
                          "--run-dir, or the flags it was started with")
@@ -340,7 +345,7 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
         storage_options, mode=train.data_mode,
         genres=saved_model.genres if saved_model and saved_model.genres else None)
     model_config = resolve_model_config(saved_model, preset, overrides, train.genre_conditioning,
-                                        data.genres, data.sample_rate, run_dir)
+                                        data.genres, data.sample_rate, run_dir, data.levels)
     resuming = saved_model is not None
 
     import horovod.tensorflow as hvd
@@ -348,7 +353,8 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
     say = log if rank == 0 else (lambda *_: None)
-    threads = configure_devices(hvd, train.threads)
+    threads = configure_devices(hvd, train.threads)  # before any TensorFlow op runs
+    _lock_run_dir(run_dir, rank, size, hvd)
 
     import tensorflow as tf
 
@@ -529,6 +535,28 @@ class _ValidationLog:
         self.history = [h for h in self.history if h["step"] < step]  # a resume redoes steps
         self.history.append({"step": step, "bits": bits, "seconds": round(seconds, 2)})
         _atomic_write_json(self.path, {"baselines": self.baselines, "history": self.history})
+
+
+_HELD_LOCKS: list = []
+
+
+def _lock_run_dir(run_dir: str, rank: int, size: int, hvd) -> None:
+    """Rank 0 takes RUN_DIR/lock for the rest of the process (released when it exits, however
+    it exits); every rank learns whether it got it, so a refused job stops on all ranks."""
+    from .runlock import RunDirLock
+
+    refusal = None
+    if rank == 0:
+        try:
+            lock = RunDirLock(run_dir)
+            lock.acquire()
+            _HELD_LOCKS.append(lock)  # never released here: it lives as long as this process
+        except DwaveError as exc:
+            refusal = str(exc)
+    if size > 1:
+        refusal = hvd.broadcast_object(refusal, root_rank=0)
+    if refusal:
+        raise DwaveError(refusal)
 
 
 def _validate(trainer: Trainer, sampler, rank: int, size: int, batches: int, hvd) -> float:

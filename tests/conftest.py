@@ -121,7 +121,8 @@ def s3_bucket(s3_endpoint, request) -> str:
     return name
 
 
-def synthetic_codes(seconds: float, rate: int = 16000, kind: str = "tone", seed: int = 0):
+def synthetic_codes(seconds: float, rate: int = 16000, kind: str = "tone", seed: int = 0,
+                    levels: int = 256):
     """mu-law codes of a tone or a chirp: structure a WaveNet can learn in a few steps."""
     from dwave.audio import mu_law_encode
 
@@ -133,15 +134,16 @@ def synthetic_codes(seconds: float, rate: int = 16000, kind: str = "tone", seed:
         f0, f1 = 150.0, 900.0
         phase = 2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * t[-1]))
         audio = 0.6 * np.sin(phase)
-    return mu_law_encode(audio.astype(np.float32))
+    return mu_law_encode(audio.astype(np.float32), levels)
 
 
-def make_store(url: str, tracks: dict, rate: int = 16000, storage_options=None) -> str:
+def make_store(url: str, tracks: dict, rate: int = 16000, storage_options=None,
+               levels: int = 256) -> str:
     """A store written directly (no decoding): `tracks` maps id -> (codes, genre)."""
     from dwave.store import TrackStore
 
     store = TrackStore(url, storage_options)
-    store.prepare(rate, 256, overwrite=True)
+    store.prepare(rate, levels, overwrite=True)
     for track_id, (codes, genre) in tracks.items():
         store.write_track(track_id, codes, {
             "sample_rate": rate, "length": len(codes), "duration": len(codes) / rate,

@@ -99,6 +99,21 @@ def test_temperature_zero_follows_the_argmax_and_sampling_follows_the_softmax():
     np.testing.assert_array_equal(codes, np.minimum(expected, 255))
 
 
+def test_a_temperature_whose_inverse_overflows_acts_as_zero():
+    from dwave.fast import FastGenerator, inverse_temperature
+
+    assert inverse_temperature(1e-40) == 0 and inverse_temperature(0.0) == 0
+    assert inverse_temperature(0.5) == np.float32(2.0)
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError):
+            inverse_temperature(bad)
+    model = random_model()
+    uniforms = np.random.default_rng(0).random((40, 2))
+    greedy = FastGenerator(model, 2).generate(uniforms, 0.0)
+    tiny = FastGenerator(model, 2).generate(uniforms, 1e-40)
+    np.testing.assert_array_equal(tiny, greedy)
+
+
 def test_a_song_does_not_depend_on_its_batch():
     from dwave.fast import FastGenerator
     from dwave.generate import song_uniforms
@@ -164,7 +179,15 @@ def test_bad_generate_inputs_are_one_line_errors(trained_run, tmp_path):
     assert "does not exist" in error_of(tmp_path / "missing", *out)
     (tmp_path / "empty").mkdir()
     assert "no config.json" in error_of(tmp_path / "empty", *out)
-    assert "must be positive" in error_of(trained_run, *out, "--seconds", "-1", "--genre", "tone")
+    assert "must be a positive number" in error_of(trained_run, *out, "--seconds", "-1",
+                                                   "--genre", "tone")
+    for flag, value, message in [("--temperature", "nan", "finite number >= 0, got nan"),
+                                 ("--temperature", "inf", "finite number >= 0, got inf"),
+                                 ("--temperature", "-0.5", "finite number >= 0"),
+                                 ("--seconds", "inf", "--seconds must be a positive number"),
+                                 ("--prime-seconds", "inf", "--prime-seconds must be a positive")]:
+        assert message in error_of(trained_run, *out, flag, value, "--genre", "tone"), flag
+    assert not (tmp_path / "o").exists()  # refused before anything was written
     assert "unknown genre 'jazz'" in error_of(trained_run, *out, "--genre", "jazz")
     assert "conditioned on genre" in error_of(trained_run, *out)
     no_ckpt = tmp_path / "no_ckpt"

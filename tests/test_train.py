@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from conftest import MPI_ENV, ROOT, make_store, run_dwave, synthetic_codes
 
@@ -210,6 +211,58 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(tone_store, tmp_path):
     # `dwave status` (what slurm/train.sbatch asks before requeueing): not finished, exit 3.
     status = run_dwave("status", run, check=3)
     assert f"step {m.group(1)} of 100000, not finished" in status.stdout
+
+
+def test_a_second_job_on_a_run_dir_is_refused_until_the_first_dies(tone_store, tmp_path):
+    run = tmp_path / "run"
+    first = _start_training(tone_store, run, 100000, ["--ckpt-every", "10"])
+    _wait_for_checkpoint_after(run, 10, first)
+    second = run_dwave("train", tone_store, "--run-dir", run, "--steps", "100000", *FAST,
+                       timeout=300)
+    assert second.returncode == 2, second.stderr[-2000:]
+    line = second.stderr.strip().splitlines()[-1]
+    assert f"run dir {run} is in use by another training job (host " in line
+    assert f"pid {first.pid}" in line and "Traceback" not in second.stderr
+    assert first.poll() is None  # the first job is untouched and still training
+    first.kill()  # dies without any clean-up: the lock goes with it
+    first.wait()
+    step = latest_step(run)
+    third = run_dwave("train", tone_store, "--run-dir", run, "--steps", step + 3, *FAST,
+                      check=0, timeout=300)
+    assert f"resuming from {run}/checkpoints/ckpt-{step}" in third.stderr
+    assert f"done: step {step + 3}" in third.stderr
+
+
+@pytest.mark.parametrize("levels", [64, 1024])
+def test_the_stores_levels_define_the_model_and_the_songs(levels, tmp_path):
+    """A 64- or 1024-level store trains a model of that many levels on its codes as stored
+    (uint16 above 256: never wrapped to uint8), and generation decodes with them."""
+    from dwave.data import open_training_data
+
+    url = make_store(str(tmp_path / "store"), {
+        str(i): (synthetic_codes(1.0, seed=i, levels=levels), "tone") for i in range(3)},
+        levels=levels)
+    data = open_training_data(url, 300, 2, 0)
+    codes = data.train.batch(0, 0)[0]
+    assert codes.dtype == (np.uint8 if levels <= 256 else np.uint16)
+    assert codes.max() < levels and (levels < 256 or codes.max() > 255)
+    run = tmp_path / "run"
+    run_dwave("train", url, "--run-dir", run, "--steps", "3", *FAST, check=0)
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["quantization_channels"] == levels
+    baselines = json.loads((run / "validation.json").read_text())["baselines"]
+    assert baselines["unigram_bits"] < np.log2(levels) + 0.5
+    out = tmp_path / "songs"
+    run_dwave("generate", run, "--out", out, "--seconds", "0.05", check=0)
+    import tensorflow as tf
+
+    from dwave.generate import load_model
+
+    model, _, _ = load_model(str(run))
+    assert model.head2_w.shape[-1] == levels and model.embedding.shape[0] == levels
+    assert sf.info(str(out / "song-000.wav")).frames == 800
+    assert tf.reduce_all(tf.shape(model(tf.zeros((1, 400), tf.int32))) ==
+                         [1, 400 - model.config.receptive_field + 1, levels])
 
 
 def test_status_of_finished_missing_and_foreign_run_dirs(trained_run, tmp_path):
