@@ -96,17 +96,26 @@ def expand_sources(
         if not found:
             raise DwaveError(f"no audio files found in {spec!r}")
         sources.extend(found)
-    unique = list(dict.fromkeys(sources))  # same URI twice on the command line: once
+    # Each song once: the same URI twice on the command line, or one real file reached by two
+    # paths (a symlink beside its target, two overlapping specs), keeps its first path.
+    unique, real_paths = [], set()
+    for source in dict.fromkeys(sources):
+        if "://" not in source.uri and "::" not in source.uri:
+            real = os.path.realpath(source.uri)
+            if real in real_paths:
+                continue
+            real_paths.add(real)
+        unique.append(source)
     return Expansion(unique, ignored)
 
 
 def _expand_local(spec: str, ignored: list[str]) -> list[Source]:
     if glob.has_magic(spec):
-        paths = sorted(glob.glob(spec, recursive=True))
+        paths = glob_paths(spec)
         if not paths:
             raise DwaveError(f"no files match {spec!r}")
         return [s for p in paths for s in _expand_local_path(p, ignored, explicit=False)]
-    if not os.path.exists(spec):
+    if not os.path.lexists(spec):
         raise DwaveError(f"no such file or directory: {spec}")
     return _expand_local_path(spec, ignored, explicit=True)
 
@@ -115,18 +124,98 @@ def _expand_local_path(path: str, ignored: list[str], explicit: bool) -> list[So
     path = os.path.abspath(path)
     if os.path.isdir(path):
         found = []
-        for root, dirs, files in os.walk(path):
-            dirs.sort()
-            for name in sorted(files):
-                found.extend(_expand_local_path(os.path.join(root, name), ignored, explicit=False))
+        for file in walk_files(path):
+            found.extend(_expand_local_path(file, ignored, explicit=False))
         return found
     if path.lower().endswith(".zip"):
         return _expand_zip(path, ignored)
     if not explicit and not is_audio_name(path):
         ignored.append(path)
         return []
-    stat = os.stat(path)
+    try:
+        stat = os.stat(path)
+    except OSError as exc:  # a dangling symlink, a file that vanished: the song fails, no more
+        return [Source(path, f"unreadable:{exc.strerror}", 0)]
     return [Source(path, f"size={stat.st_size},mtime_ns={stat.st_mtime_ns}", stat.st_size)]
+
+
+def walk_files(top: str) -> list[str]:
+    """Every file under `top`, in sorted order, following symlinked directories but entering
+    each real directory once: a symlink loop (a link to a parent) neither repeats songs nor
+    recurses forever. Unreadable directories are passed over."""
+    files: list[str] = []
+    seen: set[str] = set()
+
+    def walk(directory: str) -> None:
+        real = os.path.realpath(directory)
+        if real in seen:
+            return
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows symlinks; False for a dangling one
+            except OSError:
+                is_dir = False
+            if is_dir:
+                walk(entry.path)
+            else:
+                files.append(entry.path)
+
+    walk(top)
+    return files
+
+
+def glob_paths(pattern: str) -> list[str]:
+    """What a shell-style glob matches (`*`, `?`, `[...]` within one path component, `**` across
+    any number of them), found by walking its fixed leading directory with walk_files' loop
+    protection (Python's glob follows symlinked directories without any, so one symlink loop
+    makes `dir/**/*.wav` list a song many times, and a few never finish). Matching directories
+    are returned too (their songs are then expanded)."""
+    parts = pattern.split("/")
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base = "/".join(parts[:fixed]) or ("/" if pattern.startswith("/") else ".")
+    regex = re.compile(_glob_regex("/".join(parts[fixed:])))
+    if not os.path.isdir(base):
+        return []
+    matches = set()
+    for file in walk_files(base):
+        relative = os.path.relpath(file, base)
+        pieces = relative.split(os.sep)
+        for depth in range(1, len(pieces) + 1):  # the file, or a directory above it
+            if regex.fullmatch("/".join(pieces[:depth])):
+                matches.add(os.path.join(base, *pieces[:depth]))
+                break
+    return sorted(matches)
+
+
+def _glob_regex(pattern: str) -> str:
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]*/)*")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return "".join(out)
 
 
 def _expand_zip(path: str, ignored: list[str]) -> list[Source]:

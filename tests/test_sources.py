@@ -155,3 +155,35 @@ def test_plain_metadata_csv_and_bad_ones(tmp_path):
         load_genres(str(bad))
     with pytest.raises(DwaveError, match="cannot read"):
         load_genres(str(tmp_path / "nope.csv"))
+
+
+def test_symlink_loops_visit_each_real_file_once_and_finish(tmp_path):
+    music = tmp_path / "music"
+    (music / "a" / "b").mkdir(parents=True)
+    write_tone(music / "a" / "one.wav", seconds=0.1)
+    write_tone(music / "a" / "b" / "two.wav", seconds=0.1)
+    # Three loops back to ancestors, and a link beside its target: Python's glob would list the
+    # songs thousands of times (or never finish); a walk that follows links must not either.
+    os.symlink(music, music / "a" / "b" / "up")
+    os.symlink(music / "a", music / "a" / "b" / "up2")
+    os.symlink(music / "a", music / "loop")
+    os.symlink(music / "a" / "one.wav", music / "alias.wav")
+    for spec in (str(music), f"{music}/**/*.wav", f"{music}/a/**"):
+        uris = [s.uri for s in expand_sources([spec]).sources]
+        reals = sorted(os.path.realpath(u) for u in uris)
+        assert reals == sorted([str(music / "a" / "one.wav"), str(music / "a" / "b" / "two.wav")]), \
+            (spec, uris)
+    # Glob semantics: `*` stays within one directory, `**/` spans any number (zero included).
+    assert [os.path.basename(s.uri) for s in expand_sources([f"{music}/a/*.wav"]).sources] == \
+        ["one.wav"]
+
+
+def test_a_dangling_symlink_is_a_failed_song_not_a_crash(tmp_path):
+    music = tmp_path / "music"
+    music.mkdir()
+    write_tone(music / "good.wav", seconds=0.1)
+    os.symlink(music / "gone.wav", music / "broken.wav")
+    sources = expand_sources([str(music)]).sources
+    assert sorted(os.path.basename(s.uri) for s in sources) == ["broken.wav", "good.wav"]
+    broken = next(s for s in sources if s.uri.endswith("broken.wav"))
+    assert broken.fingerprint.startswith("unreadable:")
