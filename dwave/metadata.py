@@ -16,7 +16,9 @@ def _normalise_id(track_id: str) -> str:
 def load_genres(path: str) -> dict[str, str]:
     """Map track id -> genre. Tracks without a genre are left out."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        # utf-8-sig: a spreadsheet's CSV export starts with a byte-order mark, which would
+        # otherwise become part of the first header name ("\ufefftrack_id").
+        with open(path, newline="", encoding="utf-8-sig") as f:
             rows = csv.reader(f)
             header = next(rows, None)
             if header is None:

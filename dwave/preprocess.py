@@ -110,9 +110,10 @@ class Summary:
 
 def plan_tasks(
     sources: list[Source], genres: dict[str, str], done: dict[str, dict]
-) -> tuple[list[TrackTask], int, list[dict]]:
-    """Which songs still need processing: (tasks, number already done, duplicate-id failures)."""
-    tasks, skipped, failures = [], 0, []
+) -> tuple[list[TrackTask], int, list[dict], dict[str, str]]:
+    """Which songs still need processing: (tasks, number already done, id failures, genres to
+    set on finished tracks whose --metadata genre differs from the stored one)."""
+    tasks, skipped, failures, relabel = [], 0, [], {}
     claimed: dict[str, str] = {}
     for source in sources:
         track_id = source.track_id
@@ -125,13 +126,25 @@ def plan_tasks(
         claimed[track_id] = source.uri
         previous = done.get(track_id)
         if previous and previous.get("fingerprint") == source.fingerprint:
-            skipped += 1
+            skipped += 1  # done; the same song even if its path changed (a moved archive)
+            if track_id in genres and genres[track_id] != previous.get("genre"):
+                relabel[track_id] = genres[track_id]
+            continue
+        if previous and previous.get("source") not in (None, source.uri):
+            # 000002.mp3 then, a different 2.wav now: the same id, another song. Replacing
+            # the stored track would silently lose the first; the user decides.
+            failures.append({
+                "source": source.uri, "track_id": track_id,
+                "reason": f"track id {track_id} is already in the store from "
+                          f"{previous['source']}: rename this file, or remove that track "
+                          "(or --overwrite the store) to replace it",
+            })
             continue
         tasks.append(TrackTask(source, track_id, genres.get(track_id)))
     # Longest first (by file size): the last tasks to finish are then short ones, so workers
     # run out of work at nearly the same time (LPT scheduling; songs differ in length by 10x).
     tasks.sort(key=lambda task: -task.source.size)
-    return tasks, skipped, failures
+    return tasks, skipped, failures, relabel
 
 
 def run_preprocess(
@@ -156,7 +169,16 @@ def run_preprocess(
     store = TrackStore(out, storage_options)
     expansion = expand_sources(specs, store.storage_options, cache_dir)
     config = store.prepare(sample_rate, quantization_channels, overwrite)
-    tasks, skipped, failures = plan_tasks(expansion.sources, genres, store.completed_tracks())
+    done = store.completed_tracks()
+    tasks, skipped, failures, relabel = plan_tasks(expansion.sources, genres, done)
+    for track_id, genre in relabel.items():
+        store.set_track_genre(track_id, genre)
+    if relabel:
+        log(f"--metadata: genre set on {len(relabel)} finished track(s) whose genre it changes")
+    unmatched = sorted(set(genres) - {s.track_id for s in expansion.sources} - set(done))
+    if unmatched:
+        log(f"--metadata: {len(unmatched)} track id(s) match no song here or in the store "
+            f"(e.g. {', '.join(unmatched[:5])})")
     summary = Summary(store.url, config, len(expansion.sources), skipped=skipped,
                       ignored=len(expansion.ignored))
     log(f"{len(expansion.sources)} songs found: {len(tasks)} to process, {skipped} already in "

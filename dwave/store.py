@@ -232,11 +232,9 @@ class TrackStore:
             if array.attrs.get("complete") is True
         }
 
-    def track_attrs(self, track_id: str) -> dict | None:
-        try:
-            return dict(self._tracks_group()[track_id].attrs)
-        except KeyError:
-            return None
+    def set_track_genre(self, track_id: str, genre: str) -> None:
+        """Relabel a finished track (the index picks it up when it is rebuilt)."""
+        self._tracks_group()[track_id].attrs.update({"genre": genre})
 
     def write_track(self, track_id: str, codes: np.ndarray, attrs: dict) -> None:
         """Write one track's codes; mark it complete only after all of its chunks."""

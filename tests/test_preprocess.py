@@ -244,3 +244,47 @@ def test_no_good_file_is_a_failure(tmp_path):
     proc = run_dwave("preprocess", tmp_path / "bad.mp3", "--out", tmp_path / "s", "--workers", "1",
                      "--no-progress")
     assert proc.returncode == 1 and "no track could be written" in proc.stderr
+
+
+def test_a_different_song_with_a_stored_id_is_reported_not_swapped_in(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    write_audio(first / "000002.wav", tone(0.5, 16000, freq=300.0), 16000)
+    write_audio(second / "2.wav", tone(0.7, 16000, freq=900.0), 16000)
+    store = tmp_path / "store"
+    run_dwave("preprocess", first, "--out", store, "--workers", "1", "--no-progress", check=0)
+    before = json.loads(run_dwave("info", store, "--json", check=0).stdout)["tracks"]
+    proc = run_dwave("preprocess", second, "--out", store, "--workers", "1", "--no-progress",
+                     check=0)
+    assert f"FAILED {second}/2.wav: track id 2 is already in the store from {first}/000002.wav" \
+        in proc.stderr
+    after = json.loads(run_dwave("info", store, "--json", check=0).stdout)
+    assert after["tracks"] == before and after["tracks"][0]["length"] == 8000
+    # The same song again, even moved elsewhere, is a resume: nothing to do, no failure.
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    again = run_dwave("preprocess", moved, "--out", store, "--workers", "1", "--no-progress",
+                      check=0)
+    assert "0 to process, 1 already in the store" in again.stderr and "FAILED" not in again.stderr
+
+
+def test_metadata_on_a_rerun_relabels_finished_tracks_and_reports_unknown_ids(tmp_path):
+    songs = tmp_path / "songs"
+    songs.mkdir()
+    for n in (1, 2):
+        write_audio(songs / f"00000{n}.wav", tone(0.3, 16000, freq=200.0 * n), 16000)
+    store = tmp_path / "store"
+    csv1 = tmp_path / "a.csv"
+    csv1.write_text("track_id,genre\n1,rock\n2,rock\n")
+    run_dwave("preprocess", songs, "--out", store, "--metadata", csv1, "--workers", "1",
+              "--no-progress", check=0)
+    # A spreadsheet export: byte-order mark, a changed genre, an id that matches nothing.
+    csv2 = tmp_path / "b.csv"
+    csv2.write_bytes("\ufefftrack_id,genre\n1,jazz\n2,rock\n77,folk\n".encode("utf-8"))
+    proc = run_dwave("preprocess", songs, "--out", store, "--metadata", csv2, "--workers", "1",
+                     "--no-progress", check=0)
+    assert "genre set on 1 finished track(s)" in proc.stderr
+    assert "1 track id(s) match no song here or in the store (e.g. 77)" in proc.stderr
+    info = json.loads(run_dwave("info", store, "--json", check=0).stdout)
+    assert {t["id"]: t["genre"] for t in info["tracks"]} == {"1": "jazz", "2": "rock"}
