@@ -159,6 +159,7 @@ class TrainingData:
     sample_rate: int
     levels: int  # quantization channels of the store's codes
     train_samples: int
+    left_out: dict  # {"tracks": N, "genres": [...]}: tracks of genres the run does not know
 
 
 def list_tracks(store: TrackStore) -> list[Track]:
@@ -178,6 +179,8 @@ def open_training_data(store_url: str, window: int, batch_size: int, seed: int,
     """Open a store for training, with clear errors for a store that cannot feed a window.
 
     `genres`: the genre vocabulary (a resumed run's, from its config); default: the store's.
+    Tracks of a genre outside a given vocabulary are left out and counted (a conditioned model
+    has no embedding for them: relabelling them as another genre would teach it wrong).
     """
     store = TrackStore(store_url, storage_options)
     config = store.config()  # a clear error if this is not a store
@@ -194,6 +197,14 @@ def open_training_data(store_url: str, window: int, batch_size: int, seed: int,
             "--window or preset, or add longer songs")
     if genres is None:
         genres = sorted({t.genre for t in tracks})
+    known = set(genres)
+    unknown = sorted({t.genre for t in usable if t.genre not in known})
+    left_out = [t for t in usable if t.genre not in known]
+    usable = [t for t in usable if t.genre in known]
+    if not usable:
+        raise DwaveError(f"store {store.url}: no track has a genre this run knows "
+                         f"({', '.join(genres)}); the store has {', '.join(unknown)}: start a "
+                         "new --run-dir to condition on them")
     train, val = split_tracks(usable, validation_fraction)
     train_bytes = sum(t.length for t in train) * config.dtype.itemsize
     if mode is None:
@@ -209,5 +220,6 @@ def open_training_data(store_url: str, window: int, batch_size: int, seed: int,
         sample_rate=config.sample_rate,
         levels=config.quantization_channels,
         train_samples=sum(t.length for t in train),
+        left_out={"tracks": len(left_out), "genres": unknown},
     )
 

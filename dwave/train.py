@@ -379,6 +379,9 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
         + f"; now {trainer.learning_rate:.3g} (read from the optimizer)")
     if restored:
         say(f"resuming from {restored} at step {start_step}")
+    if data.left_out["tracks"]:
+        say(f"left out {data.left_out['tracks']} track(s) of genres this run was not started "
+            f"with ({', '.join(data.left_out['genres'])}): a new --run-dir can condition on them")
     history = _ValidationLog(run_dir, resuming) if rank == 0 else None
     if history is not None and data.validation:
         history.baselines = _baselines(data, model_config, train.val_batches).to_dict()

@@ -102,3 +102,20 @@ def test_stores_that_cannot_feed_a_window_are_clear_errors(tmp_path):
     with pytest.raises(DwaveError, match="not a dwave store"):
         open_training_data(str(tmp_path / "nothing"), 100, 1, 0)
 
+
+
+def test_tracks_of_a_genre_the_run_does_not_know_are_left_out_not_relabelled(tmp_path):
+    from conftest import synthetic_codes
+
+    url = make_store(str(tmp_path / "s"), {
+        "a": (synthetic_codes(1.0, seed=1), "rock"), "b": (synthetic_codes(1.0, seed=2), "pop"),
+        "c": (synthetic_codes(1.0, seed=3), "rock"), "d": (synthetic_codes(1.0, seed=4), "jazz")})
+    data = open_training_data(url, 100, 2, 0, validation_fraction=0.0, genres=["pop", "rock"])
+    assert sorted(t.id for t in data.train.tracks) == ["a", "b", "c"]
+    assert data.left_out == {"tracks": 1, "genres": ["jazz"]}
+    assert sorted(set(data.train.track_genre.tolist())) == [0, 1]  # pop, rock: their own ids
+    assert data.train.track_genre.tolist() == [1, 0, 1]  # a rock, b pop, c rock
+    with pytest.raises(DwaveError, match="no track has a genre this run knows"):
+        open_training_data(url, 100, 2, 0, genres=["metal"])
+    everything = open_training_data(url, 100, 2, 0, validation_fraction=0.0)
+    assert everything.left_out["tracks"] == 0 and everything.genres == ["jazz", "pop", "rock"]
