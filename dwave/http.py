@@ -17,8 +17,12 @@ def fetch_with_resume(url: str, part_path: str, attempts: int = 5, timeout: floa
     """Fetch `url` into `part_path`, continuing from whatever `part_path` already holds.
 
     Each attempt asks for the bytes after the ones already on disk. A server that ignores Range
-    (answers 200 instead of 206) gets the download restarted from zero. Connection drops and
-    5xx answers are retried with back-off; 4xx answers fail at once.
+    (answers 200 instead of 206), or answers 206 with bytes from another offset than asked
+    (Content-Range), gets the download restarted from zero: nothing unverified is appended.
+    A body is complete only when its length is known (Content-Length, or chunked framing that
+    ended properly) and reached; a server that gives neither is refused, since a cut body
+    would look complete. Connection drops and 5xx answers are retried with back-off; 4xx
+    answers fail at once.
     """
     for attempt in range(1, attempts + 1):
         have = os.path.getsize(part_path) if os.path.exists(part_path) else 0
@@ -28,11 +32,24 @@ def fetch_with_resume(url: str, part_path: str, attempts: int = 5, timeout: floa
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 if have and response.status == 206:
+                    start = _range_start(response)
+                    if start != have:
+                        # Bytes from elsewhere in the file: appending them would corrupt it.
+                        os.remove(part_path)
+                        raise http.client.HTTPException(
+                            f"asked for bytes from {have}, got a Content-Range starting at "
+                            f"{start}")
                     mode, expected = "ab", _content_length(response, have)
                 elif have and response.status == 416:  # nothing left: we have it all
                     return
                 else:
                     mode, expected = "wb", _content_length(response, 0)
+                chunked = "chunked" in response.headers.get("Transfer-Encoding", "").lower()
+                if expected is None and not chunked:
+                    raise DwaveError(
+                        f"cannot download {url}: the server sends neither a Content-Length nor "
+                        "chunked framing, so a cut download could not be told from a complete "
+                        "one; download it yourself and give the file as SOURCE")
                 with open(part_path, mode) as out:
                     for block in iter(lambda: response.read(_BLOCK), b""):
                         out.write(block)
@@ -52,6 +69,16 @@ def fetch_with_resume(url: str, part_path: str, attempts: int = 5, timeout: floa
         if attempt < attempts:
             time.sleep(min(0.2 * 2**attempt, 5.0))
     raise DwaveError(f"cannot download {url} after {attempts} attempts: {error}")
+
+
+def _range_start(response) -> int | None:
+    """The first byte of a 206 answer, from its Content-Range ("bytes START-END/TOTAL")."""
+    value = response.headers.get("Content-Range", "")
+    unit, _, spec = value.strip().partition(" ")
+    try:
+        return int(spec.split("-", 1)[0]) if unit == "bytes" else None
+    except ValueError:
+        return None
 
 
 def _content_length(response, offset: int) -> int | None:

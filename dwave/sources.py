@@ -330,14 +330,28 @@ def download(spec: str, cache_dir: str | None = None, attempts: int = 5) -> str:
     os.makedirs(cache_dir, exist_ok=True)
     base = os.path.basename(url.split("?")[0]) or "download"
     target = os.path.join(cache_dir, f"{hashlib.sha1(url.encode()).hexdigest()[:12]}-{base}")
-    if not os.path.exists(target):
-        fetch_with_resume(url, target + ".part", attempts=attempts)
-        if sha256:
-            _verify_sha256(target + ".part", sha256, url)
-        os.replace(target + ".part", target)
-    elif sha256:
-        _verify_sha256(target, sha256, url)
+    # One fetch of a URL at a time, across processes (Dask workers, two runs): the second
+    # waits for the first, then finds the finished file.
+    locks = os.path.join(cache_dir, ".locks")
+    os.makedirs(locks, exist_ok=True)
+    with _exclusive(os.path.join(locks, os.path.basename(target))):
+        if not os.path.exists(target):
+            fetch_with_resume(url, target + ".part", attempts=attempts)
+            if sha256:
+                _verify_sha256(target + ".part", sha256, url)
+            os.replace(target + ".part", target)
+        elif sha256:
+            _verify_sha256(target, sha256, url)
     return target
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: str):
+    import fcntl
+
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the holder dies
+        yield
 
 
 def _verify_sha256(path: str, expected: str, url: str) -> None:

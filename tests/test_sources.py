@@ -119,7 +119,9 @@ def test_http_checksum_mismatch_is_an_error_and_keeps_nothing(tmp_path, flaky_se
     url, _, _ = flaky_server
     with pytest.raises(DwaveError, match="checksum mismatch"):
         download(f"{url}#sha256={'0' * 64}", str(tmp_path / "cache"))
-    assert os.listdir(tmp_path / "cache") == []
+    assert os.listdir(tmp_path / "cache") == [".locks"]  # only the (empty) lock files
+    assert all(os.path.getsize(tmp_path / "cache" / ".locks" / f) == 0
+               for f in os.listdir(tmp_path / "cache" / ".locks"))
     with pytest.raises(DwaveError, match="bad checksum"):
         download(f"{url}#md5=abc", str(tmp_path / "cache"))
 
@@ -187,3 +189,78 @@ def test_a_dangling_symlink_is_a_failed_song_not_a_crash(tmp_path):
     assert sorted(os.path.basename(s.uri) for s in sources) == ["broken.wav", "good.wav"]
     broken = next(s for s in sources if s.uri.endswith("broken.wav"))
     assert broken.fingerprint.startswith("unreadable:")
+
+
+def _serve(handler_class, **attrs):
+    handler = type("Handler", (handler_class,), {"requests": [], **attrs})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, handler
+
+
+class _WrongOffsetHandler(_FlakyRangeHandler):
+    """Cuts the first answer short, then answers a Range request with 206 but the file from
+    byte 0 (and says so in Content-Range): appending that would corrupt the song."""
+
+    def do_GET(self):  # noqa: N802
+        range_header = self.headers.get("Range")
+        type(self).requests.append(range_header)
+        self.send_response(206 if range_header else 200)
+        self.send_header("Content-Length", str(len(self.payload)))
+        if range_header:
+            self.send_header("Content-Range", f"bytes 0-{len(self.payload) - 1}/{len(self.payload)}")
+        self.end_headers()
+        if len(type(self).requests) == 1:
+            self.wfile.write(self.payload[: self.cut])
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(self.payload)
+
+
+class _NoLengthHandler(_FlakyRangeHandler):
+    """HTTP/1.0, no Content-Length: the body ends when the connection closes, here half-way."""
+
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self):  # noqa: N802
+        type(self).requests.append(self.headers.get("Range"))
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(self.payload[: len(self.payload) // 2])
+
+
+def test_a_206_from_the_wrong_offset_is_not_appended(tmp_path):
+    payload = open(write_tone(tmp_path / "song.flac", 2.0), "rb").read()
+    server, handler = _serve(_WrongOffsetHandler, payload=payload, cut=len(payload) // 3)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/000042.flac"
+        path = download(url, str(tmp_path / "cache"))
+    finally:
+        server.shutdown()
+    assert open(path, "rb").read() == payload  # restarted from zero, not stitched
+    assert handler.requests[0] is None and handler.requests[1].startswith("bytes=")
+    assert handler.requests[-1] is None
+
+
+def test_a_body_of_unknown_length_is_never_cached_as_complete(tmp_path):
+    payload = open(write_tone(tmp_path / "song.flac", 2.0), "rb").read()
+    server, _ = _serve(_NoLengthHandler, payload=payload)
+    cache = tmp_path / "cache"
+    try:
+        with pytest.raises(DwaveError, match="neither a Content-Length nor chunked framing"):
+            download(f"http://127.0.0.1:{server.server_address[1]}/000043.flac", str(cache))
+    finally:
+        server.shutdown()
+    assert not [f for f in os.listdir(cache) if f.endswith(".flac")]  # no complete-looking file
+
+
+def test_concurrent_downloads_of_one_url_fetch_it_once(tmp_path, flaky_server):
+    from concurrent.futures import ProcessPoolExecutor
+
+    url, payload, handler = flaky_server
+    cache = str(tmp_path / "cache")
+    with ProcessPoolExecutor(3) as pool:
+        paths = list(pool.map(download, [url] * 3, [cache] * 3))
+    assert len(set(paths)) == 1 and open(paths[0], "rb").read() == payload
+    assert len(handler.requests) == 2  # the cut first answer and its resume, nothing more
