@@ -81,7 +81,10 @@ def _add_preprocess(sub) -> None:
                    help="genres: FMA's tracks.csv, or a CSV with track_id,genre columns")
     p.add_argument("--overwrite", action="store_true", help="delete the store's contents first")
     p.add_argument("--storage-options", type=_json_object, metavar="JSON", default={},
-                   help='fsspec options for s3:// (e.g. \'{"anon": true}\')')
+                   help="fsspec options for an s3:// STORE (e.g. '{\"profile\": \"music\"}')")
+    p.add_argument("--source-storage-options", type=_json_object, metavar="JSON", default={},
+                   help="fsspec options for s3:// SOURCEs, separate from the store's (e.g. "
+                        "'{\"anon\": true}' for a public bucket)")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="where http(s) downloads go (default: $DWAVE_CACHE_DIR or "
                         "~/.cache/dwave/downloads)")
@@ -143,6 +146,7 @@ def _cmd_preprocess(args) -> int:
         metadata=args.metadata,
         overwrite=args.overwrite,
         storage_options=args.storage_options,
+        source_storage_options=args.source_storage_options,
         cache_dir=args.cache_dir,
         progress=not args.no_progress,
         log=_log,

@@ -15,7 +15,7 @@ from .audio import AudioError, decode_to_mono, encode_in_place, normalisation_ga
 from .cluster import ClusterOptions
 from .errors import DwaveError
 from .sources import Source, check_out_apart_from_sources, expand_sources
-from .store import StoreConfig, TrackStore
+from .store import StoreConfig, TrackStore, resolve_storage_options
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,7 @@ def run_preprocess(
     metadata: str | None = None,
     overwrite: bool = False,
     storage_options: dict | None = None,
+    source_storage_options: dict | None = None,
     cache_dir: str | None = None,
     progress: bool = True,
     log=print,
@@ -167,7 +168,10 @@ def run_preprocess(
     check_out_apart_from_sources(specs, out)
     genres = load_genres(metadata) if metadata else {}
     store = TrackStore(out, storage_options)
-    expansion = expand_sources(specs, store.storage_options, cache_dir)
+    # The sources' options are their own: {"anon": true} for a public bucket of songs must
+    # not make the writes to a private store anonymous (nor the store's keys reach the songs).
+    expansion = expand_sources(specs, resolve_storage_options("s3://", source_storage_options),
+                               cache_dir)
     config = store.prepare(sample_rate, quantization_channels, overwrite)
     done = store.completed_tracks()
     tasks, skipped, failures, relabel = plan_tasks(expansion.sources, genres, done)

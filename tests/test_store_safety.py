@@ -109,3 +109,48 @@ def test_s3_bucket_root_or_prefix_with_other_objects_is_refused(s3_bucket, song)
     run_dwave("preprocess", song, "--out", f"s3://{s3_bucket}/store", "--workers", "1",
               "--no-progress", check=0)
     assert s3.get_object(Bucket=s3_bucket, Key="data/notes.txt")["Body"].read() == b"notes"
+
+
+def test_sources_and_store_have_their_own_storage_options(s3_bucket, s3_endpoint, tmp_path, song):
+    """Songs in a bucket on a second S3 endpoint, named only in --source-storage-options; the
+    store on the default endpoint (AWS_ENDPOINT_URL). Shared options would send the store's
+    writes to the songs' endpoint."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    other = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"),
+                              "-H", "127.0.0.1", "-p", str(port)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        songs_endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "second moto_server did not start"
+                time.sleep(0.2)
+        songs_s3 = boto3.client("s3", endpoint_url=songs_endpoint)
+        songs_s3.create_bucket(Bucket="public-songs")
+        songs_s3.upload_file(song, "public-songs", "a.wav")
+        options = json.dumps({"endpoint_url": songs_endpoint})
+        run_dwave("preprocess", "s3://public-songs/", "--source-storage-options", options,
+                  "--out", f"s3://{s3_bucket}/store", "--workers", "1", "--no-progress", check=0)
+        store_keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(
+            Bucket=s3_bucket)["Contents"]]
+        assert "store/zarr.json" in store_keys
+        assert [o["Key"] for o in songs_s3.list_objects_v2(Bucket="public-songs")["Contents"]] \
+            == ["a.wav"]  # nothing of the store went to the songs' endpoint
+        info = json.loads(run_dwave("info", f"s3://{s3_bucket}/store", "--json", check=0).stdout)
+        assert [t["source"] for t in info["tracks"]] == ["s3://public-songs/a.wav"]
+    finally:
+        other.terminate()
+        other.wait(10)
