@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .cluster import CLUSTER_KINDS
@@ -385,6 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dwave: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `dwave info STORE | head -1`: the reader left. Point stdout at /dev/null so the
+        # interpreter's own flush at exit does not fail again, and exit as SIGPIPE would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

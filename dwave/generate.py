@@ -149,6 +149,7 @@ def run_generate(options: GenerateOptions, log=print) -> dict:
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
     say = log if rank == 0 else (lambda *_: None)
+    _check_writable(options.out)  # before minutes of generating, not after
     model, config, checkpoint = load_model(options.run_dir, options.checkpoint)
     gid = genre_id(config, options.genre)
     rate, q = config.sample_rate, config.quantization_channels
@@ -205,6 +206,18 @@ def run_generate(options: GenerateOptions, log=print) -> dict:
         f"{rate_s / rate:.2f}x real time")
     return {"samples": generated, "seconds": wall, "samples_per_s": rate_s,
             "real_time_factor": rate_s / rate, "songs": mine}
+
+
+def _check_writable(directory: str) -> None:
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".dwave-write-test-{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise DwaveError(f"--out {directory}: cannot write there ({exc.strerror or exc}); "
+                         "choose another directory") from None
 
 
 def _progress(rank: int, total: int, songs: int, size: int):

@@ -213,9 +213,14 @@ def read_progress(run_dir: str) -> tuple[int, int]:
     try:
         with open(path) as f:
             data = json.load(f)
-        return int(data["step"]), int(data["train"]["steps"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise DwaveError(f"{path} is not a dwave run config ({exc})") from None
+        step, steps = int(data["step"]), int(data["train"]["steps"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError,
+            OverflowError) as exc:
+        raise DwaveError(f"{path} is not a dwave run config ({type(exc).__name__}: "
+                         f"{str(exc)[:100]})") from None
+    if step < 0 or steps < 1:
+        raise DwaveError(f"{path} is not a dwave run config (step {step} of {steps})")
+    return step, steps
 
 
 def default_learning_rate(lr: float | None, preset: str | None, saved) -> float:
@@ -265,9 +270,28 @@ def _checkpoint_manager(trainer: Trainer, run_dir: str, keep: int):
 
     checkpoint = tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer,
                                      step=trainer.step)
-    manager = tf.train.CheckpointManager(checkpoint, os.path.join(run_dir, "checkpoints"),
-                                         max_to_keep=keep, checkpoint_name="ckpt")
+    directory = os.path.join(run_dir, "checkpoints")
+    try:
+        manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep,
+                                             checkpoint_name="ckpt")
+    except (ValueError, tf.errors.OpError):
+        raise DwaveError(_damaged_state_message(directory)) from None
     return checkpoint, manager
+
+
+def _damaged_state_message(directory: str) -> str:
+    """What to do about an empty or damaged checkpoints/checkpoint state file (a full disk, a
+    crash of the file system): name the newest checkpoint whose files are there."""
+    import re
+
+    steps = sorted(int(m.group(1)) for name in os.listdir(directory)
+                   if (m := re.fullmatch(r"ckpt-(\d+)\.index", name)))
+    state = os.path.join(directory, "checkpoint")
+    if not steps:
+        return f"{state} is empty or damaged and no ckpt-N.index is beside it"
+    return (f"{state} is empty or damaged; the newest checkpoint beside it is ckpt-{steps[-1]}: "
+            f"write `model_checkpoint_path: \"ckpt-{steps[-1]}\"` into it and rerun to resume "
+            "from there (removing it would start the run again from step 0)")
 
 
 def restore_latest(checkpoint, manager) -> str | None:
@@ -289,7 +313,11 @@ def restore_latest(checkpoint, manager) -> str | None:
 def latest_checkpoint(run_dir: str) -> str | None:
     import tensorflow as tf
 
-    return tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    directory = os.path.join(run_dir, "checkpoints")
+    try:
+        return tf.train.latest_checkpoint(directory)
+    except (ValueError, tf.errors.OpError):
+        raise DwaveError(_damaged_state_message(directory)) from None
 
 
 # -- the run ----------------------------------------------------------------------------------

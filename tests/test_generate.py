@@ -187,7 +187,20 @@ def test_bad_generate_inputs_are_one_line_errors(trained_run, tmp_path):
                                  ("--seconds", "inf", "--seconds must be a positive number"),
                                  ("--prime-seconds", "inf", "--prime-seconds must be a positive")]:
         assert message in error_of(trained_run, *out, flag, value, "--genre", "tone"), flag
-    assert not (tmp_path / "o").exists()  # refused before anything was written
+    assert not any((tmp_path / "o").glob("*"))  # refused before any song was written
+    (tmp_path / "a-file").write_text("x")
+    for out_dir in (tmp_path / "a-file", tmp_path / "a-file" / "songs"):
+        assert f"--out {out_dir}: cannot write there" in error_of(
+            trained_run, "--out", out_dir, "--genre", "tone")
+    # An empty or damaged checkpoint state file: one line naming the checkpoint to resume from.
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(trained_run, broken)
+    (broken / "checkpoints" / "checkpoint").write_text("")
+    line = error_of(broken, *out, "--genre", "tone")
+    assert "checkpoints/checkpoint is empty or damaged; the newest checkpoint beside it is " \
+        "ckpt-30" in line
     assert "unknown genre 'jazz'" in error_of(trained_run, *out, "--genre", "jazz")
     assert "conditioned on genre" in error_of(trained_run, *out)
     no_ckpt = tmp_path / "no_ckpt"

@@ -154,3 +154,18 @@ def test_sources_and_store_have_their_own_storage_options(s3_bucket, s3_endpoint
     finally:
         other.terminate()
         other.wait(10)
+
+
+def test_a_closed_pipe_ends_dwave_info_quietly(tmp_path, song):
+    import subprocess
+    import sys
+
+    store = tmp_path / "store"
+    run_dwave("preprocess", song, "--out", store, "--workers", "1", "--no-progress", check=0)
+    # The reader is gone before dwave writes a byte: every write meets a closed pipe.
+    read, write = os.pipe()
+    os.close(read)
+    proc = subprocess.run([sys.executable, "-m", "dwave.cli", "info", str(store)], stdout=write,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr

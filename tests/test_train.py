@@ -273,6 +273,11 @@ def test_status_of_finished_missing_and_foreign_run_dirs(trained_run, tmp_path):
                             (tmp_path, "is not a dwave run config")]:
         proc = run_dwave("status", run_dir, check=2)
         assert reason in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    for absurd in ('{"step": 1e400, "train": {"steps": 10}}', '{"step": -3, "train": {"steps": 1}}',
+                   '{"step": 5, "train": {"steps": "many"}}'):
+        (tmp_path / "config.json").write_text(absurd)
+        proc = run_dwave("status", tmp_path, check=2)
+        assert "is not a dwave run config" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_training_from_an_s3_store(s3_bucket, tmp_path):
