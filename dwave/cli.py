@@ -110,6 +110,9 @@ def _add_cluster_flags(p) -> None:
                    help="use a running Dask cluster (tcp://host:8786 or a scheduler JSON file)")
     g.add_argument("--wait-workers", type=_non_negative_int, metavar="N", default=0,
                    help="start once N workers have joined (default: 1 on a cluster, 0 locally)")
+    g.add_argument("--dashboard-address", metavar="HOST:PORT", default="127.0.0.1:8787",
+                   help="where a local cluster's Dask dashboard listens (default "
+                        "127.0.0.1:8787, this machine only; 0.0.0.0:8787 opens it to others)")
     g.add_argument("--partition", metavar="NAME", help="SLURM partition of the worker jobs")
     g.add_argument("--walltime", metavar="HH:MM:SS", help="SLURM time limit of each worker job")
     g.add_argument("--account", metavar="NAME", help="SLURM account to charge")
@@ -129,7 +132,8 @@ def _cluster_options(args):
 
     return ClusterOptions(
         kind=args.cluster, workers=args.workers, scheduler=args.scheduler,
-        wait_workers=args.wait_workers, partition=args.partition, walltime=args.walltime,
+        wait_workers=args.wait_workers, dashboard_address=args.dashboard_address,
+        partition=args.partition, walltime=args.walltime,
         account=args.account, worker_memory=args.worker_memory, log_directory=args.worker_logs,
         region=args.region, instance_type=args.instance_type, ami=args.ami,
         docker_image=args.docker_image)

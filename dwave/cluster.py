@@ -27,6 +27,9 @@ class ClusterOptions:
     scheduler: str | None = None       # address or scheduler JSON file of a running cluster
     wait_workers: int = 0              # start only once this many workers have joined
     wait_timeout: float = 900.0        # seconds to wait for them
+    connect_timeout: float = 30.0      # seconds to reach --scheduler (or its file to appear)
+    # Where the local cluster's dashboard listens: this machine only, unless asked otherwise.
+    dashboard_address: str = "127.0.0.1:8787"
     # SLURM (dask-jobqueue): one single-threaded worker per job
     partition: str | None = None
     walltime: str | None = None
@@ -46,6 +49,36 @@ class ClusterOptions:
         if self.scheduler and self.kind != "local":
             raise DwaveError("--scheduler connects to a running cluster: do not combine it "
                              f"with --cluster {self.kind}")
+
+
+def _connect(options: ClusterOptions):
+    """A client of a running scheduler, within connect_timeout or a one-line error (Dask
+    itself waits for a missing scheduler file forever, and an unreachable address ends in a
+    traceback)."""
+    import time
+
+    from distributed import Client
+
+    target = options.scheduler
+    kwargs = {"timeout": options.connect_timeout}
+    if target.endswith(".json"):
+        deadline = time.monotonic() + options.connect_timeout
+        while not os.path.exists(target):  # a starting job may not have written it yet
+            if time.monotonic() > deadline:
+                raise DwaveError(
+                    f"--scheduler {target}: no such scheduler file after "
+                    f"{options.connect_timeout:.0f} s: start the scheduler (`dask scheduler "
+                    f"--scheduler-file {target}`, or the job that runs it) or fix the path")
+            time.sleep(0.5)
+        kwargs["scheduler_file"] = target
+    else:
+        kwargs["address"] = target
+    try:
+        return Client(**kwargs)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise DwaveError(f"--scheduler {target}: cannot reach the Dask scheduler within "
+                         f"{options.connect_timeout:.0f} s ({type(exc).__name__}): is it running, "
+                         "and is the address right?") from None
 
 
 def slurm_cluster_kwargs(options: ClusterOptions) -> dict:
@@ -107,16 +140,13 @@ def dask_client(options: ClusterOptions | None = None, log=print) -> Iterator:
     options = options or ClusterOptions()
     with contextlib.ExitStack() as stack:
         if options.scheduler:
-            if options.scheduler.endswith(".json"):
-                client = stack.enter_context(Client(scheduler_file=options.scheduler))
-            else:
-                client = stack.enter_context(Client(options.scheduler))
+            client = stack.enter_context(_connect(options))
             what = f"Dask scheduler {client.scheduler.address}"
         elif options.kind == "local":
             n_workers = options.workers or os.cpu_count() or 1
             cluster = stack.enter_context(cluster_class("local")(
                 n_workers=n_workers, threads_per_worker=1, processes=True,
-                dashboard_address=":8787"))
+                dashboard_address=options.dashboard_address))
             client = stack.enter_context(Client(cluster))
             what = f"Dask LocalCluster of {n_workers} worker processes"
         elif options.kind == "slurm":

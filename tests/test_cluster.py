@@ -114,3 +114,33 @@ def test_ec2_without_aws_credentials_is_a_one_line_error(tmp_path, corpus):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "dwave: error: --cluster ec2: The config profile (nobody) could not be found")
+
+
+def test_a_missing_scheduler_file_or_dead_address_is_a_bounded_one_line_error(tmp_path):
+    import socket
+    import time
+
+    from dwave.cluster import ClusterOptions, dask_client
+    from dwave.errors import DwaveError
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    for target, message in [(str(tmp_path / "missing.json"), "no such scheduler file after 2 s"),
+                            (dead, "cannot reach the Dask scheduler within 2 s")]:
+        started = time.monotonic()
+        with pytest.raises(DwaveError, match=message) as caught:
+            with dask_client(ClusterOptions(scheduler=target, connect_timeout=2), log=print):
+                pass
+        assert time.monotonic() - started < 20
+        assert "\n" not in str(caught.value) and target in str(caught.value)
+
+
+def test_the_local_dashboard_listens_on_loopback_only():
+    from dwave.cluster import ClusterOptions, dask_client
+
+    with dask_client(ClusterOptions(workers=1), log=print) as client:
+        # The addresses the scheduler's HTTP server (the dashboard) really bound.
+        bound = client.run_on_scheduler(lambda dask_scheduler: [
+            sock.getsockname()[0] for sock in dask_scheduler.http_server._sockets.values()])
+        assert bound and set(bound) <= {"127.0.0.1"}, bound
