@@ -13,7 +13,14 @@ from .errors import DwaveError
 _BLOCK = 1 << 20
 
 
-def fetch_with_resume(url: str, part_path: str, attempts: int = 5, timeout: float = 60.0) -> None:
+# A download that brings fewer than STALL_BYTES in STALL_SECONDS has stalled (a server that
+# trickles a byte every 20 s never trips a per-read timeout): the attempt ends and resumes.
+STALL_SECONDS = 60.0
+STALL_BYTES = 64 << 10
+
+
+def fetch_with_resume(url: str, part_path: str, attempts: int = 5, timeout: float = 60.0,
+                      stall_seconds: float = STALL_SECONDS, stall_bytes: int = STALL_BYTES) -> None:
     """Fetch `url` into `part_path`, continuing from whatever `part_path` already holds.
 
     Each attempt asks for the bytes after the ones already on disk. A server that ignores Range
@@ -51,8 +58,7 @@ def fetch_with_resume(url: str, part_path: str, attempts: int = 5, timeout: floa
                         "chunked framing, so a cut download could not be told from a complete "
                         "one; download it yourself and give the file as SOURCE")
                 with open(part_path, mode) as out:
-                    for block in iter(lambda: response.read(_BLOCK), b""):
-                        out.write(block)
+                    _copy_watching_for_stalls(response, out, stall_seconds, stall_bytes)
             size = os.path.getsize(part_path)
             if expected is not None and size < expected:
                 raise http.client.IncompleteRead(b"", expected - size)
@@ -64,11 +70,31 @@ def fetch_with_resume(url: str, part_path: str, attempts: int = 5, timeout: floa
                 raise DwaveError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
             error: Exception = exc
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
-                TimeoutError) as exc:
+                TimeoutError, _Stalled) as exc:
             error = exc
         if attempt < attempts:
             time.sleep(min(0.2 * 2**attempt, 5.0))
     raise DwaveError(f"cannot download {url} after {attempts} attempts: {error}")
+
+
+class _Stalled(Exception):
+    pass
+
+
+def _copy_watching_for_stalls(response, out, stall_seconds: float, stall_bytes: int) -> None:
+    window_start, window_bytes = time.monotonic(), 0
+    while True:
+        block = response.read1(_BLOCK)  # what has arrived (not a full block: see the stall)
+        if not block:
+            return
+        out.write(block)
+        window_bytes += len(block)
+        now = time.monotonic()
+        if now - window_start >= stall_seconds:
+            if window_bytes < stall_bytes:
+                raise _Stalled(f"stalled: {window_bytes} bytes in the last "
+                               f"{now - window_start:.0f} s")
+            window_start, window_bytes = now, 0
 
 
 def _range_start(response) -> int | None:

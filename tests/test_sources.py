@@ -5,6 +5,7 @@ import hashlib
 import http.server
 import os
 import threading
+import time
 import zipfile
 
 import numpy as np
@@ -264,3 +265,36 @@ def test_concurrent_downloads_of_one_url_fetch_it_once(tmp_path, flaky_server):
         paths = list(pool.map(download, [url] * 3, [cache] * 3))
     assert len(set(paths)) == 1 and open(paths[0], "rb").read() == payload
     assert len(handler.requests) == 2  # the cut first answer and its resume, nothing more
+
+
+class _TrickleHandler(_FlakyRangeHandler):
+    """Sends the file a few bytes at a time, forever slower than any real download."""
+
+    def do_GET(self):  # noqa: N802
+        type(self).requests.append(self.headers.get("Range"))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.payload)))
+        self.end_headers()
+        try:
+            for i in range(0, len(self.payload), 4):
+                self.wfile.write(self.payload[i:i + 4])
+                self.wfile.flush()
+                time.sleep(0.2)
+        except OSError:
+            pass
+
+
+def test_a_trickling_server_stalls_with_a_clear_error(tmp_path):
+    from dwave.http import fetch_with_resume
+
+    payload = b"x" * 4000
+    server, handler = _serve(_TrickleHandler, payload=payload)
+    url = f"http://127.0.0.1:{server.server_address[1]}/slow.flac"
+    started = time.monotonic()
+    try:
+        with pytest.raises(DwaveError, match=r"after 2 attempts: stalled: \d+ bytes in the last 1 s"):
+            fetch_with_resume(url, str(tmp_path / "slow.part"), attempts=2, timeout=5,
+                              stall_seconds=1.0, stall_bytes=1000)
+    finally:
+        server.shutdown()
+    assert time.monotonic() - started < 10 and len(handler.requests) == 2
