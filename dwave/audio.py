@@ -210,22 +210,47 @@ def _libsndfile_reason(exc: Exception) -> str:
     return text or f"libsndfile error {getattr(exc, 'code', '?')}"
 
 
-def decode_to_mono(file: BinaryIO | str, sample_rate: int) -> DecodedAudio:
+# Longer songs are failures: a worker holds 4 bytes per output sample (690 MB for 3 hours at
+# 16 kHz), and nothing in a music archive is longer than a DJ mix.
+DEFAULT_MAX_SONG_MINUTES = 180.0
+
+
+def decode_to_mono(file: BinaryIO | str, sample_rate: int,
+                   max_seconds: float | None = None) -> DecodedAudio:
     """Decode a whole file to one mono float32 array at `sample_rate` (not yet normalised).
 
     The resampled track is kept whole (the peak is known only at the end; decoding twice would
     double the dominant cost) but never the decoded source, which at 44.1 kHz stereo is 5.5x
     larger. The buffer is sized from the header's frame count, so there is no concatenation
     copy: peak memory is ~4 bytes per output sample (230 MB for an hour at 16 kHz).
+
+    `max_seconds` bounds that memory whatever the input (a 2 MB zip can hold hours of
+    silence; a header can claim any length): a song declared or decoded longer is an
+    AudioError, raised before the buffer grows past the bound.
     """
+    limit = None if max_seconds is None else int(max_seconds * sample_rate)
+
+    def span(seconds: float) -> str:
+        return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+    def too_long(seconds: float, how: str) -> AudioError:
+        return AudioError(f"too long: {how} {span(seconds)}, more than the "
+                          f"{span(max_seconds)} allowed (--max-song-minutes)")
+
     samples = np.empty(0, dtype=np.float32)
     filled = 0
     peak = 0.0
     info = None
     for block, info in iter_mono_blocks(file, sample_rate):
         end = filled + len(block)
+        if limit is not None and filled == 0 and info.expected_length > limit:
+            raise too_long(info.expected_length / sample_rate, "its header declares")
+        if limit is not None and end > limit:
+            raise too_long(end / sample_rate, "decoded past")
         if end > len(samples):
             capacity = max(end, info.expected_length + 4096, int(len(samples) * 1.25))
+            if limit is not None:
+                capacity = min(capacity, limit + 4096)
             grown = np.empty(capacity, dtype=np.float32)
             grown[:filled] = samples[:filled]
             samples = grown

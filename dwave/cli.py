@@ -13,6 +13,7 @@ import sys
 
 from .cluster import CLUSTER_KINDS
 from .config import PRESET_LEARNING_RATES, PRESETS
+from .audio import DEFAULT_MAX_SONG_MINUTES
 from .errors import DwaveError
 
 
@@ -89,6 +90,10 @@ def _add_preprocess(sub) -> None:
     p.add_argument("--cache-dir", metavar="DIR",
                    help="where http(s) downloads go (default: $DWAVE_CACHE_DIR or "
                         "~/.cache/dwave/downloads)")
+    p.add_argument("--max-song-minutes", type=_positive_float, metavar="MIN",
+                   default=DEFAULT_MAX_SONG_MINUTES,
+                   help="a longer song is a failure, so a worker's memory stays bounded (4 bytes "
+                        "per output sample) whatever the input (%(default)g)")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any song failed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_preprocess)
@@ -153,6 +158,7 @@ def _cmd_preprocess(args) -> int:
         storage_options=args.storage_options,
         source_storage_options=args.source_storage_options,
         cache_dir=args.cache_dir,
+        max_song_minutes=args.max_song_minutes,
         progress=not args.no_progress,
         log=_log,
     )

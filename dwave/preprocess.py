@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .audio import AudioError, decode_to_mono, encode_in_place, normalisation_gain
+from .audio import (DEFAULT_MAX_SONG_MINUTES, AudioError, decode_to_mono, encode_in_place,
+                    normalisation_gain)
 from .cluster import ClusterOptions
 from .errors import DwaveError
 from .sources import Source, check_out_apart_from_sources, expand_sources
@@ -25,7 +26,8 @@ class TrackTask:
     genre: str | None
 
 
-def process_track(task: TrackTask, store_url: str, storage_options: dict, config: StoreConfig):
+def process_track(task: TrackTask, store_url: str, storage_options: dict, config: StoreConfig,
+                  max_seconds: float = DEFAULT_MAX_SONG_MINUTES * 60):
     """Decode one song and write it as a track. Runs on a worker; returns a small dict.
 
     Bad audio is a result ("failed" with the reason), not an exception: exceptions are kept for
@@ -35,7 +37,7 @@ def process_track(task: TrackTask, store_url: str, storage_options: dict, config
     result = {"track_id": task.track_id, "source": task.source.uri}
     try:
         with task.source.open() as file:
-            decoded = decode_to_mono(file, config.sample_rate)
+            decoded = decode_to_mono(file, config.sample_rate, max_seconds)
         gain = normalisation_gain(decoded)
         attrs = {
             "sample_rate": config.sample_rate,
@@ -159,6 +161,7 @@ def run_preprocess(
     storage_options: dict | None = None,
     source_storage_options: dict | None = None,
     cache_dir: str | None = None,
+    max_song_minutes: float = DEFAULT_MAX_SONG_MINUTES,
     progress: bool = True,
     log=print,
 ) -> Summary:
@@ -192,7 +195,7 @@ def run_preprocess(
     if tasks:
         with dask_client(cluster, log=log) as client:
             started = time.perf_counter()  # the work, not the cluster's start-up
-            results = _compute(client, tasks, store, config, progress)
+            results = _compute(client, tasks, store, config, progress, max_song_minutes * 60)
             summary.wall_seconds = time.perf_counter() - started
         summary.written = [r for r in results if r["status"] == "written"]
         failures += [r for r in results if r["status"] == "failed"]
@@ -208,14 +211,14 @@ def run_preprocess(
     return summary
 
 
-def _compute(client, tasks, store, config, progress) -> list[dict]:
+def _compute(client, tasks, store, config, progress, max_seconds: float) -> list[dict]:
     import dask.bag as db
     from distributed import as_completed
     from tqdm import tqdm
 
     # One song per partition: songs differ in length by 10x, so small tasks balance best.
     bag = db.from_sequence(tasks, npartitions=len(tasks)).map(
-        process_track, store.url, store.storage_options, config
+        process_track, store.url, store.storage_options, config, max_seconds
     )
     partitions = bag.to_delayed()
     # retries: a task whose worker died (OOM, node lost) is rerun elsewhere; the rewrite of a

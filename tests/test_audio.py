@@ -169,3 +169,17 @@ def test_bad_files_are_rejected_with_a_reason(tmp_path, kind, reason):
         with open(path, "rb") as f:
             decoded = decode_to_mono(f, 16000)
             normalisation_gain(decoded)
+
+
+def test_a_song_longer_than_the_limit_fails_before_its_buffer_grows(tmp_path):
+    from dwave.audio import AudioError, decode_to_mono
+
+    path = write_audio(tmp_path / "long.wav", tone(3.0, 8000), 8000)
+    with pytest.raises(AudioError, match=r"too long: its header declares 3 s, more than the "
+                                         r"1 s allowed \(--max-song-minutes\)"):
+        decode_to_mono(path, 16000, max_seconds=1.0)
+    assert len(decode_to_mono(path, 16000, max_seconds=3.5).samples) == 48000
+    # An MP3's length is only estimated from its header: the decoded count is checked too.
+    mp3 = write_audio(tmp_path / "long.mp3", tone(3.0, 22050), 22050)
+    with pytest.raises(AudioError, match="too long"):
+        decode_to_mono(mp3, 16000, max_seconds=1.0)

@@ -288,3 +288,23 @@ def test_metadata_on_a_rerun_relabels_finished_tracks_and_reports_unknown_ids(tm
     assert "1 track id(s) match no song here or in the store (e.g. 77)" in proc.stderr
     info = json.loads(run_dwave("info", store, "--json", check=0).stdout)
     assert {t["id"]: t["genre"] for t in info["tracks"]} == {"1": "jazz", "2": "rock"}
+
+
+def test_a_zip_bomb_song_is_a_bounded_failure(tmp_path):
+    """A small zip holding a long song (a quiet tone compresses ~100x): reported as too long
+    instead of decoded into a worker's memory; the short song beside it is processed."""
+    import zipfile
+
+    long_song = write_audio(tmp_path / "000001.wav", tone(120.0, 8000, amplitude=0.001), 8000)
+    short_song = write_audio(tmp_path / "000002.wav", tone(1.0, 8000), 8000)
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        z.write(long_song, "000001.wav")
+        z.write(short_song, "000002.wav")
+    assert archive.stat().st_size < os.path.getsize(long_song) / 3
+    proc = run_dwave("preprocess", archive, "--out", tmp_path / "store", "--workers", "1",
+                     "--no-progress", "--max-song-minutes", "1", check=0)
+    assert f"FAILED {archive}::000001.wav: too long: its header declares 2 min, more than " \
+           "the 60 s allowed (--max-song-minutes)" in proc.stderr
+    info = json.loads(run_dwave("info", tmp_path / "store", "--json", check=0).stdout)
+    assert [t["id"] for t in info["tracks"]] == ["2"]
