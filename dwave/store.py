@@ -203,18 +203,24 @@ class TrackStore:
             config.dtype  # validates the channel count before anything is written
         except ValueError as exc:
             raise DwaveError(f"--quantization-channels: {exc}") from None
-        if state == "store":
-            self._remove_store()
-        root = self._open("a")
-        root.attrs.update(
-            {
-                "dwave_store_version": STORE_FORMAT_VERSION,
-                "sample_rate": config.sample_rate,
-                "quantization_channels": config.quantization_channels,
-            }
-        )
-        root.create_group("tracks")
-        root.create_group("index")
+        try:
+            if state == "store":
+                self._remove_store()
+            root = self._open("a")
+            root.attrs.update(
+                {
+                    "dwave_store_version": STORE_FORMAT_VERSION,
+                    "sample_rate": config.sample_rate,
+                    "quantization_channels": config.quantization_channels,
+                }
+            )
+            root.create_group("tracks")
+            root.create_group("index")
+        except OSError as exc:  # a missing bucket, wrong credentials, a read-only or full disk
+            raise DwaveError(
+                f"--out {self.url}: cannot write the store ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else exc.strerror}): check that "
+                "the bucket or directory exists, is writable, and the credentials") from None
         return config
 
     # -- tracks ---------------------------------------------------------------------------------

@@ -169,3 +169,14 @@ def test_a_closed_pipe_ends_dwave_info_quietly(tmp_path, song):
                           stderr=subprocess.PIPE, text=True, timeout=120)
     os.close(write)
     assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+
+
+def test_a_missing_bucket_or_an_unwritable_place_is_one_line(s3_bucket, song, tmp_path):
+    line = refused(song, "--out", "s3://no-such-bucket-here/store",
+                   message="--out s3://no-such-bucket-here/store: cannot write the store")
+    assert "The specified bucket does not exist" in line
+    # Below a regular file: nothing can be created there (root ignores permission bits, but
+    # not this).
+    (tmp_path / "plain").write_text("x")
+    refused(song, "--out", tmp_path / "plain" / "store", message="cannot")
+    assert (tmp_path / "plain").read_text() == "x"
