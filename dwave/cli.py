@@ -14,7 +14,7 @@ import sys
 from .cluster import CLUSTER_KINDS
 from .config import PRESET_LEARNING_RATES, PRESETS
 from .audio import DEFAULT_MAX_SONG_MINUTES
-from .errors import DwaveError
+from .errors import DwaveError, printable
 
 
 def _int_at_least(minimum: int, kind: str):
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DwaveError as exc:
-        print(f"dwave: error: {exc}", file=sys.stderr)
+        print(f"dwave: error: {printable(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dwave: interrupted", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from .errors import printable
 from .store import TrackStore, index_entry
 
 
@@ -41,11 +42,12 @@ def format_description(d: dict, max_rows: int = 50) -> str:
     if d["tracks"]:
         lines += ["", f"{'id':<24} {'seconds':>9} {'genre':<16} source"]
         for t in d["tracks"][:max_rows]:
-            lines.append(f"{t['id']:<24} {t['duration']:>9.1f} {(t['genre'] or '-'):<16} "
-                         f"{t['source']}")
+            lines.append(f"{printable(t['id']):<24} {t['duration']:>9.1f} "
+                         f"{printable(t['genre'] or '-'):<16} {printable(t['source'])}")
         if len(d["tracks"]) > max_rows:
             lines.append(f"... and {len(d['tracks']) - max_rows} more (--json for all)")
     if d["failures"]:
         lines += ["", "failures:"]
-        lines += [f"  {f['source']}: {f['reason']}" for f in d["failures"]]
+        lines += [f"  {printable(f['source'])}: {printable(f['reason'])}"
+                  for f in d["failures"]]
     return "\n".join(lines)

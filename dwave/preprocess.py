@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from .audio import (DEFAULT_MAX_SONG_MINUTES, AudioError, decode_to_mono, encode_in_place,
                     normalisation_gain)
 from .cluster import ClusterOptions
-from .errors import DwaveError
+from .errors import DwaveError, printable
 from .sources import Source, check_out_apart_from_sources, expand_sources
 from .store import StoreConfig, TrackStore, resolve_storage_options
 
@@ -106,7 +106,8 @@ class Summary:
                 f"{len(self.written) / self.wall_seconds:.2f} songs/s)"
             )
         for failure in self.failures:
-            out.append(f"  FAILED {failure['source']}: {failure['reason']}")
+            out.append(f"  FAILED {printable(failure['source'])}: "
+                       f"{printable(failure['reason'])}")
         return out
 
 
@@ -185,7 +186,7 @@ def run_preprocess(
     unmatched = sorted(set(genres) - {s.track_id for s in expansion.sources} - set(done))
     if unmatched:
         log(f"--metadata: {len(unmatched)} track id(s) match no song here or in the store "
-            f"(e.g. {', '.join(unmatched[:5])})")
+            f"(e.g. {printable(', '.join(unmatched[:5]))})")
     summary = Summary(store.url, config, len(expansion.sources), skipped=skipped,
                       ignored=len(expansion.ignored))
     log(f"{len(expansion.sources)} songs found: {len(tasks)} to process, {skipped} already in "
@@ -240,7 +241,8 @@ def _compute(client, tasks, store, config, progress, max_seconds: float) -> list
             for result in batch:
                 results.append(result)
                 if result["status"] == "failed":
-                    bar.write(f"  failed, skipped: {result['source']}: {result['reason']}")
+                    bar.write(f"  failed, skipped: {printable(result['source'])}: "
+                              f"{printable(result['reason'])}")
                 else:
                     audio_seconds += result["duration"]
                     bar.set_postfix_str(f"{audio_seconds / 3600:.2f} h audio", refresh=False)

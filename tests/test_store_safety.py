@@ -180,3 +180,16 @@ def test_a_missing_bucket_or_an_unwritable_place_is_one_line(s3_bucket, song, tm
     (tmp_path / "plain").write_text("x")
     refused(song, "--out", tmp_path / "plain" / "store", message="cannot")
     assert (tmp_path / "plain").read_text() == "x"
+
+
+def test_names_with_control_characters_are_printed_escaped(tmp_path):
+    songs = tmp_path / "songs"
+    songs.mkdir()
+    write_audio(songs / "good\x1b[2Jsong.wav", tone(0.3, 16000), 16000)
+    (songs / "bad\nFAILED nothing.mp3").write_bytes(b"not audio")
+    store = tmp_path / "store"
+    proc = run_dwave("preprocess", songs, "--out", store, "--workers", "1", "--no-progress",
+                     check=0)
+    assert "\x1b" not in proc.stderr and "bad\\x0aFAILED nothing.mp3" in proc.stderr
+    info = run_dwave("info", store, check=0).stdout
+    assert "\x1b" not in info and "good\\x1b[2Jsong.wav" in info
