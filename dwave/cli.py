@@ -394,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dwave: error: {printable(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("dwave: interrupted", file=sys.stderr)
+        print("dwave: interrupted" + (": finished tracks are kept in the store; rerun the same "
+                                      "command to resume" if args.command == "preprocess"
+                                      else ""), file=sys.stderr)
         return 130
     except BrokenPipeError:
         # `dwave info STORE | head -1`: the reader left. Point stdout at /dev/null so the

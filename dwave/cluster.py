@@ -51,6 +51,39 @@ class ClusterOptions:
                              f"with --cluster {self.kind}")
 
 
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored while local worker processes start. Ctrl-C in a terminal reaches the
+    whole process group: workers that took it would each die with a KeyboardInterrupt
+    traceback while the driver shuts them down anyway. An ignored signal stays ignored in
+    children (across exec too), and Python then installs no handler of its own."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _quiet_logs(client) -> None:
+    import logging
+
+    def quiet():
+        for name in ("distributed", "tornado"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+    quiet()
+    try:
+        client.run(quiet, wait=True)
+    except Exception:  # noqa: BLE001 - best effort while shutting down
+        pass
+
+
 def _connect(options: ClusterOptions):
     """A client of a running scheduler, within connect_timeout or a one-line error (Dask
     itself waits for a missing scheduler file forever, and an unreachable address ends in a
@@ -144,9 +177,10 @@ def dask_client(options: ClusterOptions | None = None, log=print) -> Iterator:
             what = f"Dask scheduler {client.scheduler.address}"
         elif options.kind == "local":
             n_workers = options.workers or os.cpu_count() or 1
-            cluster = stack.enter_context(cluster_class("local")(
-                n_workers=n_workers, threads_per_worker=1, processes=True,
-                dashboard_address=options.dashboard_address))
+            with _sigint_ignored():  # the workers inherit it: Ctrl-C is the driver's to handle
+                cluster = stack.enter_context(cluster_class("local")(
+                    n_workers=n_workers, threads_per_worker=1, processes=True,
+                    dashboard_address=options.dashboard_address))
             client = stack.enter_context(Client(cluster))
             what = f"Dask LocalCluster of {n_workers} worker processes"
         elif options.kind == "slurm":
@@ -167,7 +201,13 @@ def dask_client(options: ClusterOptions | None = None, log=print) -> Iterator:
             what = f"Dask on EC2: {kwargs['n_workers']} worker instances"
         log(f"{what}, dashboard {client.dashboard_link}")
         _wait_for_workers(client, options, log)
-        yield client
+        try:
+            yield client
+        except KeyboardInterrupt:
+            # Ctrl-C: the tasks in flight are cancelled as the cluster closes, and every worker
+            # would log each cancellation. Finished tracks are in the store; say so, once.
+            _quiet_logs(client)
+            raise
 
 
 def _started(kind: str, kwargs: dict):

@@ -148,6 +148,32 @@ def test_sigkill_mid_run_then_rerun_gives_the_same_store(tmp_path, long_songs):
         assert got[tid][1] == expected[tid][1]
 
 
+def test_ctrl_c_stops_a_run_with_one_line_and_a_resumable_store(tmp_path, long_songs):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it: the driver says one
+    line, the workers print nothing, and a rerun resumes."""
+    store = str(tmp_path / "store")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dwave.cli", "preprocess", long_songs, "--out", store,
+         "--workers", "1", "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while _complete_tracks_on_disk(store) < 1:
+        assert process.poll() is None, "the run finished before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert output.strip().splitlines()[-1] == ("dwave: interrupted: finished tracks are kept in "
+                                               "the store; rerun the same command to resume")
+    done = _complete_tracks_on_disk(store)
+    rerun = run_dwave("preprocess", long_songs, "--out", store, "--workers", "1",
+                      "--no-progress", check=0)
+    assert f"{8 - done} to process, {done} already in the store" in rerun.stderr
+
+
 def test_a_dask_worker_killed_mid_run_does_not_fail_the_run(tmp_path, long_songs):
     from distributed import Client, LocalCluster
 
