@@ -205,8 +205,15 @@ def run_preprocess(
     # Keep earlier runs' failures for sources this run did not touch; drop those now handled.
     touched = {s.uri for s in expansion.sources}
     kept = [f for f in store.read_index()["failures"] if f["source"] not in touched]
-    index = store.write_index(kept + [{"source": f["source"], "reason": f["reason"]}
-                                      for f in failures])
+    try:
+        index = store.write_index(kept + [{"source": f["source"], "reason": f["reason"]}
+                                          for f in failures])
+    except OSError as exc:
+        raise DwaveError(
+            f"cannot write the index of {store.url} ({type(exc).__name__}: "
+            f"{exc.strerror or str(exc)[:120]}): the {len(summary.written)} tracks written are "
+            "complete and kept; free space and rerun the same command to rebuild the index"
+        ) from None
     summary.store_tracks = len(index["tracks"])
     summary.store_hours = sum(t["duration"] for t in index["tracks"]) / 3600
     return summary

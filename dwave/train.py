@@ -31,6 +31,7 @@ ranks stop after the current step, write a checkpoint and exit 0.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -184,10 +185,17 @@ class Trainer:
 
 def _atomic_write_json(path: str, data: dict) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it replaces the old one
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # ours, half-written
+        raise
 
 
 def read_run_config(run_dir: str) -> tuple[ModelConfig, dict] | None:
@@ -427,10 +435,21 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
             # The checkpoint first, then the step in config.json that says it exists: a failed
             # save (disk full) leaves config.json at the last checkpoint that is complete, so
             # `dwave status` never calls a run finished without its final weights.
-            manager.save(checkpoint_number=step)
-            _atomic_write_json(os.path.join(run_dir, "config.json"), {
-                "model": model_config.to_dict(), "train": dataclasses.asdict(train),
-                "world_size": size, "step": step})
+            try:
+                manager.save(checkpoint_number=step)
+                _atomic_write_json(os.path.join(run_dir, "config.json"), {
+                    "model": model_config.to_dict(), "train": dataclasses.asdict(train),
+                    "world_size": size, "step": step})
+            except (tf.errors.OpError, OSError) as exc:
+                reason = (exc.message if isinstance(exc, tf.errors.OpError) else str(exc))
+                reason = reason.strip().splitlines()[-1].split("; ")[-1]
+                reason = reason.split(" [Op:")[0][:120]  # TF's op name means nothing here
+                last = manager.latest_checkpoint
+                raise DwaveError(
+                    f"cannot write the step-{step} checkpoint in {run_dir} ({reason}): the run "
+                    f"dir still resumes from {os.path.basename(last) if last else 'its start'}; "
+                    "free space (or move the run dir somewhere with room) and rerun the same "
+                    "command") from None
 
     if not resuming:
         save(start_step)  # config.json and ckpt-0 on disk from the first second
@@ -565,7 +584,10 @@ class _ValidationLog:
         """`seconds`: since this process started training (a resumed run starts again at 0)."""
         self.history = [h for h in self.history if h["step"] < step]  # a resume redoes steps
         self.history.append({"step": step, "bits": bits, "seconds": round(seconds, 2)})
-        _atomic_write_json(self.path, {"baselines": self.baselines, "history": self.history})
+        try:
+            _atomic_write_json(self.path, {"baselines": self.baselines, "history": self.history})
+        except OSError as exc:  # a report, not state: a full disk must not stop training here
+            print(f"warning: cannot write {self.path} ({exc.strerror})", file=sys.stderr)
 
 
 _HELD_LOCKS: list = []

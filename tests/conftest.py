@@ -161,6 +161,16 @@ def tone_store(tmp_path_factory) -> str:
     return make_store(path, tracks)
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1.2 MB file system (tmpfs, mounted as root as CI runs): disk-full, for real."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
 @pytest.fixture(scope="session")
 def music_store(tmp_path_factory) -> str:
     """asc-music's three real songs (game music, 5-7 minutes each) preprocessed at 16 kHz."""

@@ -193,3 +193,35 @@ def test_names_with_control_characters_are_printed_escaped(tmp_path):
     assert "\x1b" not in proc.stderr and "bad\\x0aFAILED nothing.mp3" in proc.stderr
     info = run_dwave("info", store, check=0).stdout
     assert "\x1b" not in info and "good\\x1b[2Jsong.wav" in info
+
+
+def test_a_full_disk_while_writing_the_index_is_one_line_and_keeps_the_tracks(small_disk,
+                                                                             tmp_path):
+    songs = tmp_path / "songs"
+    songs.mkdir()
+    for n in range(1, 4):
+        write_audio(songs / f"00000{n}.wav", tone(2.0, 16000, freq=150.0 * n), 16000)
+    store = small_disk / "store"
+    run_dwave("preprocess", songs, "--out", store, "--workers", "1", "--no-progress", check=0)
+    before = tree(store)
+    filler = small_disk / "filler"  # the rest of the disk taken by someone else's file
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    # A rerun has nothing to process: only the index is rewritten, and the disk is full.
+    proc = run_dwave("preprocess", songs, "--out", store, "--workers", "1", "--no-progress")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"dwave: error: cannot write the index of {store} (") and \
+        "No space left on device" in line and "rerun the same command" in line, line
+    filler.unlink()
+    info = json.loads(run_dwave("info", store, "--json", check=0).stdout)
+    assert sorted(t["id"] for t in info["tracks"]) == ["1", "2", "3"]
+    after = tree(store)
+    assert {k: v for k, v in after.items() if "/c/" in k} == \
+        {k: v for k, v in before.items() if "/c/" in k}  # every track's chunks unchanged

@@ -265,6 +265,28 @@ def test_the_stores_levels_define_the_model_and_the_songs(levels, tmp_path):
                          [1, 400 - model.config.receptive_field + 1, levels])
 
 
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes(tone_store, small_disk,
+                                                                      tmp_path):
+    import shutil
+
+    run = small_disk / "run"  # room for two tiny checkpoints, not three
+    proc = run_dwave("train", tone_store, "--run-dir", run, "--steps", "40", "--ckpt-every", "10",
+                     *FAST, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert re.match(rf"dwave: error: cannot write the step-\d+ checkpoint in {re.escape(str(run))} \(No space "
+                    r"left on device\): the run dir still resumes from ckpt-\d+", line), line
+    resumes_from = int(re.search(r"resumes from ckpt-(\d+)", line).group(1))
+    # config.json never got ahead of the checkpoints: status agrees with the last complete one.
+    status = run_dwave("status", run, check=3)
+    assert f"step {resumes_from} of 40, not finished" in status.stdout
+    moved = tmp_path / "run"  # somewhere with room
+    shutil.copytree(run, moved)
+    again = run_dwave("train", tone_store, "--run-dir", moved, "--steps", "40", "--ckpt-every",
+                      "10", *FAST, check=0, timeout=300)
+    assert f"at step {resumes_from}" in again.stderr and "done: step 40" in again.stderr
+
+
 def test_status_of_finished_missing_and_foreign_run_dirs(trained_run, tmp_path):
     status = run_dwave("status", trained_run, check=0)
     assert status.stdout.strip() == f"{trained_run}: step 30 of 30, finished"
