@@ -313,7 +313,7 @@ def _add_status(sub) -> None:
 
 
 def _cmd_status(args) -> int:
-    from .train import read_progress
+    from .rundir import read_progress
 
     step, steps = read_progress(args.run_dir)
     finished = step >= steps

@@ -4,7 +4,6 @@ the CLI and the data pipeline can read a run's config without importing it."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 
 from .errors import DwaveError

@@ -62,7 +62,7 @@ def run_demo(out: str, source: str | None, songs: int, seconds: float, workers: 
 
 def learning_summary(run_dir: str) -> str:
     """The last validation loss against the store's baselines, from RUN_DIR/validation.json."""
-    from .train import read_validation_log
+    from .rundir import read_validation_log
 
     log = read_validation_log(run_dir)
     if not log or not log.get("history") or not log.get("baselines"):

@@ -19,7 +19,6 @@ cache from one pass of the full network (TensorFlow, causal mode) over the prime
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 

@@ -55,7 +55,7 @@ class GenerateOptions:
 
 def load_model(run_dir: str, checkpoint: str | None = None):
     """(model, config, checkpoint path) of a training run; clear errors for what is missing."""
-    from .train import latest_checkpoint, read_run_config
+    from .rundir import latest_checkpoint, read_run_config
 
     if not os.path.isdir(run_dir):
         raise DwaveError(f"run dir {run_dir} does not exist")

@@ -20,7 +20,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-SAMPLES_DIR = "samples"
+from .rundir import SAMPLES
+
 
 
 def primed_generator(model, prime: np.ndarray, genre_id: int | None):
@@ -43,7 +44,7 @@ class Listener:
     """Makes and writes the listening samples of one training run, one at a time, beside it."""
 
     def __init__(self, run_dir: str, seconds: float, sample_rate: int, levels: int, writer=None):
-        self.directory = os.path.join(run_dir, SAMPLES_DIR)
+        self.directory = os.path.join(run_dir, SAMPLES)
         self.samples = max(1, int(round(seconds * sample_rate)))
         self.sample_rate, self.levels, self.writer = sample_rate, levels, writer
         self.pool = ThreadPoolExecutor(1, "dwave-listen")

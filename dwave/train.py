@@ -11,18 +11,7 @@ N ranks with batch B train exactly like one process with batch N*B (the learning
 scaled by N, reached by a warm-up: dwave.schedule). Rank 0 alone writes checkpoints, config,
 TensorBoard logs and the listening samples.
 
-The run directory:
-
-    RUN_DIR/config.json          model config, training flags, store: rewritten with each
-                                 checkpoint; `dwave generate` reads the architecture from it
-    RUN_DIR/checkpoints/         ckpt-STEP.{index,data-*} and TF's `checkpoint` state file,
-                                 which is replaced atomically after the files are complete, so a
-                                 crash mid-write leaves the previous checkpoint as the latest
-    RUN_DIR/tensorboard/         train/ and validation/ scalars (loss in bits per sample,
-                                 samples/s, the optimizer's learning rate), validation audio
-    RUN_DIR/validation.json      the store's baselines (code histogram, bigram) and every
-                                 validation loss so far, with its step and time
-    RUN_DIR/samples/             step-N.wav + .png: a short song from the weights at step N
+The run directory's layout and rules are dwave.rundir's.
 
 Rerunning with the same run directory resumes from the latest checkpoint, optimizer state
 included. SIGTERM (SLURM's warning before the time limit, `scancel --signal=TERM`) makes all
@@ -31,10 +20,8 @@ ranks stop after the current step, write a checkpoint and exit 0.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import signal
@@ -45,6 +32,8 @@ from dataclasses import dataclass
 from .config import DEFAULT_PRESET, PRESET_LEARNING_RATES, ModelConfig
 from .cpus import cores_per_rank
 from .errors import DwaveError
+from .rundir import (TENSORBOARD, RunDirLock, ValidationLog, checkpoint_manager,
+                     read_run_config, restore_latest, write_run_config)
 
 LN2 = math.log(2.0)
 MODEL_FIELDS = ("residual_channels", "dilation_channels", "skip_channels", "stacks",
@@ -183,54 +172,6 @@ class Trainer:
 # -- the run directory ------------------------------------------------------------------------
 
 
-def _atomic_write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())  # on disk before it replaces the old one
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)  # ours, half-written
-        raise
-
-
-def read_run_config(run_dir: str) -> tuple[ModelConfig, dict] | None:
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        return ModelConfig.from_dict(data["model"]), data.get("train", {})
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DwaveError(f"{path} is not a dwave run config ({exc})") from None
-
-
-def read_progress(run_dir: str) -> tuple[int, int]:
-    """(step of the last checkpoint, steps asked for) of a run, from its config.json (no
-    TensorFlow). A missing or foreign run dir is a DwaveError."""
-    if not os.path.isdir(run_dir):
-        raise DwaveError(f"run dir {run_dir} does not exist")
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
-        raise DwaveError(f"{run_dir} has no config.json: is it a `dwave train` run dir?")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        step, steps = int(data["step"]), int(data["train"]["steps"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError,
-            OverflowError) as exc:
-        raise DwaveError(f"{path} is not a dwave run config ({type(exc).__name__}: "
-                         f"{str(exc)[:100]})") from None
-    if step < 0 or steps < 1:
-        raise DwaveError(f"{path} is not a dwave run config (step {step} of {steps})")
-    return step, steps
-
-
 def default_learning_rate(lr: float | None, preset: str | None, saved) -> float:
     """--lr if given; else a resumed run's own rate; else the preset's (dwave.config)."""
     if lr is not None:
@@ -271,64 +212,6 @@ def resolve_model_config(saved: ModelConfig | None, preset: str | None, override
         raise DwaveError(f"run dir {run_dir} holds a model with {'; '.join(clashes)}: use a new "
                          "--run-dir, or the flags it was started with")
     return saved
-
-
-def _checkpoint_manager(trainer: Trainer, run_dir: str, keep: int):
-    import tensorflow as tf
-
-    checkpoint = tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer,
-                                     step=trainer.step)
-    directory = os.path.join(run_dir, "checkpoints")
-    try:
-        manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep,
-                                             checkpoint_name="ckpt")
-    except (ValueError, tf.errors.OpError):
-        raise DwaveError(_damaged_state_message(directory)) from None
-    return checkpoint, manager
-
-
-def _damaged_state_message(directory: str) -> str:
-    """What to do about an empty or damaged checkpoints/checkpoint state file (a full disk, a
-    crash of the file system): name the newest checkpoint whose files are there."""
-    import re
-
-    steps = sorted(int(m.group(1)) for name in os.listdir(directory)
-                   if (m := re.fullmatch(r"ckpt-(\d+)\.index", name)))
-    state = os.path.join(directory, "checkpoint")
-    if not steps:
-        return f"{state} is empty or damaged and no ckpt-N.index is beside it"
-    return (f"{state} is empty or damaged; the newest checkpoint beside it is ckpt-{steps[-1]}: "
-            f"write `model_checkpoint_path: \"ckpt-{steps[-1]}\"` into it and rerun to resume "
-            "from there (removing it would start the run again from step 0)")
-
-
-def restore_latest(checkpoint, manager) -> str | None:
-    """Restore the latest checkpoint, if any; an unreadable one is a clear error."""
-    import tensorflow as tf
-
-    path = manager.latest_checkpoint
-    if path is None:
-        return None
-    try:
-        checkpoint.restore(path).assert_existing_objects_matched()
-    except (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0][:200]
-        raise DwaveError(f"cannot restore checkpoint {path}: {reason}. Remove it (and its "
-                         "line in checkpoints/checkpoint) to resume from the one before") from None
-    return path
-
-
-def latest_checkpoint(run_dir: str) -> str | None:
-    import tensorflow as tf
-
-    directory = os.path.join(run_dir, "checkpoints")
-    try:
-        return tf.train.latest_checkpoint(directory)
-    except (ValueError, tf.errors.OpError):
-        raise DwaveError(_damaged_state_message(directory)) from None
-
-
-# -- the run ----------------------------------------------------------------------------------
 
 
 class _StopSignal:
@@ -397,7 +280,9 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     tf.random.set_seed(train.seed)  # the same initial weights for the same seed, any world size
     trainer = Trainer(model_config, train.lr, train.warmup_steps, size, train.precision,
                       hvd if size > 1 else None)
-    checkpoint, manager = _checkpoint_manager(trainer, run_dir, train.keep_checkpoints)
+    checkpoint, manager = checkpoint_manager(run_dir, train.keep_checkpoints,
+                                             model=trainer.model, optimizer=trainer.optimizer,
+                                             step=trainer.step)
     restored = restore_latest(checkpoint, manager)
     trainer.broadcast_from_rank0()
     start_step = int(trainer.step.numpy())
@@ -418,7 +303,7 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     if data.left_out["tracks"]:
         say(f"left out {data.left_out['tracks']} track(s) of genres this run was not started "
             f"with ({', '.join(data.left_out['genres'])}): a new --run-dir can condition on them")
-    history = _ValidationLog(run_dir, resuming) if rank == 0 else None
+    history = ValidationLog(run_dir, resuming) if rank == 0 else None
     if history is not None and data.validation:
         history.baselines = _baselines(data, model_config, train.val_batches).to_dict()
         b = history.baselines
@@ -437,9 +322,7 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
             # `dwave status` never calls a run finished without its final weights.
             try:
                 manager.save(checkpoint_number=step)
-                _atomic_write_json(os.path.join(run_dir, "config.json"), {
-                    "model": model_config.to_dict(), "train": dataclasses.asdict(train),
-                    "world_size": size, "step": step})
+                write_run_config(run_dir, model_config, dataclasses.asdict(train), size, step)
             except (tf.errors.OpError, OSError) as exc:
                 reason = (exc.message if isinstance(exc, tf.errors.OpError) else str(exc))
                 reason = reason.strip().splitlines()[-1].split("; ")[-1]
@@ -456,7 +339,7 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
 
     writers = None
     if rank == 0:
-        tb = os.path.join(run_dir, "tensorboard")
+        tb = os.path.join(run_dir, TENSORBOARD)
         writers = {"train": tf.summary.create_file_writer(os.path.join(tb, "train")),
                    "validation": tf.summary.create_file_writer(os.path.join(tb, "validation"))}
 
@@ -540,16 +423,6 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     return summary
 
 
-def read_validation_log(run_dir: str) -> dict | None:
-    """RUN_DIR/validation.json ({"baselines": ..., "history": [...]}), or None if absent or
-    unreadable (it is a report, not state the run needs)."""
-    try:
-        with open(os.path.join(run_dir, _ValidationLog.NAME)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _baselines(data, model_config: ModelConfig, val_batches: int):
     """The store's code histogram and bigram, fitted on the training tracks, scored on the
     validation windows the model is scored on."""
@@ -560,44 +433,12 @@ def _baselines(data, model_config: ModelConfig, val_batches: int):
     return evaluate(counts, windows, model_config.receptive_field)
 
 
-class _ValidationLog:
-    """RUN_DIR/validation.json: the store's baselines (computed anew at each start) and every
-    validation loss of the run (kept across resumes), rewritten whole after each validation."""
-
-    NAME = "validation.json"
-
-    def __init__(self, run_dir: str, resuming: bool):
-        self.path = os.path.join(run_dir, self.NAME)
-        self.baselines, self.history = None, []
-        saved = read_validation_log(run_dir) if resuming else None
-        if isinstance(saved, dict) and isinstance(saved.get("history"), list):
-            self.history = saved["history"]  # a damaged log is only history: start it again
-
-    def versus_baselines(self, bits: float) -> str:
-        if not self.baselines:
-            return ""
-        bigram = self.baselines["bigram_bits"]
-        return (f" (bigram {bigram:.3f}: {bits - bigram:+.3f}; code histogram "
-                f"{self.baselines['unigram_bits']:.3f})")
-
-    def add(self, step: int, bits: float, seconds: float) -> None:
-        """`seconds`: since this process started training (a resumed run starts again at 0)."""
-        self.history = [h for h in self.history if h["step"] < step]  # a resume redoes steps
-        self.history.append({"step": step, "bits": bits, "seconds": round(seconds, 2)})
-        try:
-            _atomic_write_json(self.path, {"baselines": self.baselines, "history": self.history})
-        except OSError as exc:  # a report, not state: a full disk must not stop training here
-            print(f"warning: cannot write {self.path} ({exc.strerror})", file=sys.stderr)
-
-
 _HELD_LOCKS: list = []
 
 
 def _lock_run_dir(run_dir: str, rank: int, size: int, hvd) -> None:
     """Rank 0 takes RUN_DIR/lock for the rest of the process (released when it exits, however
     it exits); every rank learns whether it got it, so a refused job stops on all ranks."""
-    from .runlock import RunDirLock
-
     refusal = None
     if rank == 0:
         try:

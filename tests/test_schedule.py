@@ -90,8 +90,11 @@ def test_the_first_adam_update_moves_a_weight_by_the_rate_it_reports(ranks):
     assert checked > 100  # many weights with gradients well above epsilon: |step| ~ the rate
     # The rate each weight's step implies, read off the step itself. A rate that never reached
     # the optimizer (the Keras 2 Variable copy) would show here as that copy's value.
-    implied = np.concatenate([
-        (np.abs(v.numpy() - o) * (s * np.abs(g) + ADAM_EPSILON) / (s * np.abs(g)))[np.abs(g) > 1e-3]
-        for v, o, g in zip(variables, before, grads)])
+    implied = []
+    for v, o, g in zip(variables, before, grads):
+        big = np.abs(g) > 1e-3
+        step_size = np.abs(v.numpy() - o)[big]
+        implied.append(step_size * (s * np.abs(g[big]) + ADAM_EPSILON) / (s * np.abs(g[big])))
+    implied = np.concatenate(implied)
     assert implied.size > 100
     assert np.median(implied) == pytest.approx(LR, rel=1e-3)

@@ -126,7 +126,8 @@ def test_two_ranks_stay_identical_and_equal_one_big_batch_step(launcher, tone_st
 
     from dwave.data import open_training_data
     from dwave.schedule import rate_at
-    from dwave.train import Trainer, read_run_config
+    from dwave.rundir import read_run_config
+    from dwave.train import Trainer
 
     model_config, train_config = read_run_config(str(run))
     window = model_config.receptive_field + train_config["window"]
