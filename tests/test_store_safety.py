@@ -225,3 +225,25 @@ def test_a_full_disk_while_writing_the_index_is_one_line_and_keeps_the_tracks(sm
     after = tree(store)
     assert {k: v for k, v in after.items() if "/c/" in k} == \
         {k: v for k, v in before.items() if "/c/" in k}  # every track's chunks unchanged
+
+
+def test_a_read_only_location_is_one_line_for_every_command(tmp_path, song, trained_run,
+                                                            tone_store):
+    """A real read-only file system (root ignores permission bits, not this)."""
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)], check=True)
+    try:
+        refused(song, "--out", ro / "store", message=f"--out {ro}/store: cannot write the store")
+        for args, message in [
+                (("generate", trained_run, "--out", ro / "songs", "--genre", "tone"),
+                 f"--out {ro}/songs: cannot write there (Read-only file system)"),
+                (("train", tone_store, "--run-dir", ro / "run", "--steps", "1"),
+                 f"cannot create {ro}/run/lock")]:
+            proc = run_dwave(*args, timeout=300)
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+            assert message in proc.stderr.strip().splitlines()[-1], proc.stderr[-500:]
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
