@@ -247,3 +247,53 @@ def test_a_read_only_location_is_one_line_for_every_command(tmp_path, song, trai
             assert message in proc.stderr.strip().splitlines()[-1], proc.stderr[-500:]
     finally:
         subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+class _S3ErrorHandler:
+    """An S3 endpoint that answers every request with one error: 403 AccessDenied (wrong
+    credentials) or 503 SlowDown (a misbehaving server)."""
+
+    @staticmethod
+    def serve(status: int, code: str):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                body = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+                        f"<Message>{code}</Message></Error>").encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _answer
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+
+@pytest.mark.parametrize("status, code, message", [
+    (403, "AccessDenied", "cannot read it"),
+    (503, "SlowDown", "cannot tell what is there")])
+def test_s3_errors_while_checking_the_store_are_errors_not_an_empty_place(status, code, message,
+                                                                         song):
+    server = _S3ErrorHandler.serve(status, code)
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        proc = run_dwave("preprocess", song, "--out", "s3://bucket/store", "--workers", "1",
+                         "--no-progress", "--overwrite", timeout=300,
+                         env={"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "wrong",
+                              "AWS_SECRET_ACCESS_KEY": "wrong", "AWS_DEFAULT_REGION": "us-east-1",
+                              "AWS_MAX_ATTEMPTS": "2"})
+    finally:
+        server.shutdown()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("dwave: error: --out s3://bucket/store: ") and message in line, line
