@@ -77,27 +77,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """A real S3 HTTP endpoint (moto's server) on 127.0.0.1, with dummy credentials exported
-    the way a user would export real ones (so subprocesses and Dask workers see them too)."""
+def start_moto_server() -> tuple[subprocess.Popen, str]:
+    """A moto S3 server on a free loopback port, once it accepts connections: (process, URL)."""
     port = _free_port()
     server = subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
          "-p", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    endpoint = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
+            return server, f"http://127.0.0.1:{port}"
         except OSError:
             if time.time() > deadline or server.poll() is not None:
                 server.kill()
                 raise RuntimeError("moto_server did not start")
             time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint (moto's server) on 127.0.0.1, with dummy credentials exported
+    the way a user would export real ones (so subprocesses and Dask workers see them too)."""
+    server, endpoint = start_moto_server()
     saved = {k: os.environ.get(k) for k in
              ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from conftest import run_dwave, tone, write_audio
+from conftest import run_dwave, start_moto_server, tone, write_audio
 
 
 def tree(path) -> dict[str, bytes]:
@@ -115,29 +115,10 @@ def test_sources_and_store_have_their_own_storage_options(s3_bucket, s3_endpoint
     """Songs in a bucket on a second S3 endpoint, named only in --source-storage-options; the
     store on the default endpoint (AWS_ENDPOINT_URL). Shared options would send the store's
     writes to the songs' endpoint."""
-    import socket
-    import subprocess
-    import sys
-    import time
-
     import boto3
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    other = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"),
-                              "-H", "127.0.0.1", "-p", str(port)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    other, songs_endpoint = start_moto_server()
     try:
-        songs_endpoint = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline, "second moto_server did not start"
-                time.sleep(0.2)
         songs_s3 = boto3.client("s3", endpoint_url=songs_endpoint)
         songs_s3.create_bucket(Bucket="public-songs")
         songs_s3.upload_file(song, "public-songs", "a.wav")
