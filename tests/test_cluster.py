@@ -20,6 +20,7 @@ def ec2_parameters() -> set[str]:
             for name in inspect.signature(cls.__init__).parameters} - {"self", "kwargs"}
 
 
+@pytest.mark.slow
 def test_preprocess_on_ec2_builds_the_cluster_dask_cloudprovider_expects(tmp_path, corpus,
                                                                           monkeypatch):
     """MOCK: a stand-in for dask_cloudprovider.aws.EC2Cluster, which would start (and bill) EC2
@@ -116,6 +117,7 @@ def test_ec2_without_aws_credentials_is_a_one_line_error(tmp_path, corpus):
         "dwave: error: --cluster ec2: The config profile (nobody) could not be found")
 
 
+@pytest.mark.slow
 def test_a_missing_scheduler_file_or_dead_address_is_a_bounded_one_line_error(tmp_path):
     import socket
     import time

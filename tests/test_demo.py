@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import soundfile as sf
 
 from conftest import run_dwave
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
     proc = run_dwave("demo", "--out", out, "--songs", "3", "--seconds", "4", "--steps", "20",

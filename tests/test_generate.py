@@ -130,6 +130,7 @@ def test_a_song_does_not_depend_on_its_batch():
     np.testing.assert_array_equal(alone[:, 0], together[:, 2])
 
 
+@pytest.mark.slow
 def test_generate_writes_songs_deterministically_across_ranks(trained_run, tmp_path):
     one = tmp_path / "one"
     proc = run_dwave("generate", trained_run, "--out", one, "--num-songs", "3", "--seconds",
@@ -154,6 +155,7 @@ def test_generate_writes_songs_deterministically_across_ranks(trained_run, tmp_p
     assert (one / "song-000.wav").read_bytes() != (one / "song-001.wav").read_bytes()
 
 
+@pytest.mark.slow
 def test_generate_with_a_prime_starts_from_the_song(trained_run, tmp_path):
     prime = write_tone(tmp_path / "prime.ogg", seconds=1.0, rate=44100)
     out = tmp_path / "out"
@@ -168,6 +170,7 @@ def test_generate_with_a_prime_starts_from_the_song(trained_run, tmp_path):
     np.testing.assert_allclose(audio[:8000], expected, atol=1 / 32768 + 1e-6)
 
 
+@pytest.mark.slow
 def test_bad_generate_inputs_are_one_line_errors(trained_run, tmp_path):
     def error_of(*args):
         proc = run_dwave("generate", *args)

@@ -40,6 +40,7 @@ def long_songs(tmp_path_factory):
     return str(directory)
 
 
+@pytest.mark.slow
 def test_end_to_end_with_bad_files_genres_and_resume(tmp_path, corpus):
     songs, genres_csv = corpus
     source = tmp_path / "songs"
@@ -90,6 +91,7 @@ def test_end_to_end_with_bad_files_genres_and_resume(tmp_path, corpus):
     assert "6 (0.01 h" in table and "tonal (2)" in table and "failures   4" in table
 
 
+@pytest.mark.slow
 def test_real_mp3_songs_from_asc_music(tmp_path):
     songs = sorted(os.listdir(ASC_MUSIC))
     assert len(songs) == 3, "the asc-music package (installed by scripts/setup.sh) has 3 songs"
@@ -119,6 +121,7 @@ def _complete_tracks_on_disk(store) -> int:
     return count
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_gives_the_same_store(tmp_path, long_songs):
     reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
     run_dwave("preprocess", long_songs, "--out", reference, "--workers", "1", "--no-progress",
@@ -148,6 +151,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_same_store(tmp_path, long_songs):
         assert got[tid][1] == expected[tid][1]
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_run_with_one_line_and_a_resumable_store(tmp_path, long_songs):
     """SIGINT to the whole process group, as a terminal's Ctrl-C sends it: the driver says one
     line, the workers print nothing, and a rerun resumes."""
@@ -204,6 +208,7 @@ def test_a_dask_worker_killed_mid_run_does_not_fail_the_run(tmp_path, long_songs
     assert _complete_tracks_on_disk(str(tmp_path / "store")) == 8
 
 
+@pytest.mark.slow
 def test_s3_round_trip_matches_a_local_store(tmp_path, corpus, s3_bucket):
     import boto3
 
@@ -252,6 +257,7 @@ def test_bad_flags_are_one_line_errors(tmp_path, args, message):
     assert message in lines[-1] and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_store_settings_must_match_unless_overwritten(tmp_path):
     src = write_audio(tmp_path / "a.wav", tone(0.5, 22050), 22050)
     store = tmp_path / "s"
@@ -272,6 +278,7 @@ def test_no_good_file_is_a_failure(tmp_path):
     assert proc.returncode == 1 and "no track could be written" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_different_song_with_a_stored_id_is_reported_not_swapped_in(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
@@ -295,6 +302,7 @@ def test_a_different_song_with_a_stored_id_is_reported_not_swapped_in(tmp_path):
     assert "0 to process, 1 already in the store" in again.stderr and "FAILED" not in again.stderr
 
 
+@pytest.mark.slow
 def test_metadata_on_a_rerun_relabels_finished_tracks_and_reports_unknown_ids(tmp_path):
     songs = tmp_path / "songs"
     songs.mkdir()
@@ -316,6 +324,7 @@ def test_metadata_on_a_rerun_relabels_finished_tracks_and_reports_unknown_ids(tm
     assert {t["id"]: t["genre"] for t in info["tracks"]} == {"1": "jazz", "2": "rock"}
 
 
+@pytest.mark.slow
 def test_a_zip_bomb_song_is_a_bounded_failure(tmp_path):
     """A small zip holding a long song (a quiet tone compresses ~100x): reported as too long
     instead of decoded into a worker's memory; the short song beside it is processed."""

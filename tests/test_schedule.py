@@ -34,6 +34,7 @@ def test_the_schedule_climbs_from_one_ranks_rate_to_n_times_it():
     assert rate_at(0, LR, LR, 0) == LR  # one rank: no warm-up
 
 
+@pytest.mark.slow
 def test_the_optimizer_uses_the_scheduled_rate_and_a_resume_continues_it(tmp_path):
     tf.random.set_seed(0)
     trainer = Trainer(CONFIG, LR, WARMUP, world_size=RANKS)

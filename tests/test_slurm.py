@@ -80,6 +80,7 @@ def describe(store) -> dict:
     return describe_store(str(store))
 
 
+@pytest.mark.slow
 def test_preprocess_job_runs_a_dask_cluster_inside_the_allocation(tmp_path, corpus):
     songs, genres = corpus
     log = tmp_path / "job.out"
@@ -94,6 +95,7 @@ def test_preprocess_job_runs_a_dask_cluster_inside_the_allocation(tmp_path, corp
     assert description["genres"] == {"tonal": 2, "chiptune": 2, "percussive": 2}
 
 
+@pytest.mark.slow
 def test_cluster_slurm_submits_dask_worker_jobs(tmp_path, corpus):
     songs, _ = corpus
     proc = run_dwave("preprocess", songs, "--out", tmp_path / "store", "--cluster", "slurm",
@@ -111,6 +113,7 @@ def test_cluster_slurm_submits_dask_worker_jobs(tmp_path, corpus):
         assert fields["JobState"] in {"CANCELLED", "COMPLETED", "COMPLETING"}  # stopped at the end
 
 
+@pytest.mark.slow
 def test_cluster_slurm_without_a_controller_is_a_one_line_error(tmp_path, corpus):
     songs, _ = corpus
     nowhere = tmp_path / "slurm.conf"  # a cluster whose controller is not running
@@ -123,6 +126,7 @@ def test_cluster_slurm_without_a_controller_is_a_one_line_error(tmp_path, corpus
     assert proc.stderr.strip().splitlines()[-1].startswith("dwave: error: --cluster slurm:")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("whom", [
     "steps",  # `scancel --signal=TERM`: the ranks themselves
     "batch",  # the batch shell only, as SLURM's --signal=B:TERM@300 before the time limit
@@ -161,6 +165,7 @@ def test_train_job_checkpoints_on_sigterm_and_the_requeued_job_resumes(tmp_path,
     assert (run / "checkpoints" / "ckpt-300.index").exists()
 
 
+@pytest.mark.slow
 def test_generate_job_splits_songs_over_ranks_and_matches_one_process(tmp_path, trained_run):
     log = tmp_path / "generate.out"
     flags = ["--num-songs", "3", "--seconds", "0.25", "--genre", "tone", "--seed", "5"]

@@ -284,6 +284,7 @@ class _TrickleHandler(_FlakyRangeHandler):
             pass
 
 
+@pytest.mark.slow
 def test_a_trickling_server_stalls_with_a_clear_error(tmp_path):
     from dwave.http import fetch_with_resume
 

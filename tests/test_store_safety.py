@@ -71,6 +71,7 @@ def test_a_store_that_is_in_or_around_a_source_is_refused(tmp_path, song):
     assert tree(songs) == before
 
 
+@pytest.mark.slow
 def test_a_damaged_store_is_an_error_not_an_empty_place(tmp_path, song):
     store = tmp_path / "store"
     run_dwave("preprocess", song, "--out", store, "--workers", "1", "--no-progress", check=0)
@@ -83,6 +84,7 @@ def test_a_damaged_store_is_an_error_not_an_empty_place(tmp_path, song):
     assert tree(store) == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_only_what_the_store_wrote(tmp_path, song):
     store = tmp_path / "store"
     run_dwave("preprocess", song, "--out", store, "--sample-rate", "8000", "--workers", "1",
@@ -95,6 +97,7 @@ def test_overwrite_replaces_only_what_the_store_wrote(tmp_path, song):
     assert info["sample_rate"] == 16000 and [t["length"] for t in info["tracks"]] == [8000]
 
 
+@pytest.mark.slow
 def test_s3_bucket_root_or_prefix_with_other_objects_is_refused(s3_bucket, song):
     import boto3
 
@@ -111,6 +114,7 @@ def test_s3_bucket_root_or_prefix_with_other_objects_is_refused(s3_bucket, song)
     assert s3.get_object(Bucket=s3_bucket, Key="data/notes.txt")["Body"].read() == b"notes"
 
 
+@pytest.mark.slow
 def test_sources_and_store_have_their_own_storage_options(s3_bucket, s3_endpoint, tmp_path, song):
     """Songs in a bucket on a second S3 endpoint, named only in --source-storage-options; the
     store on the default endpoint (AWS_ENDPOINT_URL). Shared options would send the store's
@@ -163,6 +167,7 @@ def test_a_missing_bucket_or_an_unwritable_place_is_one_line(s3_bucket, song, tm
     assert (tmp_path / "plain").read_text() == "x"
 
 
+@pytest.mark.slow
 def test_names_with_control_characters_are_printed_escaped(tmp_path):
     songs = tmp_path / "songs"
     songs.mkdir()
@@ -176,6 +181,7 @@ def test_names_with_control_characters_are_printed_escaped(tmp_path):
     assert "\x1b" not in info and "good\\x1b[2Jsong.wav" in info
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_the_index_is_one_line_and_keeps_the_tracks(small_disk,
                                                                              tmp_path):
     songs = tmp_path / "songs"
@@ -208,6 +214,7 @@ def test_a_full_disk_while_writing_the_index_is_one_line_and_keeps_the_tracks(sm
         {k: v for k, v in before.items() if "/c/" in k}  # every track's chunks unchanged
 
 
+@pytest.mark.slow
 def test_a_read_only_location_is_one_line_for_every_command(tmp_path, song, trained_run,
                                                             tone_store):
     """A real read-only file system (root ignores permission bits, not this)."""

@@ -42,6 +42,7 @@ def rank_digests(output: str) -> list[str]:
     return re.findall(r"rank \d+ weights sha256 ([0-9a-f]{64})", output)
 
 
+@pytest.mark.slow
 def test_real_music_with_default_flags_goes_below_the_bigram_and_writes_samples(music_store,
                                                                              tmp_path):
     """The tiny preset at its default rate, on real songs: validation below the store's own
@@ -97,6 +98,7 @@ def tf_value(event):
     return tf.make_ndarray(event.tensor_proto)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
 def test_two_ranks_stay_identical_and_equal_one_big_batch_step(launcher, tone_store, tmp_path):
     """After N steps both ranks hold bit-identical weights; and the first step equals, within
@@ -181,6 +183,7 @@ def _wait_for_checkpoint_after(run, step, proc, timeout=180):
     pytest.fail("no checkpoint appeared")
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_resumes_at_the_last_checkpoint(tone_store, tmp_path):
     run = tmp_path / "run"
     proc = _start_training(tone_store, run, 100000, ["--ckpt-every", "20"])
@@ -196,6 +199,7 @@ def test_sigkill_then_rerun_resumes_at_the_last_checkpoint(tone_store, tmp_path)
     assert latest_step(run) == step + 5
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_zero(tone_store, tmp_path):
     run = tmp_path / "run"
     proc = _start_training(tone_store, run, 100000, ["--ckpt-every", "100000"])
@@ -214,6 +218,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(tone_store, tmp_path):
     assert f"step {m.group(1)} of 100000, not finished" in status.stdout
 
 
+@pytest.mark.slow
 def test_a_second_job_on_a_run_dir_is_refused_until_the_first_dies(tone_store, tmp_path):
     run = tmp_path / "run"
     first = _start_training(tone_store, run, 100000, ["--ckpt-every", "10"])
@@ -234,6 +239,7 @@ def test_a_second_job_on_a_run_dir_is_refused_until_the_first_dies(tone_store, t
     assert f"done: step {step + 3}" in third.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("levels", [64, 1024])
 def test_the_stores_levels_define_the_model_and_the_songs(levels, tmp_path):
     """A 64- or 1024-level store trains a model of that many levels on its codes as stored
@@ -266,6 +272,7 @@ def test_the_stores_levels_define_the_model_and_the_songs(levels, tmp_path):
                          [1, 400 - model.config.receptive_field + 1, levels])
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes(tone_store, small_disk,
                                                                       tmp_path):
     import shutil
@@ -303,6 +310,7 @@ def test_status_of_finished_missing_and_foreign_run_dirs(trained_run, tmp_path):
         assert "is not a dwave run config" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_training_from_an_s3_store(s3_bucket, tmp_path):
     url = f"s3://{s3_bucket}/store"
     make_store(url, {str(i): (synthetic_codes(1.0, seed=i), "tone") for i in range(3)})
@@ -314,6 +322,7 @@ def test_training_from_an_s3_store(s3_bucket, tmp_path):
         assert "done: step 4" in proc.stderr
 
 
+@pytest.mark.slow
 def test_bad_runs_are_one_line_errors(tone_store, tmp_path):
     def error_of(*args):
         proc = run_dwave("train", *args, timeout=300)
