@@ -27,7 +27,7 @@ import numpy as np
 
 from .cpus import usable_cores
 from .spin import barrier, flags
-from .tiles import ROWS, WIDTH, matmul, pack, pad_blocks, padded
+from .tiles import KERNEL, ROWS, WIDTH, matmul, pack, pad_blocks, padded
 
 
 class PackedWeights(NamedTuple):
@@ -192,7 +192,8 @@ class FastGenerator:
                              self.caches[i][me], self.t, self.next_code[lane],
                              np.ascontiguousarray(uniforms[:, lane]), inv_t,
                              np.ascontiguousarray(forced[:, lane]), lane_codes, lane_logits,
-                             keep_logits, (own_x,) + shared[1:], me, parts, arrivals))
+                             keep_logits, (own_x,) + shared[1:], me, parts, arrivals,
+                             KERNEL == "tiled"))
         if len(jobs) == 1:
             _run(*jobs[0])
         else:
@@ -215,9 +216,9 @@ def _share(panels, me, parts):
 
 
 @numba.njit(inline="always", fastmath=True, error_model="numpy")
-def _dense(a, packed, bias, out, lo, hi, relu):
+def _dense(a, packed, bias, out, lo, hi, relu, tiled):
     """Column panels lo..hi-1 of out = a @ w + bias, then max(., 0) with `relu`."""
-    matmul(a, packed[lo:hi], out[:, lo * WIDTH:hi * WIDTH], False)
+    matmul(a, packed[lo:hi], out[:, lo * WIDTH:hi * WIDTH], False, tiled)
     zero = np.float32(0.0)
     for b in range(out.shape[0]):
         for j in range(lo * WIDTH, hi * WIDTH):
@@ -229,7 +230,7 @@ def _dense(a, packed, bias, out, lo, hi, relu):
 # vectorising (the gate loop runs 8x faster without them).
 @numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, uniforms, inv_t,
-         forced, codes_out, logits_out, keep_logits, work, me, parts, arrivals):
+         forced, codes_out, logits_out, keep_logits, work, me, parts, arrivals, tiled):
     """Advance one lane, as thread `me` of the `parts` threads that share it.
 
     `caches` (slots, songs, Cp): this thread's copy of the lane's rings, layer l's ring being
@@ -241,6 +242,7 @@ def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, uniform
     and each computes the small residual product and the ring updates in full on its own
     copy: so a layer needs one barrier (dwave.spin), after the gate, and the head three.
     Every thread draws the same samples (same logits, same uniforms): no barrier for codes.
+    `tiled`: which product kernel (dwave.tiles.KERNEL).
     """
     w = weights
     x, fg, zs, skip, hidden, logits = work  # x: this thread's; the rest shared
@@ -267,8 +269,8 @@ def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, uniform
                     ring[b, j] = now[b, j]
             f_panels = w.conv[layer, d_lo:d_hi]
             g_panels = w.conv[layer, D // WIDTH + d_lo:D // WIDTH + d_hi]
-            matmul(x, f_panels, fg[:, d_lo * WIDTH:d_hi * WIDTH], False)
-            matmul(x, g_panels, fg[:, D + d_lo * WIDTH:D + d_hi * WIDTH], False)
+            matmul(x, f_panels, fg[:, d_lo * WIDTH:d_hi * WIDTH], False, tiled)
+            matmul(x, g_panels, fg[:, D + d_lo * WIDTH:D + d_hi * WIDTH], False, tiled)
             for b in range(B):
                 for j in range(d_lo * WIDTH, d_hi * WIDTH):
                     f = fg[b, j] + gate_bias[b, layer, j]
@@ -277,17 +279,18 @@ def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, uniform
             n += 1
             barrier(arrivals, me, parts, n)  # z complete
             if layer < L - 1:
-                matmul(zs[:, layer * D:(layer + 1) * D], w.residual[layer], now, True)
+                matmul(zs[:, layer * D:(layer + 1) * D], w.residual[layer], now, True,
+                       tiled)
                 for b in range(B):
                     for j in range(C):
                         now[b, j] += w.residual_bias[layer, j]
-        _dense(zs, w.skip, w.skip_bias, skip, s_lo, s_hi, True)
+        _dense(zs, w.skip, w.skip_bias, skip, s_lo, s_hi, True, tiled)
         n += 1
         barrier(arrivals, me, parts, n)  # skip complete
-        _dense(skip, w.head1, w.head1_bias, hidden, h_lo, h_hi, True)
+        _dense(skip, w.head1, w.head1_bias, hidden, h_lo, h_hi, True, tiled)
         n += 1
         barrier(arrivals, me, parts, n)  # hidden complete
-        _dense(hidden, w.head2, w.head2_bias, logits, q_lo, q_hi, False)
+        _dense(hidden, w.head2, w.head2_bias, logits, q_lo, q_hi, False, tiled)
         n += 1
         barrier(arrivals, me, parts, n)  # logits complete
         if keep_logits and me == 0:

@@ -14,11 +14,19 @@ Every output element is one float32 FMA chain over k in order, whatever the numb
 where a row sits in the batch: a song's numbers do not depend on its batch.
 
 The kernel is LLVM IR written through Numba's `intrinsic`: `<8 x float>` loads and
-`llvm.fma.v8f32`, which LLVM lowers to AVX2/FMA here, to 2 x 128-bit NEON on ARM, and to
-plain code elsewhere; Numba compiles for the CPU it runs on.
+`llvm.fma.v8f32`, which LLVM lowers to AVX2/FMA on x86-64 with FMA and to NEON on ARM; Numba
+compiles for the CPU it runs on. On an x86-64 without FMA (QEMU's default CPU model, old Xeons,
+NUMBA_CPU_NAME=generic) the same intrinsic becomes a libm call per element, so there the
+products run as plain compiled loops over the same packed weights instead (`_matmul_loops`,
+which LLVM vectorises with separate multiplies and adds). `KERNEL` says which to use;
+DWAVE_PRODUCT_KERNEL=tiled|loops overrides the choice (tests use it to run the loop path).
+Both keep one chain per output element in k order, so a song never depends on its batch.
 """
 
 from __future__ import annotations
+
+import os
+import platform
 
 import numba
 import numpy as np
@@ -28,6 +36,37 @@ from numba.extending import intrinsic
 
 WIDTH = 16  # columns per panel: two 8-float vectors
 ROWS = 4  # rows per tile: 8 accumulators + 2 weight vectors + 1 broadcast fit in 16 registers
+
+
+def fused_multiply_add_available() -> bool:
+    """Whether the code Numba generates here has hardware FMA: on x86-64, per the CPU features
+    Numba targets (NUMBA_CPU_FEATURES / NUMBA_CPU_NAME, else the host's, from llvmlite);
+    AArch64 always has it."""
+    from numba.core import config
+
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    if config.CPU_FEATURES:
+        return "+fma" in config.CPU_FEATURES.split(",")
+    if config.CPU_NAME and config.CPU_NAME != "host":
+        return False  # a named generic target: no FMA promised
+    import llvmlite.binding as llvm
+
+    return bool(llvm.get_host_cpu_features().get("fma", False))
+
+
+def _choose_kernel() -> str:
+    wanted = os.environ.get("DWAVE_PRODUCT_KERNEL", "").strip().lower()
+    if wanted in ("tiled", "loops"):
+        return wanted
+    return "tiled" if fused_multiply_add_available() else "loops"
+
+
+# Passed to matmul as an argument, not read as a global: Numba's on-disk cache does not key on
+# globals, and a cached loop built for one choice must not serve the other.
+KERNEL = _choose_kernel()
 
 
 def padded(n: int) -> int:
@@ -146,10 +185,22 @@ _tile1x4, _tile1x1 = _tile_kernel(1, 4), _tile_kernel(1, 1)
 
 
 @numba.njit(inline="always")
-def matmul(a, packed, out, accumulate):
+def matmul(a, packed, out, accumulate, tiled=True):
     """out (+)= a @ w, with packed = pack(w) of shape (N / WIDTH, K, WIDTH); `a` (M, >= K) and
-    `out` (M, >= N) are float32 views with unit column stride (any row stride)."""
+    `out` (M, >= N) are float32 views with unit column stride (any row stride). The shapes and
+    strides are checked before any raw address is touched. `tiled`: the FMA kernel, else the
+    plain loops (pass `KERNEL == "tiled"`)."""
     rows, panels, k_count = a.shape[0], packed.shape[0], packed.shape[1]
+    if (out.shape[0] != rows or a.shape[1] < k_count or out.shape[1] < panels * WIDTH
+            or k_count < 1 or packed.shape[2] != WIDTH):
+        raise ValueError("matmul: shapes do not fit (a (M, >= K), packed (P, K, 16), "
+                         "out (M, >= 16 P))")
+    if a.strides[1] != 4 or out.strides[1] != 4 or packed.strides[2] != 4 \
+            or packed.strides[1] != 4 * WIDTH:
+        raise ValueError("matmul: a, out and the packed weights need unit column stride")
+    if not tiled:
+        _matmul_loops(a, packed, out, accumulate)
+        return
     lda, ldc, stride = a.strides[0] // 4, out.strides[0] // 4, packed.strides[0] // 4
     a0, c0, w0 = a.ctypes.data, out.ctypes.data, packed.ctypes.data
     tail = rows % ROWS
@@ -178,3 +229,22 @@ def matmul(a, packed, out, accumulate):
         for p in range(panels - panels % 4, panels):
             _tile1x1(a_tail, lda, w0 + 4 * p * stride, stride, k_count, c_tail + 4 * p * WIDTH,
                      ldc, accumulate)
+
+
+@numba.njit(inline="always")
+def _matmul_loops(a, packed, out, accumulate):
+    """The same product as plain loops (see the module docstring): for CPUs without FMA."""
+    rows, panels, k_count = a.shape[0], packed.shape[0], packed.shape[1]
+    acc = np.empty(WIDTH, np.float32)
+    for r in range(rows):
+        for p in range(panels):
+            acc[:] = 0.0
+            for k in range(k_count):
+                x = a[r, k]
+                for j in range(WIDTH):
+                    acc[j] += x * packed[p, k, j]
+            for j in range(WIDTH):
+                if accumulate:
+                    out[r, p * WIDTH + j] += acc[j]
+                else:
+                    out[r, p * WIDTH + j] = acc[j]

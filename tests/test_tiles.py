@@ -1,5 +1,6 @@
-"""The generator's tiled product kernel against numpy, on every row tail, odd sizes, strided
-views and accumulation; padding and packing."""
+"""The generator's product kernels (the tiled FMA one and the plain loops for CPUs without FMA)
+against numpy, on every row tail, odd sizes, strided views and accumulation; shape checks;
+padding and packing; the whole generator on the loop path and on a generic (FMA-less) CPU."""
 
 from __future__ import annotations
 
@@ -9,39 +10,43 @@ import pytest
 
 from dwave.tiles import WIDTH, matmul, pack, pad_blocks, padded
 
+KERNELS = [True, False]  # tiled (FMA), plain loops
+
 
 @numba.njit
-def product(a, packed, out, accumulate):
-    matmul(a, packed, out, accumulate)
+def product(a, packed, out, accumulate, tiled=True):
+    matmul(a, packed, out, accumulate, tiled)
 
 
+@pytest.mark.parametrize("tiled", KERNELS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9, 32])
 @pytest.mark.parametrize("k, n", [(1, 16), (37, 48), (128, 128)])
-def test_matmul_equals_numpy_on_strided_views(rows, k, n):
+def test_matmul_equals_numpy_on_strided_views(rows, k, n, tiled):
     rng = np.random.default_rng(rows * 1000 + k)
     w = rng.standard_normal((k, n)).astype(np.float32)
     wide = rng.standard_normal((rows, k + 5)).astype(np.float32)  # a: a view, row stride k + 5
     a = wide[:, 3:3 + k]
     out_wide = np.full((rows, n + 16), 7.0, np.float32)
     out = out_wide[:, 16:]
-    product(a, pack(w), out, False)
+    product(a, pack(w), out, False, tiled)
     expected = a.astype(np.float64) @ w.astype(np.float64)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4 * np.sqrt(k))
     assert (out_wide[:, :16] == 7.0).all()  # nothing written outside the view
-    product(a, pack(w), out, True)  # out += a @ w
+    product(a, pack(w), out, True, tiled)  # out += a @ w
     np.testing.assert_allclose(out, 2 * expected, rtol=1e-5, atol=2e-4 * np.sqrt(k))
 
 
-def test_a_row_does_not_depend_on_the_rows_around_it():
+@pytest.mark.parametrize("tiled", KERNELS)
+def test_a_row_does_not_depend_on_the_rows_around_it(tiled):
     """Bit for bit: a song's numbers must not change with its batch or its place in it."""
     rng = np.random.default_rng(0)
     w = pack(rng.standard_normal((300, 32)).astype(np.float32))
     a = rng.standard_normal((11, 300)).astype(np.float32)
     together = np.empty((11, 32), np.float32)
-    product(a, w, together, False)
+    product(a, w, together, False, tiled)
     for r in range(11):
         alone = np.empty((1, 32), np.float32)
-        product(a[r:r + 1], w, alone, False)
+        product(a[r:r + 1], w, alone, False, tiled)
         assert np.array_equal(alone[0], together[r])
 
 
@@ -56,3 +61,50 @@ def test_pad_blocks_pads_each_block_and_pack_makes_panels():
     packed = pack(p)
     assert packed.shape == (32 // WIDTH, 32, WIDTH)
     np.testing.assert_array_equal(packed[1, :, 3], p[:, WIDTH + 3])
+
+
+def test_matmul_refuses_shapes_and_strides_that_do_not_fit():
+    w = pack(np.ones((8, 32), np.float32))
+    a, out = np.ones((3, 8), np.float32), np.zeros((3, 32), np.float32)
+    for bad_a, bad_out in [(a[:, :7], out), (a, out[:, :16]), (a[:2], out),
+                           (np.ones((3, 16), np.float32)[:, ::2], out),
+                           (a, np.zeros((3, 64), np.float32)[:, ::2])]:
+        with pytest.raises(ValueError, match="matmul:"):
+            product(bad_a, w, bad_out, False)
+    product(a, w, out, False)
+    assert (out == 8).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", [{"DWAVE_PRODUCT_KERNEL": "loops"}, {"NUMBA_CPU_NAME": "generic"}])
+def test_fast_generation_equals_the_full_network_on_the_loop_path(env, tmp_path):
+    """In a fresh process (own Numba cache): the loop kernel chosen by hand, and chosen by itself
+    for a CPU model without FMA; teacher-forced fast logits equal the full network's."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np, tensorflow as tf
+from dwave import tiles
+from dwave.config import ModelConfig
+from dwave.fast import FastGenerator
+from dwave.model import WaveNet
+assert tiles.KERNEL == "loops", tiles.KERNEL
+tf.random.set_seed(0)
+model = WaveNet(ModelConfig(residual_channels=12, dilation_channels=10, skip_channels=20,
+                            stacks=2, max_dilation=4, quantization_channels=100))
+codes = np.random.default_rng(0).integers(0, 100, (3, 40))
+full = model(codes, causal=True).numpy()
+generator = FastGenerator(model, 3, threads=2)
+forced = np.concatenate([codes[:, 1:], codes[:, -1:]], axis=1).T
+generator.next_code = codes[:, 0].astype(np.int64)
+_, logits = generator.generate(np.zeros((40, 3), np.float32), 1.0, forced=forced,
+                               keep_logits=True)
+np.testing.assert_allclose(logits.transpose(1, 0, 2), full, rtol=1e-4, atol=1e-4)
+print("equal", tiles.KERNEL)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env,
+                                            "NUMBA_CACHE_DIR": str(tmp_path / "numba")})
+    assert proc.returncode == 0 and "equal loops" in proc.stdout, proc.stderr[-3000:]
