@@ -108,7 +108,8 @@ class FastGenerator:
     next input code.
     """
 
-    def __init__(self, model, batch: int, genre_ids=None, threads: int | None = None):
+    def __init__(self, model, batch: int, genre_ids=None, threads: int | None = None,
+                 cores: int | None = None):
         self.model = model
         self.config = c = model.config
         self.batch = batch
@@ -117,10 +118,13 @@ class FastGenerator:
         self.gate_bias = gate_biases(model, self.genre_ids, batch)
         self.dilations = np.array(c.dilations, np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.dilations)[:-1]]).astype(np.int64)
-        threads = usable_cores() if threads is None else threads
+        # `cores`: the cores this generator may keep busy, the rank's share of its node
+        # (dwave.cpus.cores_per_rank); default: all this process may run on.
+        cores = usable_cores() if cores is None else max(1, cores)
+        threads = cores if threads is None else threads
         lanes = max(1, min(threads, batch // ROWS))
         # Threads that share a lane spin while they wait for each other: one core each.
-        self.threads_per_lane = max(1, min(threads, usable_cores()) // lanes)
+        self.threads_per_lane = max(1, min(threads, cores) // lanes)
         bounds = np.linspace(0, batch, lanes + 1).round().astype(int)
         self.lanes = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
         self.reset()

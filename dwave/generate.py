@@ -162,7 +162,8 @@ def run_generate(options: GenerateOptions, log=print) -> dict:
     from .cpus import cores_per_rank
     from .fast import FastGenerator
 
-    threads = options.threads or cores_per_rank(hvd.local_size())
+    cores = cores_per_rank(hvd.local_size())
+    threads = options.threads or cores
     os.makedirs(options.out, exist_ok=True)
     say(f"dwave generate: {options.num_songs} song(s) of {options.seconds:g} s at {rate} Hz "
         f"from {checkpoint}, temperature {options.temperature:g}, {size} rank(s) x "
@@ -176,7 +177,7 @@ def run_generate(options: GenerateOptions, log=print) -> dict:
     for first in range(0, len(mine), options.batch_size):
         songs = mine[first:first + options.batch_size]
         generator = FastGenerator(model, len(songs),
-                                  None if gid is None else [gid] * len(songs), threads)
+                                  None if gid is None else [gid] * len(songs), threads, cores)
         head = np.zeros((len(songs), 0), np.int64)
         if prime is not None:
             head = np.tile(prime, (len(songs), 1))

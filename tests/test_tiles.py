@@ -108,3 +108,31 @@ print("equal", tiles.KERNEL)
                           timeout=300, env={**os.environ, **env,
                                             "NUMBA_CACHE_DIR": str(tmp_path / "numba")})
     assert proc.returncode == 0 and "equal loops" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_the_barrier_holds_with_more_threads_than_cores():
+    """Four threads on (here) two cores, 3,000 barriers: each thread sees every other's phase
+    before it goes on (a partner that was descheduled is waited for by napping, not spun for)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dwave.spin import barrier, flags
+
+    @numba.njit(nogil=True)
+    def worker(arrivals, me, parts, phases, rounds, errors):
+        for n in range(1, rounds + 1):
+            phases[me * 8] = n
+            barrier(arrivals, me, parts, 2 * n - 1)  # barriers are numbered 1, 2, 3, ...
+            for other in range(parts):
+                if phases[other * 8] < n:
+                    errors[me] += 1
+            barrier(arrivals, me, parts, 2 * n)  # nobody runs ahead into phase n + 1
+
+    parts, rounds = 4, 3000
+    arrivals, phases = flags(parts), np.zeros(parts * 8, np.int64)
+    errors = np.zeros(parts, np.int64)
+    worker(flags(1), 0, 1, np.zeros(8, np.int64), 1, np.zeros(1, np.int64))  # compile first
+    with ThreadPoolExecutor(parts) as pool:
+        for f in [pool.submit(worker, arrivals, me, parts, phases, rounds, errors)
+                  for me in range(parts)]:
+            f.result(timeout=300)
+    assert errors.sum() == 0 and (phases[::8] == rounds).all()
