@@ -184,6 +184,11 @@ class TrackStore:
         """
         state = self.location_state()
         if state == "store" and not overwrite:
+            fs, root = self._filesystem()
+            if not fs.exists(f"{root.rstrip('/')}/tracks/{ZARR_JSON}"):
+                raise DwaveError(f"store {self.url} has no tracks group (an --overwrite that was "
+                                 "interrupted?): rerun with --overwrite to finish starting it "
+                                 "again")
             config = self.config()
             for name, wanted, have in [
                 ("--sample-rate", sample_rate, config.sample_rate),

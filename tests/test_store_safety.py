@@ -96,6 +96,17 @@ def test_overwrite_replaces_only_what_the_store_wrote(tmp_path, song):
     info = json.loads(run_dwave("info", store, "--json", check=0).stdout)
     assert info["sample_rate"] == 16000 and [t["length"] for t in info["tracks"]] == [8000]
 
+    # An --overwrite interrupted after it removed the tracks: a one-line error saying how to
+    # finish, and finishing works.
+    import shutil
+
+    shutil.rmtree(store / "tracks")
+    refused(song, "--out", store,
+            message="has no tracks group (an --overwrite that was interrupted?)")
+    run_dwave("preprocess", song, "--out", store, "--overwrite", "--workers", "1", "--no-progress",
+              check=0)
+    assert (store / "README.txt").exists()
+
 
 @pytest.mark.slow
 def test_s3_bucket_root_or_prefix_with_other_objects_is_refused(s3_bucket, song):
