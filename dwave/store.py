@@ -147,9 +147,26 @@ class TrackStore:
                 f"); nothing was changed: restore it from a backup, or remove the store yourself "
                 "if it is expendable, or choose another --out") from None
         if "dwave_store_version" not in attrs:
+            if not attrs and self._only_empty_groups(fs, root):
+                return "new"  # a store another run is creating at this moment (see prepare)
             raise DwaveError(f"{where} is a Zarr group but not a dwave store; choose another "
                              "--out")
         return "store"
+
+    @staticmethod
+    def _only_empty_groups(fs, root: str) -> bool:
+        """Whether `root` holds nothing but its metadata and empty `tracks`/`index` groups:
+        what prepare() has written before the attributes that make it a store."""
+        base = root.rstrip("/")
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)}
+        if not names <= {ZARR_JSON, "tracks", "index"}:
+            return False
+        for group in names - {ZARR_JSON}:
+            inside = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{base}/{group}",
+                                                                        detail=False)}
+            if not inside <= {ZARR_JSON}:
+                return False
+        return True
 
     def exists(self) -> bool:
         """A readable dwave store is there (a damaged or foreign location raises)."""
@@ -211,7 +228,11 @@ class TrackStore:
         try:
             if state == "store":
                 self._remove_store()
+            # The groups first, the attributes that make it a store last; require_group, as a
+            # second run may be creating the same store at the same moment.
             root = self._open("a")
+            root.require_group("tracks")
+            root.require_group("index")
             root.attrs.update(
                 {
                     "dwave_store_version": STORE_FORMAT_VERSION,
@@ -219,8 +240,6 @@ class TrackStore:
                     "quantization_channels": config.quantization_channels,
                 }
             )
-            root.create_group("tracks")
-            root.create_group("index")
         except OSError as exc:  # a missing bucket, wrong credentials, a read-only or full disk
             raise DwaveError(
                 f"--out {self.url}: cannot write the store ({type(exc).__name__}: "
