@@ -198,8 +198,8 @@ def open_training_data(store_url: str, window: int, batch_size: int, seed: int,
     if genres is None:
         genres = sorted({t.genre for t in tracks})
     known = set(genres)
-    unknown = sorted({t.genre for t in usable if t.genre not in known})
     left_out = [t for t in usable if t.genre not in known]
+    unknown = sorted({t.genre for t in left_out})
     usable = [t for t in usable if t.genre in known]
     if not usable:
         raise DwaveError(f"store {store.url}: no track has a genre this run knows "
