@@ -22,6 +22,7 @@ import datetime as _dt
 import functools
 import json
 import os
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -76,6 +77,10 @@ class StoreConfig:
         return code_dtype(self.quantization_channels)
 
 
+class _BeingCreated(Exception):
+    """The location holds a store's parts but no root metadata: a run is creating it now."""
+
+
 class TrackStore:
     """A handle on one store. Cheap to create; every method opens what it needs."""
 
@@ -93,6 +98,34 @@ class TrackStore:
             self.url, mode=mode, zarr_format=3, use_consolidated=consolidated, **kwargs
         )
 
+    def _create(self, attributes: dict) -> None:
+        """Create the store: its two groups first, then the root metadata with the attributes
+        that make it a store, in one write (atomic on a local disk and on S3). A run looking
+        meanwhile sees either groups without a root (being created: it waits) or a whole store,
+        never a root without attributes. Two runs may create the same store at once: zarr
+        checks for a node and then writes it, so the loser of that race gets ContainsGroupError
+        for a node that is now there, as wanted."""
+        import zarr
+        from zarr.errors import ContainsGroupError
+
+        kwargs = {"storage_options": self.storage_options} if is_remote(self.url) else {}
+        for path, attrs in [(f"{self.url}/tracks", {}), (f"{self.url}/index", {}),
+                            (self.url, attributes)]:
+            try:
+                zarr.create_group(path, zarr_format=3, attributes=attrs, **kwargs)
+            except ContainsGroupError:
+                if not attrs:
+                    continue
+                root = self._open("r+")
+                have = dict(root.attrs)
+                if not have:  # a root left without attributes (see location_state)
+                    root.attrs.update(attrs)
+                elif have != attrs:
+                    raise DwaveError(
+                        f"--out {self.url}: another run created this store at the same moment "
+                        f"with {have}; rerun with the same --sample-rate and "
+                        "--quantization-channels, or choose another --out")
+
     def _filesystem(self):
         """(fsspec filesystem, root path) of the store's location."""
         import fsspec
@@ -106,6 +139,15 @@ class TrackStore:
         files (a user's songs or notes, a bucket's objects), a damaged store (root metadata
         unreadable or truncated), or a location that cannot be read at all (permissions, an S3
         error). The caller may then write only into "new", and replace only a "store"."""
+        for _ in range(3):
+            try:
+                return self._location_state()
+            except _BeingCreated:
+                time.sleep(0.2)  # another run is writing the root metadata this moment
+        raise DwaveError(f"--out {self.url} holds a store's groups without its root metadata "
+                         f"{ZARR_JSON}: not a store dwave can use; choose another --out")
+
+    def _location_state(self) -> str:
         where = f"--out {self.url}"
         try:
             fs, root = self._filesystem()
@@ -124,13 +166,16 @@ class TrackStore:
                 entries = [e for e in entries if e.rstrip("/") != root.rstrip("/")]
                 if not entries:
                     return "new"
+                if {os.path.basename(e.rstrip("/")) for e in entries} <= {ZARR_JSON, "tracks",
+                                                                          "index"}:
+                    raise _BeingCreated  # the root metadata appeared after it was read
                 names = ", ".join(repr(os.path.basename(e.rstrip("/"))) for e in entries[:3])
                 raise DwaveError(
                     f"{where} holds {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} "
                     f"({names}{', ...' if len(entries) > 3 else ''}) and is not a dwave store: "
                     "preprocess writes only into a new or empty location or an existing store "
                     "(--overwrite replaces only a dwave store); choose another --out")
-        except DwaveError:
+        except (DwaveError, _BeingCreated):
             raise
         except PermissionError as exc:
             raise DwaveError(f"{where}: cannot read it ({exc.strerror or exc}): fix its "
@@ -228,18 +273,11 @@ class TrackStore:
         try:
             if state == "store":
                 self._remove_store()
-            # The groups first, the attributes that make it a store last; require_group, as a
-            # second run may be creating the same store at the same moment.
-            root = self._open("a")
-            root.require_group("tracks")
-            root.require_group("index")
-            root.attrs.update(
-                {
-                    "dwave_store_version": STORE_FORMAT_VERSION,
-                    "sample_rate": config.sample_rate,
-                    "quantization_channels": config.quantization_channels,
-                }
-            )
+            self._create({
+                "dwave_store_version": STORE_FORMAT_VERSION,
+                "sample_rate": config.sample_rate,
+                "quantization_channels": config.quantization_channels,
+            })
         except OSError as exc:  # a missing bucket, wrong credentials, a read-only or full disk
             raise DwaveError(
                 f"--out {self.url}: cannot write the store ({type(exc).__name__}: "

@@ -347,9 +347,9 @@ def test_a_zip_bomb_song_is_a_bounded_failure(tmp_path):
 
 @pytest.mark.slow
 def test_two_runs_creating_one_store_at_once_lose_nothing(tmp_path, long_songs):
-    """Both start on a new store at the same moment: no crash, every song stored once. (The
-    loser of a rare race on the root metadata may stop with a one-line error; a rerun is a
-    resume. Both may write the same track: Dask retries the loser's rewrite.)"""
+    """Both start on a new store at the same moment: no crash, every song stored once. (Both
+    may write the same track: the later write replaces the earlier with the same codes. Should
+    either stop, it says so in one line and a rerun is a resume.)"""
     store = str(tmp_path / "store")
     runs = [subprocess.Popen([sys.executable, "-m", "dwave.cli", "preprocess", long_songs,
                               "--out", store, "--workers", "1", "--no-progress",

@@ -296,3 +296,51 @@ def test_s3_errors_while_checking_the_store_are_errors_not_an_empty_place(status
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("dwave: error: --out s3://bucket/store: ") and message in line, line
+
+
+def _prepare_in_a_process(url, rate, start, results):
+    from dwave.errors import DwaveError
+    from dwave.store import TrackStore
+
+    start.wait()
+    try:
+        TrackStore(url).prepare(rate, None, False)
+        results.put("ok")
+    except DwaveError as exc:
+        results.put(str(exc))
+    except Exception as exc:  # the crash this test is for
+        results.put(f"crash: {type(exc).__name__}: {exc}")
+
+
+def test_runs_creating_one_store_at_once_all_find_it(tmp_path):
+    """Six processes create the same new store at the same instant, five times over: every one
+    gets the store (zarr's check-then-create races are absorbed; nobody sees a root without its
+    attributes)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    outcomes = []
+    for attempt in range(5):
+        url = str(tmp_path / f"store{attempt}")
+        start, results = context.Barrier(6), context.Queue()
+        runs = [context.Process(target=_prepare_in_a_process, args=(url, None, start, results))
+                for _ in range(6)]
+        for run in runs:
+            run.start()
+        outcomes += [results.get(timeout=60) for _ in runs]
+        for run in runs:
+            run.join()
+    assert outcomes == ["ok"] * 30
+
+
+def test_a_store_created_meanwhile_with_other_settings_is_not_relabelled(tmp_path):
+    from dwave.errors import DwaveError
+    from dwave.store import TrackStore
+
+    url = str(tmp_path / "store")
+    TrackStore(url).prepare(8000, None, False)
+    late = TrackStore(url)  # found the place empty a moment ago, and creates it now
+    with pytest.raises(DwaveError, match="another run created this store at the same moment"):
+        late._create({"dwave_store_version": 1, "sample_rate": 16000,
+                       "quantization_channels": 256})
+    assert TrackStore(url).config().sample_rate == 8000
