@@ -39,9 +39,9 @@ MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
 
 
 def worker(args) -> None:
-    import horovod.tensorflow as hvd
+    from dwave.ranks import start_horovod
 
-    hvd.init()
+    hvd = start_horovod()
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)

@@ -12,7 +12,7 @@ import os
 import sys
 
 from .cluster import CLUSTER_KINDS
-from .config import PRESET_LEARNING_RATES, PRESETS
+from .config import PRECISIONS, PRESET_LEARNING_RATES, PRESETS
 from .audio import DEFAULT_MAX_SONG_MINUTES
 from .errors import DwaveError, printable
 
@@ -266,8 +266,9 @@ def _add_train(sub) -> None:
                    help="steps between checkpoints (500)")
     p.add_argument("--keep-checkpoints", type=_positive_int, default=3,
                    help="how many recent checkpoints to keep (3)")
-    p.add_argument("--precision", choices=["fp32", "mixed"], default="fp32",
-                   help="mixed: float16 compute with loss scaling (GPUs) (fp32)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="the matrix products' type: " + "; ".join(
+                       f"{name}: {what}" for name, what in PRECISIONS.items()) + " (fp32)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="initial weights, windows (0)")
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="TensorFlow threads per rank (default: cores / ranks on the node)")

@@ -29,6 +29,14 @@ PRESETS: dict[str, dict] = {
 PRESET_LEARNING_RATES: dict[str, float] = {"tiny": 5e-3, "small": 1e-3, "base": 1e-3}
 DEFAULT_PRESET = "tiny"
 
+# --precision: the type of the matrix products (everything else, weights included, is float32;
+# dwave.model maps each to its TensorFlow dtype).
+PRECISIONS: dict[str, str] = {
+    "fp32": "float32",
+    "bf16": "bfloat16, no loss scaling (CPUs with AVX512-BF16 or AMX, A100/H100 GPUs)",
+    "mixed": "float16 with loss scaling (GPUs)",
+}
+
 
 @dataclass
 class ModelConfig:

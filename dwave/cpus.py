@@ -21,3 +21,18 @@ def cores_per_rank(ranks_on_node: int) -> int:
     if mine < node:
         return mine
     return max(1, mine // max(1, ranks_on_node))
+
+
+def bf16_products_native() -> bool | None:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX-BF16); None where
+    it cannot be told (no /proc/cpuinfo). Without it TensorFlow emulates bfloat16 products,
+    slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return None

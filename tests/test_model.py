@@ -116,3 +116,35 @@ def test_parameter_count_matches_the_architecture(tf):
                 + L * D * S + S  # skip 1x1s
                 + S * S + S + S * Q + Q)  # head
     assert build(c).parameter_count == expected
+
+
+def _product_dtypes(model, codes, tf) -> set:
+    """The dtypes of the matrix products in the traced forward pass (MatMul's T attribute)."""
+    graph = tf.function(lambda x: model(x)).get_concrete_function(
+        tf.TensorSpec(codes.shape, tf.int32)).graph
+    return {op.get_attr("T") for op in graph.get_operations()
+            if op.type in ("MatMul", "BatchMatMulV2")}
+
+
+@pytest.mark.parametrize("precision,dtype,tolerance", [("bf16", "bfloat16", 0.05),
+                                                        ("mixed", "float16", 0.01)])
+def test_precision_sets_the_products_type_and_only_that(precision, dtype, tolerance, tf):
+    """The products run in the asked type (read from the traced graph, not from a setting);
+    weights stay float32 and the logits agree with the float32 network to the type's precision
+    (bfloat16 keeps 8 bits of mantissa: ~0.4 % per product)."""
+    from dwave.model import WaveNet
+
+    config = ModelConfig.from_preset("tiny", residual_channels=8, dilation_channels=8,
+                                     skip_channels=16)
+    full = build(config)
+    low = WaveNet(config, precision)
+    low.set_weights(full.get_weights())
+    codes = np.random.default_rng(0).integers(0, 256, (2, config.receptive_field + 50))
+    assert _product_dtypes(full, codes, tf) == {tf.float32}
+    assert _product_dtypes(low, codes, tf) == {tf.as_dtype(dtype)}
+    assert {w.dtype for w in low.weights} == {tf.float32}
+    exact, approx = full(codes).numpy(), low(codes).numpy()
+    assert approx.dtype == np.float32
+    scale = np.abs(exact).max()
+    assert np.abs(approx - exact).max() < tolerance * scale
+    assert np.abs(approx - exact).max() > 0  # it did compute in the lower precision
