@@ -91,6 +91,29 @@ class ModelConfig:
             raise DwaveError(f"model config: unknown fields {sorted(unknown)}")
         return cls(**data)
 
+    def products(self, window: int, batch: int = 1) -> list[tuple[str, int, int, int]]:
+        """The forward pass's matrix products in training (valid mode, `window` predicted
+        samples per sequence) as (name, m, k, n): an (m, k) @ (k, n) product each, as
+        dwave.model computes them. The backward pass does two more of each shape's size."""
+        C, D, S, Q = (self.residual_channels, self.dilation_channels, self.skip_channels,
+                      self.quantization_channels)
+        length = window + self.receptive_field - 1  # inputs per sequence
+        layers = len(self.dilations)
+        out = []
+        for i, d in enumerate(self.dilations):
+            length -= d
+            out.append((f"layer{i}/conv", batch * length, 2 * C, 2 * D))
+            if i < layers - 1:
+                out.append((f"layer{i}/residual", batch * length, D, C))
+        out += [("skip", batch * window, layers * D, S), ("head1", batch * window, S, S),
+                ("head2", batch * window, S, Q)]
+        return out
+
+    def training_flops_per_sample(self, window: int) -> float:
+        """Floating-point operations of one training step's products per predicted sample:
+        2mkn per product, three products (forward, input gradient, weight gradient) each."""
+        return sum(3 * 2 * m * k * n for _, m, k, n in self.products(window)) / window
+
     def describe(self) -> str:
         return (f"WaveNet: {len(self.dilations)} layers ({self.stacks} stacks x dilations 1.."
                 f"{self.max_dilation}), channels residual {self.residual_channels} / dilation "

@@ -148,3 +148,20 @@ def test_precision_sets_the_products_type_and_only_that(precision, dtype, tolera
     scale = np.abs(exact).max()
     assert np.abs(approx - exact).max() < tolerance * scale
     assert np.abs(approx - exact).max() > 0  # it did compute in the lower precision
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_configs_product_list_is_what_the_model_multiplies(batch, tf):
+    """ModelConfig.products (the FLOP count and the roofline of bench_train) against the
+    MatMul ops of the traced training forward pass, shapes read from the graph."""
+    config = ModelConfig.from_preset("tiny", residual_channels=8, dilation_channels=6,
+                                     skip_channels=10)
+    model = build(config)
+    window = 50
+    graph = tf.function(lambda x: model(x)).get_concrete_function(
+        tf.TensorSpec((batch, config.receptive_field - 1 + window), tf.int32)).graph
+    traced = sorted((tuple(op.inputs[0].shape) + (op.inputs[1].shape[1],))
+                    for op in graph.get_operations() if op.type == "MatMul")
+    assert traced == sorted((m, k, n) for _, m, k, n in config.products(window, batch))
+    per_sample = sum(6 * m * k * n for m, k, n in traced) / (batch * window)
+    assert config.training_flops_per_sample(window) == pytest.approx(per_sample)
