@@ -4,7 +4,8 @@ bfloat16, a straightforward Keras baseline, the roofline, and a projection to GP
 
     python benchmarks/bench_train.py STORE [--preset base] [--batch-size 1] [--out bench-output]
 
-All in one run, predicted samples per second of full training steps (forward, backward, Adam):
+All in one run, predicted samples per second of full training steps (forward, backward, Adam;
+the best of --rounds rounds):
   * dwave, one rank, 1 thread and all cores (synthetic in-memory windows; the store's windows
     at 1 thread, and the input pipeline's own rate: does it keep up?);
   * a straightforward Keras WaveNet of the same architecture (Conv1D causal dilated layers,
@@ -62,6 +63,19 @@ def _wait_for_all(barrier: str | None, rank: int, ranks: int) -> None:
         time.sleep(0.01)
 
 
+def best_of(rounds: int, steps: int, step) -> float:
+    """Seconds per step: the best of `rounds` rounds of `steps` steps. A VM's cores are shared
+    with its host: the best round is the code's speed, the others add the neighbours'."""
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        float(loss)  # the last step has finished
+        best = min(best, (time.perf_counter() - started) / steps)
+    return best
+
+
 def worker(args) -> None:
     """Full training steps of dwave's Trainer: Horovod unless --independent."""
     if args.independent:
@@ -91,11 +105,8 @@ def worker(args) -> None:
         _wait_for_all(args.barrier, rank, args.ranks)
         if size > 1:
             hvd.allreduce(tf.constant(0.0))  # start the clock together
-        started = time.perf_counter()
-        for _ in range(args.steps):
-            loss, _ = trainer.train_step(*next(batches), no_stop)
-        float(loss)
-        return (time.perf_counter() - started) / args.steps
+        return best_of(args.rounds, args.steps,
+                       lambda: trainer.train_step(*next(batches), no_stop)[0])
 
     rng = np.random.default_rng(rank)
     synthetic = (tf.constant(rng.integers(0, 256, (args.batch_size, window), dtype=np.uint8)),
@@ -191,12 +202,8 @@ def keras_baseline(args) -> None:
         0, 256, (args.batch_size, rf + args.window)), tf.int32)
     for _ in range(args.warmup):
         step(codes)
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step(codes)
-    float(loss)
-    print("RESULT " + json.dumps({"synthetic_step_s": (time.perf_counter() - started)
-                                  / args.steps}), flush=True)
+    step_s = best_of(args.rounds, args.steps, lambda: step(codes))
+    print("RESULT " + json.dumps({"synthetic_step_s": step_s}), flush=True)
 
 
 # -- the driver -------------------------------------------------------------------------------
@@ -246,7 +253,9 @@ def main() -> None:
     parser.add_argument("store", nargs="?", help="a dwave store")
     parser.add_argument("--out", default="bench-output")
     parser.add_argument("--preset", default="base")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per measurement (6)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round (5)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="timed rounds per measurement; the best counts (3)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (2)")
     parser.add_argument("--batch-size", type=int, default=1, help="per rank (1)")
     parser.add_argument("--window", type=int, default=4000,
@@ -286,7 +295,8 @@ def measure(args) -> dict:
 
     here = os.path.abspath(__file__)
     cores, ranks = os.cpu_count() or 1, args.ranks
-    common = [args.store, "--preset", args.preset, "--steps", str(args.steps), "--warmup",
+    common = [args.store, "--preset", args.preset, "--steps", str(args.steps), "--rounds",
+              str(args.rounds), "--warmup",
               str(args.warmup), "--batch-size", str(args.batch_size), "--window",
               str(args.window)]
     worker = [sys.executable, here, *common, "--worker"]
