@@ -144,10 +144,10 @@ def write_spectrogram(path: str, audio: np.ndarray, sample_rate: int, title: str
 
 
 def run_generate(options: GenerateOptions, log=print) -> dict:
-    import horovod.tensorflow as hvd
+    from .ranks import world
 
-    hvd.init()
-    rank, size = hvd.rank(), hvd.size()
+    ranks = world()
+    rank, size = ranks.rank, ranks.size
     say = log if rank == 0 else (lambda *_: None)
     _check_writable(options.out)  # before minutes of generating, not after
     model, config, checkpoint = load_model(options.run_dir, options.checkpoint)
@@ -162,7 +162,7 @@ def run_generate(options: GenerateOptions, log=print) -> dict:
     from .cpus import cores_per_rank
     from .fast import FastGenerator
 
-    cores = cores_per_rank(hvd.local_size())
+    cores = cores_per_rank(ranks.ranks_on_node)
     threads = options.threads or cores
     os.makedirs(options.out, exist_ok=True)
     say(f"dwave generate: {options.num_songs} song(s) of {options.seconds:g} s at {rate} Hz "
@@ -173,7 +173,7 @@ def run_generate(options: GenerateOptions, log=print) -> dict:
 
     started = time.perf_counter()
     generated = 0
-    progress = _progress(rank, len(mine) * total, options.num_songs, size)
+    progress = _progress(rank, len(mine) * total, size)
     for first in range(0, len(mine), options.batch_size):
         songs = mine[first:first + options.batch_size]
         generator = FastGenerator(model, len(songs),
@@ -198,7 +198,7 @@ def run_generate(options: GenerateOptions, log=print) -> dict:
     progress.close()
     wall = time.perf_counter() - started
     if size > 1:
-        counts = hvd.allgather_object((generated, wall))
+        counts = ranks.allgather((generated, wall))
         generated = sum(c[0] for c in counts)
         wall = max(c[1] for c in counts)
     rate_s = generated / wall if wall else float("nan")
@@ -221,7 +221,7 @@ def _check_writable(directory: str) -> None:
                          "choose another directory") from None
 
 
-def _progress(rank: int, total: int, songs: int, size: int):
+def _progress(rank: int, total: int, size: int):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="sample", unit_scale=True, disable=rank != 0,

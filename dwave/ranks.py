@@ -1,4 +1,5 @@
-"""Starting Horovod with defaults that suit ranks sharing a node's cores.
+"""Which rank this process is, and starting Horovod with defaults that suit ranks sharing a
+node's cores.
 
 Open MPI's blocking calls spin on a core while they wait. When the ranks of a node have about
 one core each (the usual `-np <cores>`), a waiting rank's Horovod thread spins on the core its
@@ -13,6 +14,8 @@ processes (the README has the figures). A user's own setting of these variables 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 # Read by every rank's MPI_Init, whoever launched it (mpirun, horovodrun, srun).
 MPI_DEFAULTS = {"OMPI_MCA_mpi_yield_when_idle": "1"}
@@ -30,3 +33,27 @@ def start_horovod():
 
     hvd.init()
     return hvd
+
+
+@dataclass
+class World:
+    """This process's place among the ranks of a job that splits work without a training
+    step's collectives (generation): rank, size, ranks on this node, and a gather."""
+
+    rank: int
+    size: int
+    ranks_on_node: int
+    allgather: Callable[[object], list]  # every rank's value, on every rank
+
+
+def world() -> World:
+    """From MPI (mpirun, srun; a process started alone is rank 0 of 1), or from Horovod where
+    horovodrun started the ranks with Gloo and there is no MPI world to ask."""
+    if os.environ.get("HOROVOD_CONTROLLER") == "gloo":
+        hvd = start_horovod()
+        return World(hvd.rank(), hvd.size(), hvd.local_size(), hvd.allgather_object)
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    return World(comm.Get_rank(), comm.Get_size(), node.Get_size(), comm.allgather)
