@@ -32,7 +32,7 @@ import soundfile as sf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dwave.cluster import ClusterOptions  # noqa: E402
+from dwave.cluster import ClusterConfig  # noqa: E402
 from dwave.preprocess import TrackTask, process_track, run_preprocess  # noqa: E402
 from dwave.sources import expand_sources  # noqa: E402
 from dwave.store import TrackStore  # noqa: E402
@@ -109,7 +109,7 @@ def worker_peak_memory_mb(path: str, scratch: str) -> tuple[float, float, float]
 
 def throughput(song_dir: str, workers: int, scratch: str) -> tuple[float, int]:
     store = os.path.join(scratch, f"store-{workers}w")
-    summary = run_preprocess([song_dir], store, cluster=ClusterOptions(workers=workers),
+    summary = run_preprocess([song_dir], store, cluster=ClusterConfig(workers=workers),
                              overwrite=True, progress=False, log=lambda *_: None)
     assert not summary.failures, summary.failures
     return len(summary.written) / summary.wall_seconds, len(summary.written)

@@ -7,14 +7,18 @@ status 2; a traceback means a bug in dwave.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
-from .cluster import CLUSTER_KINDS
-from .config import PRECISIONS, PRESET_LEARNING_RATES, PRESETS
+from .cluster import CLUSTER_KINDS, ClusterConfig
+from .config import MODEL_FLAGS, PRECISIONS, PRESET_LEARNING_RATES, PRESETS
 from .audio import DEFAULT_MAX_SONG_MINUTES
 from .errors import DwaveError, printable
+from .demo import DemoConfig
+from .generate import GenerateConfig
+from .train import TrainConfig
 
 
 def _int_at_least(minimum: int, kind: str):
@@ -54,6 +58,21 @@ def _json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
+
+
+def _default(config_class, field: str):
+    """A field's default, read from its config dataclass: the one place defaults are written
+    (a flag's help shows it with %(default)s)."""
+    (found,) = [f for f in dataclasses.fields(config_class) if f.name == field]
+    return found.default_factory() if found.default_factory is not dataclasses.MISSING \
+        else found.default
+
+
+def _config_from(config_class, args, **values):
+    """`config_class` from the parsed flags whose names are its fields, plus `values`."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{name: value for name, value in vars(args).items() if name in names},
+                        **values)
 
 
 def _add_preprocess(sub) -> None:
@@ -104,7 +123,8 @@ def _add_cluster_flags(p) -> None:
         "where the Dask workers run",
         "Unset SLURM/EC2 values fall back to Dask's configuration (~/.config/dask/*.yaml or "
         "DASK_JOBQUEUE__SLURM__QUEUE, DASK_CLOUDPROVIDER__EC2__REGION, ... variables).")
-    g.add_argument("--cluster", choices=CLUSTER_KINDS, default="local",
+    C = ClusterConfig
+    g.add_argument("--cluster", dest="kind", choices=CLUSTER_KINDS, default=_default(C, "kind"),
                    help="local: worker processes on this machine (default); slurm: worker "
                         "jobs submitted with sbatch (dask-jobqueue; run from a login node); "
                         "ec2: EC2 instances (dask-cloudprovider; needs AWS credentials)")
@@ -113,35 +133,25 @@ def _add_cluster_flags(p) -> None:
                         "EC2 instances (default 2)")
     g.add_argument("--scheduler", metavar="ADDRESS",
                    help="use a running Dask cluster (tcp://host:8786 or a scheduler JSON file)")
-    g.add_argument("--wait-workers", type=_non_negative_int, metavar="N", default=0,
+    g.add_argument("--wait-workers", type=_non_negative_int, metavar="N",
+                   default=_default(C, "wait_workers"),
                    help="start once N workers have joined (default: 1 on a cluster, 0 locally)")
-    g.add_argument("--dashboard-address", metavar="HOST:PORT", default="127.0.0.1:8787",
+    g.add_argument("--dashboard-address", metavar="HOST:PORT",
+                   default=_default(C, "dashboard_address"),
                    help="where a local cluster's Dask dashboard listens (default "
-                        "127.0.0.1:8787, this machine only; 0.0.0.0:8787 opens it to others)")
+                        "%(default)s, this machine only; 0.0.0.0:8787 opens it to others)")
     g.add_argument("--partition", metavar="NAME", help="SLURM partition of the worker jobs")
     g.add_argument("--walltime", metavar="HH:MM:SS", help="SLURM time limit of each worker job")
     g.add_argument("--account", metavar="NAME", help="SLURM account to charge")
     g.add_argument("--worker-memory", metavar="SIZE",
                    help="memory per SLURM worker job (default 4GiB)")
-    g.add_argument("--worker-logs", metavar="DIR",
+    g.add_argument("--worker-logs", dest="log_directory", metavar="DIR",
                    help="SLURM worker job logs (default ./dask-worker-logs)")
     g.add_argument("--region", metavar="NAME", help="EC2 region")
     g.add_argument("--instance-type", metavar="TYPE", help="EC2 instance type (e.g. c6i.4xlarge)")
     g.add_argument("--ami", metavar="ID", help="EC2 machine image")
     g.add_argument("--docker-image", metavar="IMAGE",
                    help="image the EC2 workers run (must contain dwave)")
-
-
-def _cluster_options(args):
-    from .cluster import ClusterOptions
-
-    return ClusterOptions(
-        kind=args.cluster, workers=args.workers, scheduler=args.scheduler,
-        wait_workers=args.wait_workers, dashboard_address=args.dashboard_address,
-        partition=args.partition, walltime=args.walltime,
-        account=args.account, worker_memory=args.worker_memory, log_directory=args.worker_logs,
-        region=args.region, instance_type=args.instance_type, ami=args.ami,
-        docker_image=args.docker_image)
 
 
 def _cmd_preprocess(args) -> int:
@@ -152,7 +162,7 @@ def _cmd_preprocess(args) -> int:
         args.out,
         sample_rate=args.sample_rate,
         quantization_channels=args.quantization_channels,
-        cluster=_cluster_options(args),
+        cluster=_config_from(ClusterConfig, args),
         metadata=args.metadata,
         overwrite=args.overwrite,
         storage_options=args.storage_options,
@@ -199,28 +209,29 @@ def _add_demo(sub) -> None:
         description="Synthesise a small corpus of songs (or take --source DIR), preprocess it "
                     "with Dask, train the tiny WaveNet with 2 Horovod ranks and generate two "
                     "songs. Needs no data and no network.")
-    p.add_argument("--out", default="demo-output", metavar="DIR",
-                   help="where the corpus, store and results go (default: demo-output)")
+    D = DemoConfig
+    p.add_argument("--out", default=_default(D, "out"), metavar="DIR",
+                   help="where the corpus, store and results go (%(default)s)")
     p.add_argument("--source", metavar="DIR", help="use these songs instead of synthesising")
-    p.add_argument("--songs", type=_positive_int, default=6, help="songs to synthesise (6)")
-    p.add_argument("--seconds", type=_positive_int, default=20, help="length of each (20)")
+    p.add_argument("--songs", type=_positive_int, default=_default(D, "songs"),
+                   help="songs to synthesise (%(default)s)")
+    p.add_argument("--seconds", type=_positive_int, default=_default(D, "seconds"),
+                   help="length of each (%(default)s)")
     p.add_argument("--workers", type=_positive_int, metavar="N",
                    help="Dask worker processes (default: one per core)")
-    p.add_argument("--steps", type=_positive_int, default=600,
-                   help="training steps of the tiny model (600)")
-    p.add_argument("--ranks", type=_positive_int, default=2,
-                   help="Horovod ranks to train with, started by horovodrun (2)")
-    p.add_argument("--generate-seconds", type=float, default=2.0,
-                   help="length of each generated song (2)")
+    p.add_argument("--steps", type=_positive_int, default=_default(D, "steps"),
+                   help="training steps of the tiny model (%(default)s)")
+    p.add_argument("--ranks", type=_positive_int, default=_default(D, "ranks"),
+                   help="Horovod ranks to train with, started by horovodrun (%(default)s)")
+    p.add_argument("--generate-seconds", type=float, default=_default(D, "generate_seconds"),
+                   help="length of each generated song (%(default)g)")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args.out, args.source, args.songs, args.seconds, args.workers,
-                    steps=args.steps, ranks=args.ranks,
-                    generate_seconds=args.generate_seconds, log=_log)
+    return run_demo(_config_from(DemoConfig, args), log=_log)
 
 
 def _add_train(sub) -> None:
@@ -240,41 +251,47 @@ def _add_train(sub) -> None:
                    help="checkpoints, config.json and TensorBoard logs (resumed if present)")
     p.add_argument("--preset", choices=list(PRESETS),
                    help="model size (default: the run dir's, else tiny)")
-    for name, help_text in [("residual-channels", "residual channels"),
-                            ("dilation-channels", "filter and gate channels, each"),
-                            ("skip-channels", "skip channels"), ("stacks", "dilation stacks"),
-                            ("max-dilation", "largest dilation of a stack (a power of 2)")]:
-        p.add_argument(f"--{name}", type=_positive_int, metavar="N",
-                       help=f"{help_text} (overrides the preset)")
-    p.add_argument("--steps", type=_positive_int, default=1000, help="total steps (1000)")
-    p.add_argument("--batch-size", type=_positive_int, default=4,
-                   help="windows per rank per step (4)")
+    for field, meaning in MODEL_FLAGS.items():
+        p.add_argument(f"--{field.replace('_', '-')}", type=_positive_int, metavar="N",
+                       help=f"{meaning} (overrides the preset)")
+    T = TrainConfig
+    p.add_argument("--steps", type=_positive_int, default=_default(T, "steps"),
+                   help="total steps (%(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=_default(T, "batch_size"),
+                   help="windows per rank per step (%(default)s)")
     p.add_argument("--lr", type=_positive_float,
                    help="Adam learning rate for one rank; N ranks use N x this (default: the "
                         "run dir's, else the preset's: "
                         + ", ".join(f"{k} {v:g}" for k, v in PRESET_LEARNING_RATES.items()) + ")")
-    p.add_argument("--warmup-steps", type=_non_negative_int, default=100,
+    p.add_argument("--warmup-steps", type=_non_negative_int, default=_default(T, "warmup_steps"),
                    help="with N ranks, the rate climbs linearly from --lr to N x --lr over "
-                        "this many steps; one rank has no warm-up (100)")
-    p.add_argument("--window", type=_positive_int, default=4000,
-                   help="predicted samples per window, beyond the receptive field (4000)")
-    p.add_argument("--genre-conditioning", action="store_true", default=None,
+                        "this many steps; one rank has no warm-up (%(default)s)")
+    p.add_argument("--window", type=_positive_int, default=_default(T, "window"),
+                   help="predicted samples per window; the span read from the store is the "
+                        "receptive field - 1 longer (%(default)s)")
+    p.add_argument("--genre-conditioning", action="store_true",
+                   default=_default(T, "genre_conditioning"),
                    help="condition on the store's genres (global conditioning)")
-    p.add_argument("--val-every", type=_positive_int, default=200,
-                   help="steps between validation passes (200)")
-    p.add_argument("--ckpt-every", type=_positive_int, default=500,
-                   help="steps between checkpoints (500)")
-    p.add_argument("--keep-checkpoints", type=_positive_int, default=3,
-                   help="how many recent checkpoints to keep (3)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+    p.add_argument("--val-every", type=_positive_int, default=_default(T, "val_every"),
+                   help="steps between validation passes (%(default)s)")
+    p.add_argument("--ckpt-every", type=_positive_int, default=_default(T, "ckpt_every"),
+                   help="steps between checkpoints (%(default)s)")
+    p.add_argument("--keep-checkpoints", type=_positive_int,
+                   default=_default(T, "keep_checkpoints"),
+                   help="how many recent checkpoints to keep (%(default)s)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default=_default(T, "precision"),
                    help="the matrix products' type: " + "; ".join(
-                       f"{name}: {what}" for name, what in PRECISIONS.items()) + " (fp32)")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="initial weights, windows (0)")
+                       f"{name}: {what}" for name, what in PRECISIONS.items())
+                   + " (%(default)s)")
+    p.add_argument("--seed", type=_non_negative_int, default=_default(T, "seed"),
+                   help="initial weights, windows (%(default)s)")
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="TensorFlow threads per rank (default: cores / ranks on the node)")
-    p.add_argument("--listen-seconds", type=float, default=1.0, metavar="S",
+    p.add_argument("--listen-seconds", type=float, default=_default(T, "listen_seconds"),
+                   metavar="S",
                    help="at each validation, write a sample of S seconds generated from the "
-                        "current weights to RUN_DIR/samples and TensorBoard; 0 turns it off (1)")
+                        "current weights to RUN_DIR/samples and TensorBoard; 0 turns it off "
+                        "(%(default)g)")
     p.add_argument("--data-mode", choices=["memory", "stream"],
                    help="hold the training tracks in memory, or read windows from the store "
                         "(default: memory when they fit in 4 GiB)")
@@ -283,16 +300,11 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(args) -> int:
-    from .train import MODEL_FIELDS, TrainConfig, run_training
+    from .train import run_training
 
-    config = TrainConfig(
-        store=args.store, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        warmup_steps=args.warmup_steps, window=args.window,
-        genre_conditioning=args.genre_conditioning, val_every=args.val_every,
-        ckpt_every=args.ckpt_every, keep_checkpoints=args.keep_checkpoints, precision=args.precision, seed=args.seed,
-        data_mode=args.data_mode, threads=args.threads, listen_seconds=args.listen_seconds)
-    overrides = {name: getattr(args, name) for name in MODEL_FIELDS}
-    run_training(config, args.run_dir, args.preset, overrides, args.storage_options, log=_log)
+    overrides = {field: getattr(args, field) for field in MODEL_FLAGS}
+    run_training(_config_from(TrainConfig, args), args.run_dir, args.preset, overrides,
+                 args.storage_options, log=_log)
     return 0
 
 
@@ -336,20 +348,24 @@ def _add_generate(sub) -> None:
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a `dwave train` run directory")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="where the songs go")
-    p.add_argument("--seconds", type=float, default=4.0, help="length of each song (4)")
-    p.add_argument("--num-songs", type=_positive_int, default=1, help="how many songs (1)")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="sampling temperature; 0 = always the most likely code (1.0)")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (0)")
+    G = GenerateConfig
+    p.add_argument("--seconds", type=float, default=_default(G, "seconds"),
+                   help="length of each song (%(default)g)")
+    p.add_argument("--num-songs", type=_positive_int, default=_default(G, "num_songs"),
+                   help="how many songs (%(default)s)")
+    p.add_argument("--temperature", type=float, default=_default(G, "temperature"),
+                   help="sampling temperature; 0 = always the most likely code (%(default)g)")
+    p.add_argument("--seed", type=_non_negative_int, default=_default(G, "seed"),
+                   help="random seed (%(default)s)")
     p.add_argument("--prime", metavar="FILE",
                    help="start from the opening of this song (any format preprocess reads)")
-    p.add_argument("--prime-seconds", type=float, default=1.0,
-                   help="how much of --prime to use (1.0)")
+    p.add_argument("--prime-seconds", type=float, default=_default(G, "prime_seconds"),
+                   help="how much of --prime to use (%(default)g)")
     p.add_argument("--genre", help="genre to generate (models trained with --genre-conditioning)")
     p.add_argument("--checkpoint", metavar="PATH",
                    help="a checkpoint prefix, e.g. RUN_DIR/checkpoints/ckpt-500 (default: latest)")
-    p.add_argument("--batch-size", type=_positive_int, default=64,
-                   help="songs generated together per rank (64)")
+    p.add_argument("--batch-size", type=_positive_int, default=_default(G, "batch_size"),
+                   help="songs generated together per rank (%(default)s)")
     p.add_argument("--threads", type=_positive_int,
                    help="threads per rank, each stepping its share of the batch (default: the "
                         "rank's cores: those it is bound to, or its share of the node's)")
@@ -357,14 +373,9 @@ def _add_generate(sub) -> None:
 
 
 def _cmd_generate(args) -> int:
-    from .generate import GenerateOptions, run_generate
+    from .generate import run_generate
 
-    options = GenerateOptions(
-        run_dir=args.run_dir, out=args.out, seconds=args.seconds, num_songs=args.num_songs,
-        temperature=args.temperature, seed=args.seed, prime=args.prime,
-        prime_seconds=args.prime_seconds, genre=args.genre, checkpoint=args.checkpoint,
-        batch_size=args.batch_size, threads=args.threads)
-    run_generate(options, log=_log)
+    run_generate(_config_from(GenerateConfig, args), log=_log)
     return 0
 
 

@@ -1,7 +1,7 @@
 """The one place that makes a Dask client: a LocalCluster by default, an existing scheduler,
 worker jobs on SLURM (dask-jobqueue), or EC2 instances (dask-cloudprovider).
 
-Which cluster and its size come from `ClusterOptions` (the `dwave preprocess` flags); anything
+Which cluster and its size come from `ClusterConfig` (the `dwave preprocess` flags); anything
 left unset falls back to Dask's own configuration, so a site can keep its defaults in
 ~/.config/dask/jobqueue.yaml / cloudprovider.yaml or in environment variables such as
 DASK_JOBQUEUE__SLURM__QUEUE and DASK_CLOUDPROVIDER__EC2__REGION.
@@ -21,7 +21,7 @@ CLUSTER_KINDS = ("local", "slurm", "ec2")
 
 
 @dataclasses.dataclass
-class ClusterOptions:
+class ClusterConfig:
     kind: str = "local"
     workers: int | None = None         # local: worker processes; slurm: jobs; ec2: instances
     scheduler: str | None = None       # address or scheduler JSON file of a running cluster
@@ -84,7 +84,7 @@ def _quiet_logs(client) -> None:
         pass
 
 
-def _connect(options: ClusterOptions):
+def _connect(options: ClusterConfig):
     """A client of a running scheduler, within connect_timeout or a one-line error (Dask
     itself waits for a missing scheduler file forever, and an unreachable address ends in a
     traceback)."""
@@ -114,7 +114,7 @@ def _connect(options: ClusterOptions):
                          "and is the address right?") from None
 
 
-def slurm_cluster_kwargs(options: ClusterOptions) -> dict:
+def slurm_cluster_kwargs(options: ClusterConfig) -> dict:
     """dask_jobqueue.SLURMCluster arguments: one single-threaded worker process per job, the
     workers running this same Python (a shared filesystem, as on every SLURM cluster)."""
     kwargs = {
@@ -129,7 +129,7 @@ def slurm_cluster_kwargs(options: ClusterOptions) -> dict:
     return kwargs
 
 
-def ec2_cluster_kwargs(options: ClusterOptions) -> dict:
+def ec2_cluster_kwargs(options: ClusterConfig) -> dict:
     """dask_cloudprovider.aws.EC2Cluster arguments: `workers` instances, each running one Dask
     worker per core from the Docker image (the image must hold dwave and its dependencies)."""
     kwargs = {"n_workers": options.workers or 2}
@@ -156,7 +156,7 @@ def cluster_class(kind: str):
 
 
 @contextlib.contextmanager
-def dask_client(options: ClusterOptions | None = None, log=print) -> Iterator:
+def dask_client(options: ClusterConfig | None = None, log=print) -> Iterator:
     """Yield a connected `distributed.Client`; tear down whatever this call started.
 
     - `scheduler`: connect to a running scheduler (``tcp://host:8786``, or a scheduler file
@@ -170,7 +170,7 @@ def dask_client(options: ClusterOptions | None = None, log=print) -> Iterator:
     """
     from distributed import Client
 
-    options = options or ClusterOptions()
+    options = options or ClusterConfig()
     with contextlib.ExitStack() as stack:
         if options.scheduler:
             client = stack.enter_context(_connect(options))
@@ -256,7 +256,7 @@ def _check_slurm_answers() -> None:
                          "60 s") from None
 
 
-def _wait_for_workers(client, options: ClusterOptions, log) -> None:
+def _wait_for_workers(client, options: ClusterConfig, log) -> None:
     wanted = options.wait_workers or (1 if options.kind != "local" or options.scheduler else 0)
     if not wanted or len(client.scheduler_info()["workers"]) >= wanted:
         return

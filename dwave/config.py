@@ -38,6 +38,17 @@ PRECISIONS: dict[str, str] = {
 }
 
 
+# The architecture fields a new run may set over its preset, with what each means: `dwave
+# train` makes one flag of each (--residual-channels N, ...).
+MODEL_FLAGS: dict[str, str] = {
+    "residual_channels": "residual channels",
+    "dilation_channels": "filter and gate channels, each",
+    "skip_channels": "skip channels",
+    "stacks": "dilation stacks",
+    "max_dilation": "largest dilation of a stack (a power of 2)",
+}
+
+
 @dataclass
 class ModelConfig:
     """The architecture. Saved as config.json in every run directory."""

@@ -11,16 +11,31 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 
-from .cluster import ClusterOptions
 from .errors import DwaveError
-from .info import describe_store, format_description
-from .preprocess import run_preprocess
-from .synth import write_corpus
 
 
-def run_demo(out: str, source: str | None, songs: int, seconds: float, workers: int | None,
-             steps: int = 600, ranks: int = 2, generate_seconds: float = 2.0, log=print) -> int:
+@dataclass
+class DemoConfig:
+    out: str = "demo-output"  # the corpus, store, run dir and songs go here
+    source: str | None = None  # songs to use instead of synthesising a corpus
+    songs: int = 6  # songs to synthesise
+    seconds: int = 20  # length of each
+    workers: int | None = None  # Dask worker processes; None: one per core
+    steps: int = 600  # training steps of the tiny model
+    ranks: int = 2  # Horovod ranks, started by horovodrun
+    generate_seconds: float = 2.0  # length of each generated song
+
+
+def run_demo(config: DemoConfig, log=print) -> int:
+    out, source, songs, seconds = config.out, config.source, config.songs, config.seconds
+    steps, ranks, generate_seconds = config.steps, config.ranks, config.generate_seconds
+    from .cluster import ClusterConfig
+    from .info import describe_store, format_description
+    from .preprocess import run_preprocess
+    from .synth import write_corpus
+
     os.makedirs(out, exist_ok=True)
     metadata = None
     if source is None:
@@ -31,7 +46,7 @@ def run_demo(out: str, source: str | None, songs: int, seconds: float, workers: 
         log(f"[1/4] using the songs in {source}")
     store = os.path.join(out, "store")
     log(f"[2/4] preprocessing {source} -> {store}")
-    summary = run_preprocess([source], store, cluster=ClusterOptions(workers=workers),
+    summary = run_preprocess([source], store, cluster=ClusterConfig(workers=config.workers),
                              metadata=metadata, log=log)
     for line in summary.lines():
         log(line)
@@ -47,11 +62,11 @@ def run_demo(out: str, source: str | None, songs: int, seconds: float, workers: 
         + " ".join(command))
     _run_streaming(command, log)
 
-    from .generate import GenerateOptions, run_generate
+    from .generate import GenerateConfig, run_generate
 
     songs_dir = os.path.join(out, "songs")
     log(f"\n[4/4] generating 2 songs of {generate_seconds:g} s -> {songs_dir}")
-    run_generate(GenerateOptions(run_dir=run_dir, out=songs_dir, seconds=generate_seconds,
+    run_generate(GenerateConfig(run_dir=run_dir, out=songs_dir, seconds=generate_seconds,
                                  num_songs=2, temperature=1.0), log=log)
     log(f"\ndemo done:\n  store        {store}  (`dwave info {store}`)\n"
         f"  model        {run_dir}  (`tensorboard --logdir {run_dir}/tensorboard`)\n"

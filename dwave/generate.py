@@ -24,7 +24,7 @@ CHUNK = 2000  # samples per compiled call: the progress bar's granularity
 
 
 @dataclass
-class GenerateOptions:
+class GenerateConfig:
     run_dir: str
     out: str
     seconds: float = 4.0
@@ -143,7 +143,7 @@ def write_spectrogram(path: str, audio: np.ndarray, sample_rate: int, title: str
     plt.close(fig)
 
 
-def run_generate(options: GenerateOptions, log=print) -> dict:
+def run_generate(options: GenerateConfig, log=print) -> dict:
     from .ranks import world
 
     ranks = world()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .audio import (DEFAULT_MAX_SONG_MINUTES, AudioError, decode_to_mono, encode_in_place,
                     normalisation_gain)
-from .cluster import ClusterOptions
+from .cluster import ClusterConfig
 from .errors import DwaveError, printable
 from .sources import Source, check_out_apart_from_sources, expand_sources
 from .store import StoreConfig, TrackStore, resolve_storage_options
@@ -156,7 +156,7 @@ def run_preprocess(
     *,
     sample_rate: int | None = None,
     quantization_channels: int | None = None,
-    cluster: ClusterOptions | None = None,
+    cluster: ClusterConfig | None = None,
     metadata: str | None = None,
     overwrite: bool = False,
     storage_options: dict | None = None,

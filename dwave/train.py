@@ -29,15 +29,14 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .config import DEFAULT_PRESET, PRECISIONS, PRESET_LEARNING_RATES, ModelConfig
+from .config import (DEFAULT_PRESET, MODEL_FLAGS, PRECISIONS, PRESET_LEARNING_RATES,
+                     ModelConfig)
 from .cpus import cores_per_rank
 from .errors import DwaveError
 from .rundir import (TENSORBOARD, RunDirLock, ValidationLog, checkpoint_manager,
                      read_run_config, restore_latest, write_run_config)
 
 LN2 = math.log(2.0)
-MODEL_FIELDS = ("residual_channels", "dilation_channels", "skip_channels", "stacks",
-                "max_dilation")
 
 
 @dataclass
@@ -202,7 +201,7 @@ def resolve_model_config(saved: ModelConfig | None, preset: str | None, override
     wanted = ModelConfig.from_preset(preset, **overrides).to_dict() if preset else overrides
     have = saved.to_dict()
     clashes = [f"{k} {have[k]} (flags ask for {v})" for k, v in wanted.items()
-               if k in MODEL_FIELDS and have[k] != v]
+               if k in MODEL_FLAGS and have[k] != v]
     if conditioning is not None and conditioning != saved.conditioned:
         clashes.append("genre conditioning " + ("on" if saved.conditioned else "off"))
     if saved.sample_rate != sample_rate:

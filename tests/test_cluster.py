@@ -29,7 +29,7 @@ def test_preprocess_on_ec2_builds_the_cluster_dask_cloudprovider_expects(tmp_pat
     from distributed import LocalCluster
 
     import dwave.cluster
-    from dwave.cluster import ClusterOptions
+    from dwave.cluster import ClusterConfig
     from dwave.info import describe_store
     from dwave.preprocess import run_preprocess
 
@@ -51,7 +51,7 @@ def test_preprocess_on_ec2_builds_the_cluster_dask_cloudprovider_expects(tmp_pat
                         else real_cluster_class(kind))
     songs, _ = corpus
     lines = []
-    options = ClusterOptions(kind="ec2", workers=2, region="eu-west-1",
+    options = ClusterConfig(kind="ec2", workers=2, region="eu-west-1",
                              instance_type="c6i.large", docker_image="ghcr.io/example/dwave:0.1")
     summary = run_preprocess([songs], str(tmp_path / "store"), cluster=options, progress=False,
                              log=lines.append)
@@ -63,9 +63,9 @@ def test_preprocess_on_ec2_builds_the_cluster_dask_cloudprovider_expects(tmp_pat
 
 
 def test_unset_ec2_values_are_left_to_dask_config():
-    from dwave.cluster import ClusterOptions, ec2_cluster_kwargs
+    from dwave.cluster import ClusterConfig, ec2_cluster_kwargs
 
-    assert ec2_cluster_kwargs(ClusterOptions(kind="ec2")) == {"n_workers": 2}
+    assert ec2_cluster_kwargs(ClusterConfig(kind="ec2")) == {"n_workers": 2}
 
 
 def test_slurm_job_script_runs_one_single_threaded_worker_of_this_python(tmp_path):
@@ -73,9 +73,9 @@ def test_slurm_job_script_runs_one_single_threaded_worker_of_this_python(tmp_pat
 
     from dask_jobqueue import SLURMCluster
 
-    from dwave.cluster import ClusterOptions, slurm_cluster_kwargs
+    from dwave.cluster import ClusterConfig, slurm_cluster_kwargs
 
-    kwargs = slurm_cluster_kwargs(ClusterOptions(kind="slurm", partition="gpu", walltime="01:00:00",
+    kwargs = slurm_cluster_kwargs(ClusterConfig(kind="slurm", partition="gpu", walltime="01:00:00",
                                                  worker_memory="2GiB", account="music",
                                                  log_directory=str(tmp_path)))
     with SLURMCluster(**kwargs) as cluster:  # a real one; nothing is submitted until scale()
@@ -86,10 +86,10 @@ def test_slurm_job_script_runs_one_single_threaded_worker_of_this_python(tmp_pat
 
 
 def test_scheduler_and_cluster_kind_do_not_combine():
-    from dwave.cluster import ClusterOptions
+    from dwave.cluster import ClusterConfig
 
     with pytest.raises(DwaveError, match="do not combine"):
-        ClusterOptions(kind="ec2", scheduler="tcp://127.0.0.1:8786")
+        ClusterConfig(kind="ec2", scheduler="tcp://127.0.0.1:8786")
 
 
 def test_unknown_cluster_kind_is_a_one_line_error(tmp_path):
@@ -122,7 +122,7 @@ def test_a_missing_scheduler_file_or_dead_address_is_a_bounded_one_line_error(tm
     import socket
     import time
 
-    from dwave.cluster import ClusterOptions, dask_client
+    from dwave.cluster import ClusterConfig, dask_client
     from dwave.errors import DwaveError
 
     with socket.socket() as s:  # a port nobody listens on
@@ -132,16 +132,16 @@ def test_a_missing_scheduler_file_or_dead_address_is_a_bounded_one_line_error(tm
                             (dead, "cannot reach the Dask scheduler within 2 s")]:
         started = time.monotonic()
         with pytest.raises(DwaveError, match=message) as caught:
-            with dask_client(ClusterOptions(scheduler=target, connect_timeout=2), log=print):
+            with dask_client(ClusterConfig(scheduler=target, connect_timeout=2), log=print):
                 pass
         assert time.monotonic() - started < 20
         assert "\n" not in str(caught.value) and target in str(caught.value)
 
 
 def test_the_local_dashboard_listens_on_loopback_only():
-    from dwave.cluster import ClusterOptions, dask_client
+    from dwave.cluster import ClusterConfig, dask_client
 
-    with dask_client(ClusterOptions(workers=1), log=print) as client:
+    with dask_client(ClusterConfig(workers=1), log=print) as client:
         # The addresses the scheduler's HTTP server (the dashboard) really bound.
         bound = client.run_on_scheduler(lambda dask_scheduler: [
             sock.getsockname()[0] for sock in dask_scheduler.http_server._sockets.values()])

@@ -181,7 +181,7 @@ def test_ctrl_c_stops_a_run_with_one_line_and_a_resumable_store(tmp_path, long_s
 def test_a_dask_worker_killed_mid_run_does_not_fail_the_run(tmp_path, long_songs):
     from distributed import Client, LocalCluster
 
-    from dwave.cluster import ClusterOptions
+    from dwave.cluster import ClusterConfig
     from dwave.preprocess import run_preprocess
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
@@ -189,7 +189,7 @@ def test_a_dask_worker_killed_mid_run_does_not_fail_the_run(tmp_path, long_songs
         outcome = {}
         runner = threading.Thread(target=lambda: outcome.update(summary=run_preprocess(
             [long_songs], str(tmp_path / "store"),
-            cluster=ClusterOptions(scheduler=cluster.scheduler_address), progress=False,
+            cluster=ClusterConfig(scheduler=cluster.scheduler_address), progress=False,
             log=lambda *_: None)))
         runner.start()
         deadline = time.time() + 60
