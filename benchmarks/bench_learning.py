@@ -49,7 +49,7 @@ def independent_baselines(store: str, run_dir: str) -> dict:
     model = ModelConfig.from_dict(saved["model"])
     train = saved["train"]
     rf = model.receptive_field
-    data = open_training_data(store, rf + train["window"], train["batch_size"], train["seed"],
+    data = open_training_data(store, model.span(train["window"]), train["batch_size"], train["seed"],
                               train["validation_fraction"])
     levels = data.levels
     unigram = np.zeros(levels)

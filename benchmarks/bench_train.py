@@ -93,7 +93,7 @@ def worker(args) -> None:
     from dwave.train import Trainer
 
     config = ModelConfig.from_preset(args.preset)
-    window = config.receptive_field + args.window
+    span = config.span(args.window)
     tf.random.set_seed(0)
     trainer = Trainer(config, 1e-4, 0, size, args.precision, hvd=hvd if size > 1 else None)
     trainer.broadcast_from_rank0()
@@ -109,7 +109,7 @@ def worker(args) -> None:
                        lambda: trainer.train_step(*next(batches), no_stop)[0])
 
     rng = np.random.default_rng(rank)
-    synthetic = (tf.constant(rng.integers(0, 256, (args.batch_size, window), dtype=np.uint8)),
+    synthetic = (tf.constant(rng.integers(0, 256, (args.batch_size, span), dtype=np.uint8)),
                  tf.zeros((args.batch_size,), tf.int32))
 
     def repeat():
@@ -120,7 +120,7 @@ def worker(args) -> None:
     if args.with_store:
         from dwave.data import open_training_data
 
-        data = open_training_data(args.store, window, args.batch_size, seed=0)
+        data = open_training_data(args.store, span, args.batch_size, seed=0)
         batches = iter(data.train.dataset(rank, 0, 10**9))
         results["store_step_s"] = timed(batches)
         results["data_mode"] = data.train.mode
@@ -199,7 +199,7 @@ def keras_baseline(args) -> None:
         return loss
 
     codes = tf.constant(np.random.default_rng(0).integers(
-        0, 256, (args.batch_size, rf + args.window)), tf.int32)
+        0, 256, (args.batch_size, c.span(args.window))), tf.int32)
     for _ in range(args.warmup):
         step(codes)
     step_s = best_of(args.rounds, args.steps, lambda: step(codes))

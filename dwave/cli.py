@@ -302,7 +302,8 @@ def _add_train(sub) -> None:
 def _cmd_train(args) -> int:
     from .train import run_training
 
-    overrides = {field: getattr(args, field) for field in MODEL_FLAGS}
+    overrides = {field: getattr(args, field) for field in MODEL_FLAGS
+                 if getattr(args, field) is not None}  # the flags given, nothing else
     run_training(_config_from(TrainConfig, args), args.run_dir, args.preset, overrides,
                  args.storage_options, log=_log)
     return 0

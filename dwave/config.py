@@ -81,6 +81,11 @@ class ModelConfig:
         """Inputs that one output sees: (kernel - 1) * sum(dilations) + 1, kernel = 2."""
         return sum(self.dilations) + 1
 
+    def span(self, window: int) -> int:
+        """Samples read from the store to predict `window` of them: one receptive field more
+        (valid mode: the first prediction needs receptive_field inputs, the last has none)."""
+        return self.receptive_field + window
+
     @property
     def conditioned(self) -> bool:
         return bool(self.genres)
@@ -89,7 +94,7 @@ class ModelConfig:
     def from_preset(cls, preset: str, **overrides) -> "ModelConfig":
         if preset not in PRESETS:
             raise DwaveError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+        return cls(**{**PRESETS[preset], **overrides})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,6 +1,8 @@
-"""Training windows drawn uniformly over every sample of every track in a store.
+"""Training spans drawn uniformly over every sample of every track in a store.
 
-No pre-cut chunks: a window (receptive field + target length) may start at any sample of any
+Two lengths, two names: a *window* is the samples a step predicts per sequence (`--window`),
+a *span* the samples read from the store for it (ModelConfig.span: the receptive field more).
+No pre-cut chunks: a span may start at any sample of any
 track long enough to hold it, each start equally likely, so long songs weigh in proportion to
 their length (as nanoGPT samples its windows from one flat token file).
 
@@ -65,17 +67,17 @@ def split_tracks(tracks: list[Track], fraction: float) -> tuple[list[Track], lis
 class WindowSampler:
     """Batches of windows from a list of tracks. `batch(rank, step)` is deterministic."""
 
-    def __init__(self, store: TrackStore, tracks: list[Track], genres: list[str], window: int,
+    def __init__(self, store: TrackStore, tracks: list[Track], genres: list[str], span: int,
                  batch_size: int, seed: int, stream: int, mode: str, dtype=np.uint8,
                  read_threads: int = 8):
-        self.store, self.tracks, self.window = store, tracks, window
+        self.store, self.tracks, self.span = store, tracks, span
         self.dtype = np.dtype(dtype)  # the store's: codes above 255 must never wrap
         self.batch_size, self.seed, self.stream_id, self.mode = batch_size, seed, stream, mode
         genre_index = {g: i for i, g in enumerate(genres)}
         self.track_genre = np.array([genre_index.get(t.genre, 0) for t in tracks], np.int32)
         # Window starts available in each track, and their running total: a uniform draw over
         # the total, located with searchsorted, is a uniform draw over every valid start.
-        starts = np.array([t.length - window + 1 for t in tracks], np.int64)
+        starts = np.array([t.length - span + 1 for t in tracks], np.int64)
         self.cumulative_starts = np.cumsum(starts)
         self.total_starts = int(self.cumulative_starts[-1])
         self.track_offsets = np.concatenate([[0], np.cumsum([t.length for t in tracks])])
@@ -120,15 +122,15 @@ class WindowSampler:
         return track, draws - before
 
     def batch(self, rank: int, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(codes (batch, window) of the store's dtype, genre int32 (batch,))."""
+        """(codes (batch, span) of the store's dtype, genre int32 (batch,))."""
         track, start = self.locate(rank, step)
-        codes = np.empty((self.batch_size, self.window), self.dtype)
+        codes = np.empty((self.batch_size, self.span), self.dtype)
         for row, (t, s) in enumerate(zip(track, start)):
             if self.mode == "memory":
                 begin = self.track_offsets[t] + s
-                codes[row] = self.buffer[begin:begin + self.window]
+                codes[row] = self.buffer[begin:begin + self.span]
             else:
-                codes[row] = self._array(self.tracks[t].id)[s:s + self.window]
+                codes[row] = self._array(self.tracks[t].id)[s:s + self.span]
         return codes, self.track_genre[track]
 
     def dataset(self, rank: int, first_step: int, last_step: int, parallel: int = 4):
@@ -143,7 +145,7 @@ class WindowSampler:
             lambda s: tf.numpy_function(assemble, [s], (tf.as_dtype(self.dtype), tf.int32),
                                         stateful=False),
             num_parallel_calls=parallel, deterministic=True)
-        shape = ((self.batch_size, self.window), (self.batch_size,))
+        shape = ((self.batch_size, self.span), (self.batch_size,))
         batches = batches.map(lambda c, g: (tf.ensure_shape(c, shape[0]),
                                             tf.ensure_shape(g, shape[1])))
         return batches.prefetch(max(2, parallel))
@@ -172,31 +174,51 @@ def list_tracks(store: TrackStore) -> list[Track]:
             for t in sorted(index, key=lambda t: str(t["id"]))]
 
 
-def open_training_data(store_url: str, window: int, batch_size: int, seed: int,
-                       validation_fraction: float = 0.1, storage_options: dict | None = None,
-                       cache_bytes: int = DEFAULT_CACHE_BYTES, mode: str | None = None,
-                       genres: list[str] | None = None) -> TrainingData:
-    """Open a store for training, with clear errors for a store that cannot feed a window.
+@dataclass
+class StoreScan:
+    """What training needs to know of a store before a model exists: its tracks, genres, rate
+    and levels."""
 
-    `genres`: the genre vocabulary (a resumed run's, from its config); default: the store's.
-    Tracks of a genre outside a given vocabulary are left out and counted (a conditioned model
-    has no embedding for them: relabelling them as another genre would teach it wrong).
-    """
+    store: TrackStore
+    tracks: list[Track]
+    genres: list[str]  # sorted; tracks without one have UNKNOWN_GENRE
+    sample_rate: int
+    levels: int  # quantization channels of the store's codes
+    dtype: np.dtype
+
+
+def scan_store(store_url: str, storage_options: dict | None = None) -> StoreScan:
+    """Read a store's index, with a clear error for one that is not a store or is empty."""
     store = TrackStore(store_url, storage_options)
     config = store.config()  # a clear error if this is not a store
     tracks = list_tracks(store)
     if not tracks:
         raise DwaveError(f"store {store.url} holds no tracks: run `dwave preprocess` into it "
                          "first")
-    usable = [t for t in tracks if t.length >= window]
+    return StoreScan(store, tracks, sorted({t.genre for t in tracks}), config.sample_rate,
+                     config.quantization_channels, config.dtype)
+
+
+def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
+                  validation_fraction: float = 0.1, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                  mode: str | None = None, genres: list[str] | None = None) -> TrainingData:
+    """The training and validation samplers of spans of `span` samples (ModelConfig.span: the
+    receptive field + the predicted window), with a clear error for a store that cannot feed one.
+
+    `genres`: the genre vocabulary (a resumed run's, from its config); default: the store's.
+    Tracks of a genre outside a given vocabulary are left out and counted (a conditioned model
+    has no embedding for them: relabelling them as another genre would teach it wrong).
+    """
+    store, tracks = scan.store, scan.tracks
+    usable = [t for t in tracks if t.length >= span]
     if not usable:
         longest = max(t.length for t in tracks)
         raise DwaveError(
-            f"store {store.url} has no track as long as one training window ({window} samples ="
+            f"store {store.url} has no track as long as one training window ({span} samples ="
             f" receptive field + --window); its longest is {longest} samples: use a smaller "
             "--window or preset, or add longer songs")
     if genres is None:
-        genres = sorted({t.genre for t in tracks})
+        genres = scan.genres
     known = set(genres)
     left_out = [t for t in usable if t.genre not in known]
     unknown = sorted({t.genre for t in left_out})
@@ -206,20 +228,28 @@ def open_training_data(store_url: str, window: int, batch_size: int, seed: int,
                          f"({', '.join(genres)}); the store has {', '.join(unknown)}: start a "
                          "new --run-dir to condition on them")
     train, val = split_tracks(usable, validation_fraction)
-    train_bytes = sum(t.length for t in train) * config.dtype.itemsize
+    train_bytes = sum(t.length for t in train) * scan.dtype.itemsize
     if mode is None:
         mode = "memory" if train_bytes <= cache_bytes else "stream"
     if mode not in ("memory", "stream"):
         raise DwaveError(f"data mode must be memory or stream, got {mode!r}")
     make = lambda ts, stream: WindowSampler(  # noqa: E731
-        store, ts, genres, window, batch_size, seed, stream, mode, config.dtype)
+        store, ts, genres, span, batch_size, seed, stream, mode, scan.dtype)
     return TrainingData(
         train=make(train, 0),
         validation=make(val, 1) if val else None,
         genres=genres,
-        sample_rate=config.sample_rate,
-        levels=config.quantization_channels,
+        sample_rate=scan.sample_rate,
+        levels=scan.levels,
         train_samples=sum(t.length for t in train),
         left_out={"tracks": len(left_out), "genres": unknown},
     )
 
+
+def open_training_data(store_url: str, span: int, batch_size: int, seed: int,
+                       validation_fraction: float = 0.1, storage_options: dict | None = None,
+                       cache_bytes: int = DEFAULT_CACHE_BYTES, mode: str | None = None,
+                       genres: list[str] | None = None) -> TrainingData:
+    """scan_store then open_samplers, for callers that know the span already."""
+    return open_samplers(scan_store(store_url, storage_options), span, batch_size, seed,
+                         validation_fraction, cache_bytes, mode, genres)

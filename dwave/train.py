@@ -48,7 +48,7 @@ class TrainConfig:
     batch_size: int = 4  # per rank
     lr: float | None = None  # Adam's rate for one rank (N ranks: N * lr); None: the preset's
     warmup_steps: int = 100  # N ranks: the rate climbs from lr to N * lr over these updates
-    window: int = 4000  # predicted samples per window; the window read is receptive field + this
+    window: int = 4000  # predicted samples per window; the span read is receptive field + this
     genre_conditioning: bool | None = None  # None: as the run dir has it, else off
     val_every: int = 200
     val_batches: int = 8
@@ -193,7 +193,6 @@ def resolve_model_config(saved: ModelConfig | None, preset: str | None, override
     its config; flags or a store that disagree with it are an error rather than a silently
     different model.
     """
-    overrides = {k: v for k, v in overrides.items() if v is not None}
     if saved is None:
         return ModelConfig.from_preset(preset or DEFAULT_PRESET, sample_rate=sample_rate,
                                        quantization_channels=levels,
@@ -260,23 +259,20 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
                  model_overrides: dict | None = None, storage_options: dict | None = None,
                  log=print) -> dict:
     """Train (or resume) in `run_dir`. Returns a summary dict (rank 0's view)."""
-    from .data import open_training_data
+    from .data import open_samplers, scan_store
 
     stop = _StopSignal()
     # The store and the run dir are checked before TensorFlow loads: a bad one fails in a second.
     saved = read_run_config(run_dir)
     saved_model = saved[0] if saved else None
     train = dataclasses.replace(train, lr=default_learning_rate(train.lr, preset, saved))
-    overrides = {k: v for k, v in (model_overrides or {}).items() if v is not None}
-    # The window needs the receptive field, which needs only the architecture, not the genres.
-    architecture = saved_model or ModelConfig.from_preset(preset or DEFAULT_PRESET, **overrides)
-    window = architecture.receptive_field + train.window
-    data = open_training_data(
-        train.store, window, train.batch_size, train.seed, train.validation_fraction,
-        storage_options, mode=train.data_mode,
-        genres=saved_model.genres if saved_model and saved_model.genres else None)
-    model_config = resolve_model_config(saved_model, preset, overrides, train.genre_conditioning,
-                                        data.genres, data.sample_rate, run_dir, data.levels)
+    scan = scan_store(train.store, storage_options)
+    model_config = resolve_model_config(saved_model, preset, model_overrides or {},
+                                        train.genre_conditioning, scan.genres, scan.sample_rate,
+                                        run_dir, scan.levels)
+    span = model_config.span(train.window)
+    data = open_samplers(scan, span, train.batch_size, train.seed, train.validation_fraction,
+                         mode=train.data_mode, genres=model_config.genres or None)
     resuming = saved_model is not None
 
     from .ranks import start_horovod
@@ -303,7 +299,7 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
         f"{model_config.describe()}, {trainer.model.parameter_count:,} parameters")
     say(f"data: {len(data.train.tracks)} training tracks ({data.train_samples / data.sample_rate / 3600:.2f} h), "
         f"{len(data.validation.tracks) if data.validation else 0} validation tracks, "
-        f"{data.train.mode} mode; window {window} = receptive field {model_config.receptive_field}"
+        f"{data.train.mode} mode; span {span} = receptive field {model_config.receptive_field}"
         f" + {train.window}; batch {train.batch_size} per rank, {train.batch_size * size} global")
     say("optimizer: Adam, " + (
         f"rate {train.lr:g}" if size == 1 else

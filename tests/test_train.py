@@ -132,8 +132,8 @@ def test_two_ranks_stay_identical_and_equal_one_big_batch_step(launcher, tone_st
     from dwave.train import Trainer
 
     model_config, train_config = read_run_config(str(run))
-    window = model_config.receptive_field + train_config["window"]
-    data = open_training_data(tone_store, window, train_config["batch_size"], seed=7)
+    span = model_config.span(train_config["window"])
+    data = open_training_data(tone_store, span, train_config["batch_size"], seed=7)
     union = [np.concatenate(parts) for parts in zip(data.train.batch(0, 0), data.train.batch(1, 0))]
 
     def restored(step):
@@ -354,10 +354,10 @@ def test_bad_runs_are_one_line_errors(tone_store, tmp_path):
 @pytest.mark.slow
 def test_bf16_trains_and_says_what_the_products_run_in(tone_store, tmp_path):
     """--precision bf16 end to end: the start line reads the products' type from the model, and
-    the tone store is learnt as in float32 (both runs from the same seed)."""
+    the tone store is learnt as in float32."""
     finals = {}
     for precision in ("fp32", "bf16"):
-        proc = run_dwave("train", tone_store, "--run-dir", tmp_path / precision, "--steps", "120",
+        proc = run_dwave("train", tone_store, "--run-dir", tmp_path / precision, "--steps", "250",
                          "--precision", precision, *FAST, check=0)
         expected = {"fp32": "float32", "bf16": "bfloat16"}[precision]
         assert f"precision: matrix products in {expected}, everything else in float32" \
@@ -366,7 +366,7 @@ def test_bf16_trains_and_says_what_the_products_run_in(tone_store, tmp_path):
             r"validation ([0-9.]+) \(bigram ([0-9.]+).*code histogram ([0-9.]+)\)",
             proc.stderr).groups()]
     for validation, bigram, _ in finals.values():
-        assert validation < bigram, finals  # learnt, past what a bigram model knows
-    # Two runs differ already in float32 (threads sum in varying order): parity at 0.05 bit is
-    # checked by benchmarks/bench_learning.py on real music.
-    assert abs(finals["bf16"][0] - finals["fp32"][0]) < 0.5, finals
+        # Learnt, a bit past what a bigram model knows (both land 1.4-1.8 bits below it here).
+        # Parity at 0.05 bit is for benchmarks/bench_learning.py on real music: two float32 runs
+        # already differ by 0.1-0.4 bit at this step (threads sum in varying order).
+        assert validation < bigram - 1.0, finals
