@@ -11,7 +11,7 @@ Random weights (speed does not depend on them). Prints samples/s of
       on one thread (what the lanes add);
 their ratios to (a), and the real-time factor at the model's sample rate. Each fast figure is
 the median of --repeats runs (this kind of machine is noisy; all runs are printed). Then the
-step's matrix products alone, for 32 songs: the tiled kernel (dwave/tiles.py) against BLAS
+step's matrix products alone, for 32 songs: the tiled kernel (dwave/packed_product.py) against BLAS
 (numpy's sgemm), both on one core, in GFLOP/s. Writes OUT/generate.json and OUT/generate_scaling.png.
 """
 
@@ -50,7 +50,7 @@ def naive_rate(model, samples: int) -> float:
 
 def fast_rate(model, songs: int, samples: int, repeats: int, threads=None) -> float:
     """Median aggregate samples/s over `repeats` runs (each printed)."""
-    from dwave.fast import FastGenerator
+    from dwave.cached_generator import FastGenerator
 
     generator = FastGenerator(model, songs, threads=threads)
     uniforms = np.random.default_rng(0).random((samples, songs), dtype=np.float32)
@@ -69,8 +69,8 @@ def product_speeds(model, rows: int = 32) -> dict:
     and head products) for `rows` songs: tiled kernel vs numpy's BLAS, each best of 3."""
     import numba
 
-    from dwave.fast import export_weights
-    from dwave.tiles import matmul
+    from dwave.cached_generator import export_weights
+    from dwave.packed_product import matmul
 
     @numba.njit
     def tiled(inputs, weights, outputs, repeats):
@@ -133,7 +133,7 @@ def main() -> None:
                "preset": args.preset, "sample_rate": config.sample_rate}
     print("naive ...", flush=True)
     figures["naive"] = naive_rate(model, args.naive_samples)
-    from dwave.cpus import usable_cores
+    from dwave.cores import usable_cores
 
     figures["threads"] = usable_cores()
     for songs in (1, 16, 64):

@@ -291,7 +291,7 @@ def main() -> None:
 
 def measure(args) -> dict:
     from dwave.config import ModelConfig
-    from dwave.cpus import bf16_products_native
+    from dwave.cores import bf16_products_native
 
     here = os.path.abspath(__file__)
     cores, ranks = os.cpu_count() or 1, args.ranks

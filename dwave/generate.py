@@ -36,7 +36,7 @@ class GenerateConfig:
     genre: str | None = None
     checkpoint: str | None = None
     batch_size: int = 64  # songs per step on one rank
-    threads: int | None = None  # per rank; None: the rank's cores (dwave.cpus.cores_per_rank)
+    threads: int | None = None  # per rank; None: the rank's cores (dwave.cores.cores_per_rank)
 
     def __post_init__(self):
         if not (self.seconds > 0 and math.isfinite(self.seconds)):
@@ -159,8 +159,8 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
     total = int(round(options.seconds * rate))
     mine = list(range(rank, options.num_songs, size))
 
-    from .cpus import cores_per_rank
-    from .fast import FastGenerator
+    from .cores import cores_per_rank
+    from .cached_generator import FastGenerator
 
     cores = cores_per_rank(ranks.ranks_on_node)
     threads = options.threads or cores

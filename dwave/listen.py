@@ -27,7 +27,7 @@ from .rundir import SAMPLES
 def primed_generator(model, prime: np.ndarray, genre_id: int | None):
     """A one-song fast generator holding a copy of the model's current weights, its caches
     filled from `prime` (1-D codes)."""
-    from .fast import FastGenerator
+    from .cached_generator import FastGenerator
 
     generator = FastGenerator(model, 1, None if genre_id is None else [genre_id], threads=1)
     generator.prime(np.asarray(prime, np.int64)[None])

@@ -30,8 +30,8 @@ keras = tf.keras
 
 # --precision: the dtype of the matrix products. Weights, the residual stream, the gates,
 # the biases and the loss stay float32: on CPUs the element-wise ops run slower in bfloat16
-# than in float32 (measured: the gate's sigmoid 2.8x slower), while the products, nearly all of
-# the arithmetic, run up to 2x faster with AVX512-BF16 or AMX.
+# than in float32, while the products, nearly all of the arithmetic, run up to 2x faster with
+# AVX512-BF16 or AMX (benchmarks/bench_train.py measures both precisions).
 PRODUCT_DTYPES = {"fp32": tf.float32, "bf16": tf.bfloat16, "mixed": tf.float16}
 
 
@@ -113,8 +113,8 @@ class WaveNet(keras.Model):
         `layer_inputs`: a list that receives every layer's input (batch, N, C) in causal mode:
         what the fast generator's caches hold, so priming is one pass of this network."""
         # Slices of the time axis are tf.slice, never Python indexing: the gradient of a
-        # StridedSlice (TF's generic StridedSliceGrad) took half of the `base` step on a CPU,
-        # the gradient of a Slice is a Pad.
+        # StridedSlice is TF's generic StridedSliceGrad, slow on a CPU (it was half of the `base`
+        # step); the gradient of a Slice is a Pad.
         c = self.config
         low = self.product_dtype
         h = tf.gather(self.embedding, tf.cast(codes, tf.int32))  # (B, N, C), float32

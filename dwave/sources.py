@@ -17,6 +17,7 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
+from .download import download, split_checksum
 from .errors import DwaveError
 
 #: Extensions of the formats libsndfile decodes. Files with other extensions found while walking
@@ -37,10 +38,6 @@ class Source:
     fingerprint: str  # size + mtime, zip CRC, S3 ETag, or URL + checksum
     size: int = field(default=0, compare=False)  # bytes, where known: longest songs go first
     storage_options: dict = field(default_factory=dict, compare=False, hash=False)
-
-    @property
-    def name(self) -> str:
-        return re.split(r"[/\\]|::", self.uri)[-1]
 
     @property
     def track_id(self) -> str:
@@ -271,17 +268,6 @@ def _expand_http(spec: str, cache_dir: str | None) -> list[Source] | None:
     return [Source(spec, f"url={spec}", 0, {"cache_dir": cache_dir} if cache_dir else {})]
 
 
-def split_checksum(spec: str) -> tuple[str, str | None]:
-    """``URL#sha256=HEX`` -> (URL, HEX). The fragment is never sent to the server."""
-    url, _, fragment = spec.partition("#")
-    if not fragment:
-        return url, None
-    key, _, value = fragment.partition("=")
-    if key.lower() != "sha256" or not re.fullmatch(r"[0-9a-fA-F]{64}", value):
-        raise DwaveError(f"bad checksum in {spec!r}: expected #sha256=<64 hex digits>")
-    return url, value.lower()
-
-
 # --------------------------------------------------------------------------------------------
 # Opening one song (runs on a worker)
 # --------------------------------------------------------------------------------------------
@@ -308,60 +294,6 @@ def _open_source(source: Source) -> Iterator[BinaryIO | str]:
         # A local path goes to libsndfile as a path: it then reads the file itself, without
         # a Python callback per read (~40,000 of them for a 7-minute MP3).
         yield uri
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("DWAVE_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "dwave", "downloads"
-    )
-
-
-def download(spec: str, cache_dir: str | None = None, attempts: int = 5) -> str:
-    """Download ``URL[#sha256=HEX]`` into the cache and return the local path.
-
-    Resumes an interrupted download with an HTTP Range request (from a previous attempt in this
-    call, or a previous run: the partial file is kept as ``NAME.part``). A finished download is
-    reused. With a checksum, a mismatch deletes the file and raises.
-    """
-    from .http import fetch_with_resume
-
-    url, sha256 = split_checksum(spec)
-    cache_dir = cache_dir or default_cache_dir()
-    os.makedirs(cache_dir, exist_ok=True)
-    base = os.path.basename(url.split("?")[0]) or "download"
-    target = os.path.join(cache_dir, f"{hashlib.sha1(url.encode()).hexdigest()[:12]}-{base}")
-    # One fetch of a URL at a time, across processes (Dask workers, two runs): the second
-    # waits for the first, then finds the finished file.
-    locks = os.path.join(cache_dir, ".locks")
-    os.makedirs(locks, exist_ok=True)
-    with _exclusive(os.path.join(locks, os.path.basename(target))):
-        if not os.path.exists(target):
-            fetch_with_resume(url, target + ".part", attempts=attempts)
-            if sha256:
-                _verify_sha256(target + ".part", sha256, url)
-            os.replace(target + ".part", target)
-        elif sha256:
-            _verify_sha256(target, sha256, url)
-    return target
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: str):
-    import fcntl
-
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the holder dies
-        yield
-
-
-def _verify_sha256(path: str, expected: str, url: str) -> None:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != expected:
-        os.remove(path)
-        raise DwaveError(f"checksum mismatch for {url}: got sha256 {digest.hexdigest()}")
 
 
 _GLOB_CHARS = re.compile(r"[*?\[]")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from .config import (DEFAULT_PRESET, MODEL_FLAGS, PRECISIONS, PRESET_LEARNING_RATES,
                      ModelConfig)
-from .cpus import cores_per_rank
+from .cores import cores_per_rank
 from .errors import DwaveError
 from .rundir import (TENSORBOARD, RunDirLock, ValidationLog, checkpoint_manager,
                      read_run_config, restore_latest, write_run_config)
@@ -125,9 +125,8 @@ class Trainer:
         logits = self.model(codes[:, :-1], genre=genre if self.config.conditioned else None,
                             training=True)
         targets = tf.cast(codes[:, rf:], tf.int32)
-        # -log softmax(logits)[target] = logsumexp(logits) - logits[target]; with its gradient,
-        # 2x faster on a CPU than TF's fused sparse_softmax_cross_entropy_with_logits kernel
-        # (17 of the 218 ms of a `small` 4 x 4000 step).
+        # -log softmax(logits)[target] = logsumexp(logits) - logits[target]: with its gradient,
+        # faster on a CPU than TF's fused sparse_softmax_cross_entropy_with_logits kernel.
         picked = tf.gather(logits, targets, batch_dims=2)
         return tf.reduce_mean(tf.reduce_logsumexp(logits, axis=-1) - picked)
 
@@ -231,7 +230,7 @@ class _StopSignal:
 
 def _precision_line(product_dtype: str, on_gpu: bool) -> str:
     """What the products run in (read from the model), and whether this CPU does it natively."""
-    from .cpus import bf16_products_native
+    from .cores import bf16_products_native
 
     line = f"precision: matrix products in {product_dtype}, everything else in float32"
     if product_dtype == "bfloat16" and not on_gpu and bf16_products_native() is False:

@@ -40,8 +40,8 @@ ODD_SIZES = dict(residual_channels=12, dilation_channels=10, skip_channels=20,
 @pytest.mark.parametrize("genres, sizes, threads", [((), {}, 1), (("a", "b", "c"), {}, 2),
                                                     (("a", "b", "c"), ODD_SIZES, 2)])
 def test_teacher_forced_fast_logits_equal_the_full_network(genres, sizes, threads):
-    from dwave.cpus import usable_cores
-    from dwave.fast import FastGenerator
+    from dwave.cores import usable_cores
+    from dwave.cached_generator import FastGenerator
 
     model = random_model(genres, **sizes)
     config = model.config
@@ -63,7 +63,7 @@ def test_teacher_forced_fast_logits_equal_the_full_network(genres, sizes, thread
 
 
 def test_priming_then_one_step_equals_the_full_network_on_prime_plus_one():
-    from dwave.fast import FastGenerator
+    from dwave.cached_generator import FastGenerator
 
     model = random_model(("a", "b"))
     rf = model.config.receptive_field
@@ -82,7 +82,7 @@ def test_priming_then_one_step_equals_the_full_network_on_prime_plus_one():
 
 
 def test_temperature_zero_follows_the_argmax_and_sampling_follows_the_softmax():
-    from dwave.fast import FastGenerator
+    from dwave.cached_generator import FastGenerator
 
     model = random_model()
     generator = FastGenerator(model, 2)
@@ -100,7 +100,7 @@ def test_temperature_zero_follows_the_argmax_and_sampling_follows_the_softmax():
 
 
 def test_a_temperature_whose_inverse_overflows_acts_as_zero():
-    from dwave.fast import FastGenerator, inverse_temperature
+    from dwave.cached_generator import FastGenerator, inverse_temperature
 
     assert inverse_temperature(1e-40) == 0 and inverse_temperature(0.0) == 0
     assert inverse_temperature(0.5) == np.float32(2.0)
@@ -115,7 +115,7 @@ def test_a_temperature_whose_inverse_overflows_acts_as_zero():
 
 
 def test_a_song_does_not_depend_on_its_batch():
-    from dwave.fast import FastGenerator
+    from dwave.cached_generator import FastGenerator
     from dwave.generate import song_uniforms
 
     model = random_model()

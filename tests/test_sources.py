@@ -14,7 +14,8 @@ import pytest
 from dwave.audio import decode_to_mono
 from dwave.errors import DwaveError
 from dwave.metadata import load_genres
-from dwave.sources import download, expand_sources, track_id_for
+from dwave.download import download
+from dwave.sources import expand_sources, track_id_for
 
 from conftest import write_tone
 
@@ -286,7 +287,7 @@ class _TrickleHandler(_FlakyRangeHandler):
 
 @pytest.mark.slow
 def test_a_trickling_server_stalls_with_a_clear_error(tmp_path):
-    from dwave.http import fetch_with_resume
+    from dwave.download import fetch_with_resume
 
     payload = b"x" * 4000
     server, handler = _serve(_TrickleHandler, payload=payload)

@@ -1,9 +1,14 @@
-"""HTTP download with resume (Range requests), standard library only."""
+"""Downloading http(s) sources into a cache: resumed (Range requests), checked (Content-Range,
+length, an optional sha256), one fetch of a URL at a time across processes. Standard library
+only."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import http.client
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +22,70 @@ _BLOCK = 1 << 20
 # trickles a byte every 20 s never trips a per-read timeout): the attempt ends and resumes.
 STALL_SECONDS = 60.0
 STALL_BYTES = 64 << 10
+
+
+def split_checksum(spec: str) -> tuple[str, str | None]:
+    """``URL#sha256=HEX`` -> (URL, HEX). The fragment is never sent to the server."""
+    url, _, fragment = spec.partition("#")
+    if not fragment:
+        return url, None
+    key, _, value = fragment.partition("=")
+    if key.lower() != "sha256" or not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise DwaveError(f"bad checksum in {spec!r}: expected #sha256=<64 hex digits>")
+    return url, value.lower()
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("DWAVE_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "dwave", "downloads"
+    )
+
+
+def download(spec: str, cache_dir: str | None = None, attempts: int = 5) -> str:
+    """Download ``URL[#sha256=HEX]`` into the cache and return the local path.
+
+    Resumes an interrupted download with an HTTP Range request (from a previous attempt in this
+    call, or a previous run: the partial file is kept as ``NAME.part``). A finished download is
+    reused. With a checksum, a mismatch deletes the file and raises.
+    """
+    url, sha256 = split_checksum(spec)
+    cache_dir = cache_dir or default_cache_dir()
+    os.makedirs(cache_dir, exist_ok=True)
+    base = os.path.basename(url.split("?")[0]) or "download"
+    target = os.path.join(cache_dir, f"{hashlib.sha1(url.encode()).hexdigest()[:12]}-{base}")
+    # One fetch of a URL at a time, across processes (Dask workers, two runs): the second
+    # waits for the first, then finds the finished file.
+    locks = os.path.join(cache_dir, ".locks")
+    os.makedirs(locks, exist_ok=True)
+    with _exclusive(os.path.join(locks, os.path.basename(target))):
+        if not os.path.exists(target):
+            fetch_with_resume(url, target + ".part", attempts=attempts)
+            if sha256:
+                _verify_sha256(target + ".part", sha256, url)
+            os.replace(target + ".part", target)
+        elif sha256:
+            _verify_sha256(target, sha256, url)
+    return target
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: str):
+    import fcntl
+
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the holder dies
+        yield
+
+
+def _verify_sha256(path: str, expected: str, url: str) -> None:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        os.remove(path)
+        raise DwaveError(f"checksum mismatch for {url}: got sha256 {digest.hexdigest()}")
+
 
 
 def fetch_with_resume(url: str, part_path: str, attempts: int = 5, timeout: float = 60.0,

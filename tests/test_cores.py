@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from dwave import cpus
+from dwave import cores
 
 
 @pytest.mark.parametrize("visible, node, ranks, expected", [
@@ -19,5 +19,5 @@ from dwave import cpus
 def test_cores_per_rank(monkeypatch, visible, node, ranks, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(visible)), raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: node)
-    assert cpus.usable_cores() == visible
-    assert cpus.cores_per_rank(ranks) == expected
+    assert cores.usable_cores() == visible
+    assert cores.cores_per_rank(ranks) == expected

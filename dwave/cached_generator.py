@@ -6,7 +6,7 @@ gated unit for one position and writes one slot: every layer once per sample, in
 whole network over the receptive field (Paine et al. 2016, "Fast Wavenet Generation").
 
 The step is a Numba-compiled loop over float32 weights exported from the model, padded to
-whole 16-column panels and packed once for the tiled product kernel in `dwave.tiles`: a whole
+whole 16-column panels and packed once for the tiled product kernel in `dwave.packed_product`: a whole
 chunk of samples runs without returning to Python, and all songs of a lane advance together
 (each product is a (songs x channels) matrix times the weights). A TensorFlow graph pays
 microseconds of dispatch per op, and a step is ~200 ops, which is why this is not a
@@ -25,9 +25,9 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from .cpus import usable_cores
-from .spin import barrier, flags
-from .tiles import KERNEL, ROWS, WIDTH, matmul, pack, pad_blocks, padded
+from .cores import usable_cores
+from .barrier import barrier, flags
+from .packed_product import KERNEL, ROWS, WIDTH, matmul, pack, pad_blocks, padded
 
 
 class PackedWeights(NamedTuple):
@@ -119,7 +119,7 @@ class FastGenerator:
         self.dilations = np.array(c.dilations, np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.dilations)[:-1]]).astype(np.int64)
         # `cores`: the cores this generator may keep busy, the rank's share of its node
-        # (dwave.cpus.cores_per_rank); default: all this process may run on.
+        # (dwave.cores.cores_per_rank); default: all this process may run on.
         cores = usable_cores() if cores is None else max(1, cores)
         threads = cores if threads is None else threads
         lanes = max(1, min(threads, batch // ROWS))
@@ -244,9 +244,9 @@ def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, uniform
 
     The threads split the columns of the big products (conv, skip, head) and of the gate,
     and each computes the small residual product and the ring updates in full on its own
-    copy: so a layer needs one barrier (dwave.spin), after the gate, and the head three.
+    copy: so a layer needs one barrier (dwave.barrier), after the gate, and the head three.
     Every thread draws the same samples (same logits, same uniforms): no barrier for codes.
-    `tiled`: which product kernel (dwave.tiles.KERNEL).
+    `tiled`: which product kernel (dwave.packed_product.KERNEL).
     """
     w = weights
     x, fg, zs, skip, hidden, logits = work  # x: this thread's; the rest shared
@@ -313,7 +313,7 @@ def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, uniform
 @numba.njit(cache=True, inline="always", fastmath=True, error_model="numpy")
 def _tanh(x):
     """float32 tanh as a rational function (Eigen's ptanh coefficients): |error| < 4e-7, and
-    plain arithmetic, 3-4x faster here than libm's tanh/exp per element."""
+    plain arithmetic that vectorises, unlike a libm call per element."""
     limit = np.float32(7.90531110763549805)
     x = min(max(x, -limit), limit)
     x2 = x * x

@@ -8,7 +8,7 @@ import numba
 import numpy as np
 import pytest
 
-from dwave.tiles import WIDTH, matmul, pack, pad_blocks, padded
+from dwave.packed_product import WIDTH, matmul, pack, pad_blocks, padded
 
 KERNELS = [True, False]  # tiled (FMA), plain loops
 
@@ -86,11 +86,11 @@ def test_fast_generation_equals_the_full_network_on_the_loop_path(env, tmp_path)
 
     script = """
 import numpy as np, tensorflow as tf
-from dwave import tiles
+from dwave import packed_product
 from dwave.config import ModelConfig
-from dwave.fast import FastGenerator
+from dwave.cached_generator import FastGenerator
 from dwave.model import WaveNet
-assert tiles.KERNEL == "loops", tiles.KERNEL
+assert packed_product.KERNEL == "loops", packed_product.KERNEL
 tf.random.set_seed(0)
 model = WaveNet(ModelConfig(residual_channels=12, dilation_channels=10, skip_channels=20,
                             stacks=2, max_dilation=4, quantization_channels=100))
@@ -102,7 +102,7 @@ generator.next_code = codes[:, 0].astype(np.int64)
 _, logits = generator.generate(np.zeros((40, 3), np.float32), 1.0, forced=forced,
                                keep_logits=True)
 np.testing.assert_allclose(logits.transpose(1, 0, 2), full, rtol=1e-4, atol=1e-4)
-print("equal", tiles.KERNEL)
+print("equal", packed_product.KERNEL)
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300, env={**os.environ, **env,
@@ -115,7 +115,7 @@ def test_the_barrier_holds_with_more_threads_than_cores():
     before it goes on (a partner that was descheduled is waited for by napping, not spun for)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from dwave.spin import barrier, flags
+    from dwave.barrier import barrier, flags
 
     @numba.njit(nogil=True)
     def worker(arrivals, me, parts, phases, rounds, errors):
