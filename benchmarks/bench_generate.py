@@ -69,7 +69,7 @@ def product_speeds(model, rows: int = 32) -> dict:
     and head products) for `rows` songs: tiled kernel vs numpy's BLAS, each best of 3."""
     import numba
 
-    from dwave.cached_generator import export_weights
+    from dwave.cached_generator import pack_weights
     from dwave.packed_product import matmul
 
     @numba.njit
@@ -78,7 +78,7 @@ def product_speeds(model, rows: int = 32) -> dict:
             for i in range(len(weights)):
                 matmul(inputs[i], weights[i], outputs[i], False)
 
-    packed = export_weights(model)
+    packed = pack_weights(model.export())
     weights = list(packed.conv) + list(packed.residual) + [packed.skip, packed.head1,
                                                             packed.head2]
     rng = np.random.default_rng(0)

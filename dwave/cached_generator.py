@@ -26,6 +26,7 @@ import numba
 import numpy as np
 
 from .cores import usable_cores
+from .errors import DwaveError
 from .barrier import barrier, flags
 from .packed_product import KERNEL, ROWS, WIDTH, matmul, pack, pad_blocks, padded
 
@@ -46,37 +47,39 @@ class PackedWeights(NamedTuple):
     head2_bias: np.ndarray  # (Qp,)
 
 
-def export_weights(model) -> PackedWeights:
-    """The model's weights, padded and packed (conv biases are left out: they go into each
-    song's gate bias, see gate_biases)."""
-    c = model.config
-    C, D, S = c.residual_channels, c.dilation_channels, c.skip_channels
-    values = lambda vs: [v.numpy() for v in vs]  # noqa: E731
-    res_w = values(model.res_w) or [np.zeros((D, C))]  # a one-layer model has no residual
-    res_b = values(model.res_b) or [np.zeros(C)]
+def pack_weights(weights) -> PackedWeights:
+    """A model's ExportedWeights (dwave.model), padded and packed for this kernel (conv biases
+    are left out: they go into each song's gate bias, see gate_biases)."""
+    C, D = weights.embedding.shape[1], weights.conv.shape[2] // 2
+    S, Q = weights.skip.shape[1], weights.head2.shape[1]
+    # A one-layer model has no residual: one zero layer keeps the arrays' shapes uniform.
+    residual = weights.residual if len(weights.residual) else np.zeros((1, D, C), np.float32)
+    residual_bias = (weights.residual_bias if len(weights.residual_bias)
+                     else np.zeros((1, C), np.float32))
     return PackedWeights(
-        embedding=pad_blocks(model.embedding.numpy(), None, C),
-        conv=np.stack([pack(pad_blocks(w, C, D)) for w in values(model.conv_w)]),
-        residual=np.stack([pack(pad_blocks(w, D, C)) for w in res_w]),
-        residual_bias=pad_blocks(np.stack(res_b), None, C),
-        skip=pack(pad_blocks(model.skip_w.numpy(), D, S)),
-        skip_bias=pad_blocks(model.skip_b.numpy()[None], None, S)[0],
-        head1=pack(pad_blocks(model.head1_w.numpy(), S, S)),
-        head1_bias=pad_blocks(model.head1_b.numpy()[None], None, S)[0],
-        head2=pack(pad_blocks(model.head2_w.numpy(), S, c.quantization_channels)),
-        head2_bias=pad_blocks(model.head2_b.numpy()[None], None, c.quantization_channels)[0],
+        embedding=pad_blocks(weights.embedding, None, C),
+        conv=np.stack([pack(pad_blocks(w, C, D)) for w in weights.conv]),
+        residual=np.stack([pack(pad_blocks(w, D, C)) for w in residual]),
+        residual_bias=pad_blocks(residual_bias, None, C),
+        skip=pack(pad_blocks(weights.skip, D, S)),
+        skip_bias=pad_blocks(weights.skip_bias[None], None, S)[0],
+        head1=pack(pad_blocks(weights.head1, S, S)),
+        head1_bias=pad_blocks(weights.head1_bias[None], None, S)[0],
+        head2=pack(pad_blocks(weights.head2, S, Q)),
+        head2_bias=pad_blocks(weights.head2_bias[None], None, Q)[0],
     )
 
 
-def gate_biases(model, genre_ids, batch: int) -> np.ndarray:
-    """(batch, layers, 2Dp): each layer's conv bias plus the song's genre bias, padded like
+def gate_biases(weights, condition_ids, batch: int) -> np.ndarray:
+    """(batch, layers, 2Dp): each layer's conv bias plus the song's condition bias, padded like
     the conv outputs ([filter | gate], D -> Dp each)."""
-    c = model.config
-    layers, D = len(c.dilations), c.dilation_channels
-    conv_b = np.asarray([v.numpy() for v in model.conv_b], np.float32)  # (layers, 2D)
-    bias = model.genre_bias(genre_ids)  # raises for a conditioned model without ids
-    genre = 0 if bias is None else bias.numpy().reshape(batch, layers, 2 * D)
-    total = np.broadcast_to(conv_b + genre, (batch, layers, 2 * D))
+    layers, D = weights.conv_bias.shape[0], weights.conv_bias.shape[1] // 2
+    extra = 0
+    if weights.condition is not None:
+        if condition_ids is None:
+            raise DwaveError("this model is conditioned on genre: pass a genre")
+        extra = weights.condition[np.asarray(condition_ids)].reshape(batch, layers, 2 * D)
+    total = np.broadcast_to(weights.conv_bias + extra, (batch, layers, 2 * D))
     return pad_blocks(total.reshape(batch * layers, 2 * D), None, D).reshape(batch, layers, -1)
 
 
@@ -114,8 +117,9 @@ class FastGenerator:
         self.config = c = model.config
         self.batch = batch
         self.genre_ids = None if genre_ids is None else np.asarray(genre_ids, np.int32)
-        self.weights = export_weights(model)
-        self.gate_bias = gate_biases(model, self.genre_ids, batch)
+        exported = model.export()
+        self.weights = pack_weights(exported)
+        self.gate_bias = gate_biases(exported, self.genre_ids, batch)
         self.dilations = np.array(c.dilations, np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.dilations)[:-1]]).astype(np.int64)
         # `cores`: the cores this generator may keep busy, the rank's share of its node

@@ -20,6 +20,9 @@ Both are causal by construction: an output never depends on a later input.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
 import tensorflow as tf
 
 from .config import ModelConfig
@@ -39,6 +42,28 @@ def dense(x, w, b, dtype=tf.float32):
     """x @ w + b over the last axis, the product in `dtype`, the result float32."""
     product = tf.tensordot(tf.cast(x, dtype), tf.cast(w, dtype), axes=1)
     return tf.nn.bias_add(tf.cast(product, tf.float32), b)
+
+
+class ExportedWeights(NamedTuple):
+    """A WaveNet's weights as plain float32 arrays, the contract between the model and any
+    other engine that runs it (the CPU generator packs these; a GPU one would too). A layer
+    computes [filter | gate] = [x[t - d] | x[t]] @ conv[l] + conv_bias[l] (+ the condition's
+    row of `condition`), z = tanh(filter) * sigmoid(gate), x <- x + z @ residual[l] +
+    residual_bias[l]; the output is head2(relu(head1(relu([z_0 .. z_L-1] @ skip + skip_bias)))).
+    """
+
+    embedding: np.ndarray  # (Q, C): input code -> x
+    conv: np.ndarray  # (layers, 2C, 2D)
+    conv_bias: np.ndarray  # (layers, 2D)
+    residual: np.ndarray  # (layers - 1, D, C): the last layer has none
+    residual_bias: np.ndarray  # (layers - 1, C)
+    skip: np.ndarray  # (layers * D, S)
+    skip_bias: np.ndarray  # (S,)
+    head1: np.ndarray  # (S, S)
+    head1_bias: np.ndarray  # (S,)
+    head2: np.ndarray  # (S, Q)
+    head2_bias: np.ndarray  # (Q,)
+    condition: np.ndarray | None  # (conditions, layers * 2D) gate biases; None: unconditioned
 
 
 class WaveNet(keras.Model):
@@ -83,6 +108,21 @@ class WaveNet(keras.Model):
                 name="genre", shape=(len(c.genres), layers * 2 * D),
                 initializer="random_normal")
         self.built = True
+
+    def export(self) -> ExportedWeights:
+        """The weights as ExportedWeights (copies, float32)."""
+        c = self.config
+        C, D = c.residual_channels, c.dilation_channels
+        stacked = lambda vs, shape: (np.stack([v.numpy() for v in vs]) if vs  # noqa: E731
+                                     else np.zeros((0, *shape), np.float32))
+        return ExportedWeights(
+            embedding=self.embedding.numpy(), conv=stacked(self.conv_w, (2 * C, 2 * D)),
+            conv_bias=stacked(self.conv_b, (2 * D,)), residual=stacked(self.res_w, (D, C)),
+            residual_bias=stacked(self.res_b, (C,)), skip=self.skip_w.numpy(),
+            skip_bias=self.skip_b.numpy(), head1=self.head1_w.numpy(),
+            head1_bias=self.head1_b.numpy(), head2=self.head2_w.numpy(),
+            head2_bias=self.head2_b.numpy(),
+            condition=self.genre_w.numpy() if c.conditioned else None)
 
     @property
     def parameter_count(self) -> int:

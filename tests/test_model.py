@@ -165,3 +165,41 @@ def test_the_configs_product_list_is_what_the_model_multiplies(batch, tf):
     assert traced == sorted((m, k, n) for _, m, k, n in config.products(window, batch))
     per_sample = sum(6 * m * k * n for m, k, n in traced) / (batch * window)
     assert config.training_flops_per_sample(window) == pytest.approx(per_sample)
+
+
+def _numpy_wavenet(weights, config, codes, condition_id=None):
+    """The network of ExportedWeights' docstring in plain numpy, causal mode, one sequence."""
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    x = weights.embedding[codes].astype(np.float64)  # (N, C)
+    layers, D = len(config.dilations), config.dilation_channels
+    zs = []
+    for i, d in enumerate(config.dilations):
+        past = np.concatenate([np.zeros((d, x.shape[1])), x[:-d]])[:len(x)]
+        fg = np.concatenate([past, x], axis=1) @ weights.conv[i] + weights.conv_bias[i]
+        if condition_id is not None:
+            fg = fg + weights.condition[condition_id, i * 2 * D:(i + 1) * 2 * D]
+        z = np.tanh(fg[:, :D]) * sigmoid(fg[:, D:])
+        zs.append(z)
+        if i < layers - 1:
+            x = x + z @ weights.residual[i] + weights.residual_bias[i]
+    skip = np.concatenate(zs, axis=1) @ weights.skip + weights.skip_bias
+    hidden = np.maximum(np.maximum(skip, 0) @ weights.head1 + weights.head1_bias, 0)
+    return hidden @ weights.head2 + weights.head2_bias
+
+
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_exported_weights_are_the_whole_model(conditioned, tf):
+    """Another engine needs only ExportedWeights and its docstring: the network computed from
+    them in numpy equals the Keras model."""
+    config = ModelConfig.from_preset("tiny", residual_channels=6, dilation_channels=5,
+                                     skip_channels=7, genres=["a", "b"] if conditioned else [])
+    model = build(config, seed=3)
+    if conditioned:  # the embedding starts random; give the gate biases values too
+        model.genre_w.assign(np.random.default_rng(1).normal(size=model.genre_w.shape))
+    codes = np.random.default_rng(2).integers(0, 256, (1, 90))
+    genre = np.array([1]) if conditioned else None
+    expected = model(codes, genre=genre, causal=True).numpy()[0]
+    weights = model.export()
+    assert all(a is None or a.dtype == np.float32 for a in weights)
+    got = _numpy_wavenet(weights, config, codes[0], 1 if conditioned else None)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
