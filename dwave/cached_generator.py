@@ -77,7 +77,7 @@ def gate_biases(weights, condition_ids, batch: int) -> np.ndarray:
     extra = 0
     if weights.condition is not None:
         if condition_ids is None:
-            raise DwaveError("this model is conditioned on genre: pass a genre")
+            raise DwaveError("this model is conditioned: pass a condition for every song")
         extra = weights.condition[np.asarray(condition_ids)].reshape(batch, layers, 2 * D)
     total = np.broadcast_to(weights.conv_bias + extra, (batch, layers, 2 * D))
     return pad_blocks(total.reshape(batch * layers, 2 * D), None, D).reshape(batch, layers, -1)
@@ -111,15 +111,16 @@ class FastGenerator:
     next input code.
     """
 
-    def __init__(self, model, batch: int, genre_ids=None, threads: int | None = None,
+    def __init__(self, model, batch: int, condition_ids=None, threads: int | None = None,
                  cores: int | None = None):
         self.model = model
         self.config = c = model.config
         self.batch = batch
-        self.genre_ids = None if genre_ids is None else np.asarray(genre_ids, np.int32)
+        self.condition_ids = (None if condition_ids is None
+                              else np.asarray(condition_ids, np.int32))
         exported = model.export()
         self.weights = pack_weights(exported)
-        self.gate_bias = gate_biases(exported, self.genre_ids, batch)
+        self.gate_bias = gate_biases(exported, self.condition_ids, batch)
         self.dilations = np.array(c.dilations, np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.dilations)[:-1]]).astype(np.int64)
         # `cores`: the cores this generator may keep busy, the rank's share of its node
@@ -160,7 +161,8 @@ class FastGenerator:
         self.reset()
         if n > 1:
             inputs: list = []
-            self.model(codes[:, :-1], genre=self.genre_ids, causal=True, layer_inputs=inputs)
+            self.model(codes[:, :-1], condition=self.condition_ids, causal=True,
+                       layer_inputs=inputs)
             for h, d, offset in zip(inputs, self.dilations, self.offsets):
                 h = h.numpy()
                 for k in range(max(0, n - 1 - d), n - 1):  # the last d inputs, by slot

@@ -28,6 +28,8 @@ PRESETS: dict[str, dict] = {
 # channels keeps the preset's rate.
 PRESET_LEARNING_RATES: dict[str, float] = {"tiny": 5e-3, "small": 1e-3, "base": 1e-3}
 DEFAULT_PRESET = "tiny"
+# The global condition a conditioned model uses unless told otherwise: the store records genres.
+DEFAULT_CONDITION = "genre"
 
 # --precision: the type of the matrix products (everything else, weights included, is float32;
 # dwave.model maps each to its TensorFlow dtype).
@@ -59,7 +61,12 @@ class ModelConfig:
     skip_channels: int = 256
     stacks: int = 3
     max_dilation: int = 512  # each stack has dilations 1, 2, 4, ..., max_dilation
-    genres: list[str] = field(default_factory=list)  # non-empty: conditioned on these genres
+    # Global conditioning: `condition` names the track attribute (in the store's index) the
+    # model is conditioned on, `condition_values` its values, one embedding row each; empty:
+    # unconditioned. Genre is the one the store records today (dwave.metadata); another (an
+    # artist, a label column) needs the metadata reader and the store index, not the model.
+    condition: str = DEFAULT_CONDITION
+    condition_values: list[str] = field(default_factory=list)
     sample_rate: int = 16000
 
     def __post_init__(self):
@@ -88,7 +95,7 @@ class ModelConfig:
 
     @property
     def conditioned(self) -> bool:
-        return bool(self.genres)
+        return bool(self.condition_values)
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "ModelConfig":
@@ -101,6 +108,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
+        if "genres" in data:  # run dirs written before conditions had a name
+            data = {**{k: v for k, v in data.items() if k != "genres"}, "condition": "genre",
+                    "condition_values": data["genres"]}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -136,4 +146,5 @@ class ModelConfig:
                 f"{self.dilation_channels} / skip {self.skip_channels}, receptive field "
                 f"{self.receptive_field} samples ({1000 * self.receptive_field / self.sample_rate:.0f}"
                 f" ms at {self.sample_rate} Hz)"
-                + (f", conditioned on {len(self.genres)} genres" if self.genres else ""))
+                + (f", conditioned on {len(self.condition_values)} values of {self.condition}"
+                   if self.condition_values else ""))

@@ -31,10 +31,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import DEFAULT_CONDITION
 from .errors import DwaveError
 from .store import TrackStore
 
-UNKNOWN_GENRE = "unknown"
+UNKNOWN_VALUE = "unknown"  # the condition value of a track the store has none for
 DEFAULT_CACHE_BYTES = 4 << 30
 
 
@@ -42,7 +43,7 @@ DEFAULT_CACHE_BYTES = 4 << 30
 class Track:
     id: str
     length: int
-    genre: str
+    condition: str  # the track's value of the run's condition (its genre, today)
 
 
 def is_validation_track(track_id: str, fraction: float) -> bool:
@@ -67,14 +68,15 @@ def split_tracks(tracks: list[Track], fraction: float) -> tuple[list[Track], lis
 class WindowSampler:
     """Batches of windows from a list of tracks. `batch(rank, step)` is deterministic."""
 
-    def __init__(self, store: TrackStore, tracks: list[Track], genres: list[str], span: int,
+    def __init__(self, store: TrackStore, tracks: list[Track], values: list[str], span: int,
                  batch_size: int, seed: int, stream: int, mode: str, dtype=np.uint8,
                  read_threads: int = 8):
         self.store, self.tracks, self.span = store, tracks, span
         self.dtype = np.dtype(dtype)  # the store's: codes above 255 must never wrap
         self.batch_size, self.seed, self.stream_id, self.mode = batch_size, seed, stream, mode
-        genre_index = {g: i for i, g in enumerate(genres)}
-        self.track_genre = np.array([genre_index.get(t.genre, 0) for t in tracks], np.int32)
+        value_index = {v: i for i, v in enumerate(values)}
+        self.track_condition = np.array([value_index.get(t.condition, 0) for t in tracks],
+                                        np.int32)
         # Window starts available in each track, and their running total: a uniform draw over
         # the total, located with searchsorted, is a uniform draw over every valid start.
         starts = np.array([t.length - span + 1 for t in tracks], np.int64)
@@ -122,7 +124,7 @@ class WindowSampler:
         return track, draws - before
 
     def batch(self, rank: int, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(codes (batch, span) of the store's dtype, genre int32 (batch,))."""
+        """(codes (batch, span) of the store's dtype, condition int32 (batch,))."""
         track, start = self.locate(rank, step)
         codes = np.empty((self.batch_size, self.span), self.dtype)
         for row, (t, s) in enumerate(zip(track, start)):
@@ -131,7 +133,7 @@ class WindowSampler:
                 codes[row] = self.buffer[begin:begin + self.span]
             else:
                 codes[row] = self._array(self.tracks[t].id)[s:s + self.span]
-        return codes, self.track_genre[track]
+        return codes, self.track_condition[track]
 
     def dataset(self, rank: int, first_step: int, last_step: int, parallel: int = 4):
         """A tf.data pipeline of this rank's batches for steps [first_step, last_step)."""
@@ -153,61 +155,65 @@ class WindowSampler:
 
 @dataclass
 class TrainingData:
-    """The store, opened for training: genres, the split, and one sampler per side."""
+    """The store, opened for training: the condition's values, the split, a sampler per side."""
 
     train: WindowSampler
     validation: WindowSampler | None
-    genres: list[str]
+    condition_values: list[str]
     sample_rate: int
     levels: int  # quantization channels of the store's codes
     train_samples: int
-    left_out: dict  # {"tracks": N, "genres": [...]}: tracks of genres the run does not know
+    left_out: dict  # {"tracks": N, "values": [...]}: tracks of values the run does not know
 
 
-def list_tracks(store: TrackStore) -> list[Track]:
+def list_tracks(store: TrackStore, condition: str = DEFAULT_CONDITION) -> list[Track]:
+    """The store's tracks, each with its value of `condition` (an attribute of the index)."""
     index = store.read_index()["tracks"]
     if not index:
         # A store whose run was killed before its index: read the tracks themselves.
-        index = [{"id": k, "length": v["length"], "genre": v.get("genre")}
+        index = [{"id": k, "length": v["length"], condition: v.get(condition)}
                  for k, v in store.completed_tracks().items()]
-    return [Track(str(t["id"]), int(t["length"]), t.get("genre") or UNKNOWN_GENRE)
+    return [Track(str(t["id"]), int(t["length"]), t.get(condition) or UNKNOWN_VALUE)
             for t in sorted(index, key=lambda t: str(t["id"]))]
 
 
 @dataclass
 class StoreScan:
-    """What training needs to know of a store before a model exists: its tracks, genres, rate
-    and levels."""
+    """What training needs to know of a store before a model exists: its tracks, the values of
+    the condition, its rate and levels."""
 
     store: TrackStore
     tracks: list[Track]
-    genres: list[str]  # sorted; tracks without one have UNKNOWN_GENRE
+    condition: str  # the track attribute the tracks are labelled by (a genre, today)
+    condition_values: list[str]  # sorted; tracks without one have UNKNOWN_VALUE
     sample_rate: int
     levels: int  # quantization channels of the store's codes
     dtype: np.dtype
 
 
-def scan_store(store_url: str, storage_options: dict | None = None) -> StoreScan:
+def scan_store(store_url: str, storage_options: dict | None = None,
+               condition: str = DEFAULT_CONDITION) -> StoreScan:
     """Read a store's index, with a clear error for one that is not a store or is empty."""
     store = TrackStore(store_url, storage_options)
     config = store.config()  # a clear error if this is not a store
-    tracks = list_tracks(store)
+    tracks = list_tracks(store, condition)
     if not tracks:
         raise DwaveError(f"store {store.url} holds no tracks: run `dwave preprocess` into it "
                          "first")
-    return StoreScan(store, tracks, sorted({t.genre for t in tracks}), config.sample_rate,
+    return StoreScan(store, tracks, condition, sorted({t.condition for t in tracks}),
+                     config.sample_rate,
                      config.quantization_channels, config.dtype)
 
 
 def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
                   validation_fraction: float = 0.1, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                  mode: str | None = None, genres: list[str] | None = None) -> TrainingData:
+                  mode: str | None = None, values: list[str] | None = None) -> TrainingData:
     """The training and validation samplers of spans of `span` samples (ModelConfig.span: the
     receptive field + the predicted window), with a clear error for a store that cannot feed one.
 
-    `genres`: the genre vocabulary (a resumed run's, from its config); default: the store's.
-    Tracks of a genre outside a given vocabulary are left out and counted (a conditioned model
-    has no embedding for them: relabelling them as another genre would teach it wrong).
+    `values`: the condition's vocabulary (a resumed run's, from its config); default: the
+    store's. Tracks of a value outside a given vocabulary are left out and counted (a
+    conditioned model has no embedding for them: relabelling them would teach it wrong).
     """
     store, tracks = scan.store, scan.tracks
     usable = [t for t in tracks if t.length >= span]
@@ -217,15 +223,15 @@ def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
             f"store {store.url} has no track as long as one training window ({span} samples ="
             f" receptive field + --window); its longest is {longest} samples: use a smaller "
             "--window or preset, or add longer songs")
-    if genres is None:
-        genres = scan.genres
-    known = set(genres)
-    left_out = [t for t in usable if t.genre not in known]
-    unknown = sorted({t.genre for t in left_out})
-    usable = [t for t in usable if t.genre in known]
+    if values is None:
+        values = scan.condition_values
+    known = set(values)
+    left_out = [t for t in usable if t.condition not in known]
+    unknown = sorted({t.condition for t in left_out})
+    usable = [t for t in usable if t.condition in known]
     if not usable:
-        raise DwaveError(f"store {store.url}: no track has a genre this run knows "
-                         f"({', '.join(genres)}); the store has {', '.join(unknown)}: start a "
+        raise DwaveError(f"store {store.url}: no track has a {scan.condition} this run knows "
+                         f"({', '.join(values)}); the store has {', '.join(unknown)}: start a "
                          "new --run-dir to condition on them")
     train, val = split_tracks(usable, validation_fraction)
     train_bytes = sum(t.length for t in train) * scan.dtype.itemsize
@@ -234,22 +240,22 @@ def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
     if mode not in ("memory", "stream"):
         raise DwaveError(f"data mode must be memory or stream, got {mode!r}")
     make = lambda ts, stream: WindowSampler(  # noqa: E731
-        store, ts, genres, span, batch_size, seed, stream, mode, scan.dtype)
+        store, ts, values, span, batch_size, seed, stream, mode, scan.dtype)
     return TrainingData(
         train=make(train, 0),
         validation=make(val, 1) if val else None,
-        genres=genres,
+        condition_values=values,
         sample_rate=scan.sample_rate,
         levels=scan.levels,
         train_samples=sum(t.length for t in train),
-        left_out={"tracks": len(left_out), "genres": unknown},
+        left_out={"tracks": len(left_out), "values": unknown},
     )
 
 
 def open_training_data(store_url: str, span: int, batch_size: int, seed: int,
                        validation_fraction: float = 0.1, storage_options: dict | None = None,
                        cache_bytes: int = DEFAULT_CACHE_BYTES, mode: str | None = None,
-                       genres: list[str] | None = None) -> TrainingData:
+                       values: list[str] | None = None) -> TrainingData:
     """scan_store then open_samplers, for callers that know the span already."""
     return open_samplers(scan_store(store_url, storage_options), span, batch_size, seed,
-                         validation_fraction, cache_bytes, mode, genres)
+                         validation_fraction, cache_bytes, mode, values)

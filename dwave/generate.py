@@ -80,18 +80,20 @@ def load_model(run_dir: str, checkpoint: str | None = None):
     return model, config, path
 
 
-def genre_id(config, genre: str | None) -> int | None:
+def condition_index(config, value: str | None) -> int | None:
+    """The row of `value` in a conditioned model's condition table (`--genre` names it)."""
+    name, values = config.condition, config.condition_values
     if not config.conditioned:
-        if genre is not None:
-            raise DwaveError("--genre given, but this model was trained without genre "
+        if value is not None:
+            raise DwaveError(f"--{name} given, but this model was trained without {name} "
                              "conditioning")
         return None
-    if genre is None:
-        raise DwaveError(f"this model is conditioned on genre: pass --genre, one of "
-                         f"{', '.join(config.genres)}")
-    if genre not in config.genres:
-        raise DwaveError(f"unknown genre {genre!r}; this model knows {', '.join(config.genres)}")
-    return config.genres.index(genre)
+    if value is None:
+        raise DwaveError(f"this model is conditioned on {name}: pass --{name}, one of "
+                         f"{', '.join(values)}")
+    if value not in values:
+        raise DwaveError(f"unknown {name} {value!r}; this model knows {', '.join(values)}")
+    return values.index(value)
 
 
 def prime_codes(path: str, seconds: float, sample_rate: int, channels: int) -> np.ndarray:
@@ -151,7 +153,7 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
     say = log if rank == 0 else (lambda *_: None)
     _check_writable(options.out)  # before minutes of generating, not after
     model, config, checkpoint = load_model(options.run_dir, options.checkpoint)
-    gid = genre_id(config, options.genre)
+    gid = condition_index(config, options.genre)
     rate, q = config.sample_rate, config.quantization_channels
     prime = None
     if options.prime:

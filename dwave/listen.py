@@ -24,12 +24,12 @@ from .rundir import SAMPLES
 
 
 
-def primed_generator(model, prime: np.ndarray, genre_id: int | None):
+def primed_generator(model, prime: np.ndarray, condition_id: int | None):
     """A one-song fast generator holding a copy of the model's current weights, its caches
     filled from `prime` (1-D codes)."""
     from .cached_generator import FastGenerator
 
-    generator = FastGenerator(model, 1, None if genre_id is None else [genre_id], threads=1)
+    generator = FastGenerator(model, 1, None if condition_id is None else [condition_id], threads=1)
     generator.prime(np.asarray(prime, np.int64)[None])
     return generator
 
@@ -51,7 +51,7 @@ class Listener:
         self.pending: tuple[int, Future] | None = None
         self.reports: list[str] = []
 
-    def start(self, model, prime: np.ndarray, genre_id: int | None, step: int,
+    def start(self, model, prime: np.ndarray, condition_id: int | None, step: int,
               wait: bool = False) -> bool:
         """Begin the sample of `step`; False (nothing started) while the last is not done,
         unless `wait` (the run's last validation: nobody is waiting for rank 0 any more)."""
@@ -63,7 +63,7 @@ class Listener:
             return False
         self._collect()
         started = time.perf_counter()
-        generator = primed_generator(model, prime, genre_id)
+        generator = primed_generator(model, prime, condition_id)
         blocking = time.perf_counter() - started  # what the training thread spent on it
         self.pending = (step, self.pool.submit(self._make, generator, step, blocking))
         return True

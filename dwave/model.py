@@ -2,8 +2,8 @@
 
 Causal dilated convolutions of kernel 2, gated tanh x sigmoid units, residual and skip 1x1
 connections, and a ReLU -> 1x1 -> ReLU -> 1x1 head giving logits over the mu-law codes; input
-codes through an embedding; optional global conditioning on genre (an embedding added inside
-every gate).
+codes through an embedding; optional global conditioning (ModelConfig.condition: genre today;
+an embedding added inside every gate, one row per value).
 
 Two ways to run the same weights:
 
@@ -104,8 +104,9 @@ class WaveNet(keras.Model):
         self.head2_b = self.add_weight(name="head2_bias", shape=(Q,), initializer=zeros)
         if c.conditioned:
             # Global conditioning: the paper's V_f h and V_g h, for every layer at once.
-            self.genre_w = self.add_weight(
-                name="genre", shape=(len(c.genres), layers * 2 * D),
+            # Named after the condition ("genre"): the name that checkpoints hold.
+            self.condition_w = self.add_weight(
+                name=c.condition, shape=(len(c.condition_values), layers * 2 * D),
                 initializer="random_normal")
         self.built = True
 
@@ -122,7 +123,7 @@ class WaveNet(keras.Model):
             skip_bias=self.skip_b.numpy(), head1=self.head1_w.numpy(),
             head1_bias=self.head1_b.numpy(), head2=self.head2_w.numpy(),
             head2_bias=self.head2_b.numpy(),
-            condition=self.genre_w.numpy() if c.conditioned else None)
+            condition=self.condition_w.numpy() if c.conditioned else None)
 
     @property
     def parameter_count(self) -> int:
@@ -139,15 +140,16 @@ class WaveNet(keras.Model):
         h = tf.nn.relu(dense(h, self.head1_w, self.head1_b, self.product_dtype))
         return dense(h, self.head2_w, self.head2_b, self.product_dtype)
 
-    def genre_bias(self, genre):
-        """(batch, layers*2D) gate biases of the genres, or None for an unconditioned model."""
+    def condition_bias(self, condition):
+        """(batch, layers*2D) gate biases of the condition values (indices into
+        config.condition_values), or None for an unconditioned model."""
         if not self.config.conditioned:
             return None
-        if genre is None:
-            raise DwaveError("this model is conditioned on genre: pass a genre")
-        return tf.gather(self.genre_w, tf.cast(genre, tf.int32))
+        if condition is None:
+            raise DwaveError(f"this model is conditioned on {self.config.condition}: pass one")
+        return tf.gather(self.condition_w, tf.cast(condition, tf.int32))
 
-    def call(self, codes, genre=None, causal=False, training=False, layer_inputs=None):
+    def call(self, codes, condition=None, causal=False, training=False, layer_inputs=None):
         """Logits (batch, T, Q) as float32. `codes`: integers (batch, N).
         Valid mode: T = N - receptive_field + 1. `causal=True`: T = N.
         `layer_inputs`: a list that receives every layer's input (batch, N, C) in causal mode:
@@ -158,7 +160,7 @@ class WaveNet(keras.Model):
         c = self.config
         low = self.product_dtype
         h = tf.gather(self.embedding, tf.cast(codes, tf.int32))  # (B, N, C), float32
-        bias = self.genre_bias(genre)
+        bias = self.condition_bias(condition)
         if bias is not None:
             layer_biases = tf.split(bias[:, None, :], len(c.dilations), axis=-1)
         length = tf.shape(h)[1]

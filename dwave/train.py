@@ -117,12 +117,13 @@ class Trainer:
         self.train_step = tf.function(self._train_step, reduce_retracing=True)
         self.eval_step = tf.function(self.loss, reduce_retracing=True)
 
-    def loss(self, codes, genre):
+    def loss(self, codes, condition):
         """Mean cross-entropy in nats of predicting codes[:, rf:] from codes[:, :-1]."""
         import tensorflow as tf
 
         rf = self.config.receptive_field
-        logits = self.model(codes[:, :-1], genre=genre if self.config.conditioned else None,
+        logits = self.model(codes[:, :-1],
+                            condition=condition if self.config.conditioned else None,
                             training=True)
         targets = tf.cast(codes[:, rf:], tf.int32)
         # -log softmax(logits)[target] = logsumexp(logits) - logits[target]: with its gradient,
@@ -133,14 +134,14 @@ class Trainer:
     def _average(self, value):
         return self.hvd.allreduce(value, op=self.hvd.Average) if self.hvd else value
 
-    def _train_step(self, codes, genre, stop_requested):
+    def _train_step(self, codes, condition, stop_requested):
         """One synchronous update. Returns (loss averaged over ranks, any rank asked to stop):
         the stop flag rides the step's own collective, so stopping costs no extra round trip."""
         import tensorflow as tf
 
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
-            loss = self.loss(codes, genre)
+            loss = self.loss(codes, condition)
             scaled = self.optimizer.get_scaled_loss(loss) if self.mixed else loss
         if self.hvd:
             tape = self.hvd.DistributedGradientTape(tape)
@@ -183,25 +184,26 @@ def default_learning_rate(lr: float | None, preset: str | None, saved) -> float:
 
 
 def resolve_model_config(saved: ModelConfig | None, preset: str | None, overrides: dict,
-                         conditioning: bool | None, store_genres: list[str],
+                         conditioning: bool | None, store_values: list[str],
                          sample_rate: int, run_dir: str = "", levels: int = 256) -> ModelConfig:
     """The run's architecture.
 
     A new run: the preset (default `tiny`) with overrides, at the store's sample rate and
-    quantization levels, conditioned on the store's genres if asked. An existing run (`saved`):
+    quantization levels, conditioned on the store's values of the condition if asked. An existing run (`saved`):
     its config; flags or a store that disagree with it are an error rather than a silently
     different model.
     """
     if saved is None:
         return ModelConfig.from_preset(preset or DEFAULT_PRESET, sample_rate=sample_rate,
                                        quantization_channels=levels,
-                                       genres=store_genres if conditioning else [], **overrides)
+                                       condition_values=store_values if conditioning else [],
+                                       **overrides)
     wanted = ModelConfig.from_preset(preset, **overrides).to_dict() if preset else overrides
     have = saved.to_dict()
     clashes = [f"{k} {have[k]} (flags ask for {v})" for k, v in wanted.items()
                if k in MODEL_FLAGS and have[k] != v]
     if conditioning is not None and conditioning != saved.conditioned:
-        clashes.append("genre conditioning " + ("on" if saved.conditioned else "off"))
+        clashes.append(f"{saved.condition} conditioning " + ("on" if saved.conditioned else "off"))
     if saved.sample_rate != sample_rate:
         clashes.append(f"sample rate {saved.sample_rate} (the store's is {sample_rate})")
     if saved.quantization_channels != levels:
@@ -265,13 +267,15 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     saved = read_run_config(run_dir)
     saved_model = saved[0] if saved else None
     train = dataclasses.replace(train, lr=default_learning_rate(train.lr, preset, saved))
-    scan = scan_store(train.store, storage_options)
+    # The condition the run's tracks are labelled by: the saved model's, else the default's.
+    scan = scan_store(train.store, storage_options, (saved_model or ModelConfig()).condition)
     model_config = resolve_model_config(saved_model, preset, model_overrides or {},
-                                        train.genre_conditioning, scan.genres, scan.sample_rate,
+                                        train.genre_conditioning, scan.condition_values,
+                                        scan.sample_rate,
                                         run_dir, scan.levels)
     span = model_config.span(train.window)
     data = open_samplers(scan, span, train.batch_size, train.seed, train.validation_fraction,
-                         mode=train.data_mode, genres=model_config.genres or None)
+                         mode=train.data_mode, values=model_config.condition_values or None)
     resuming = saved_model is not None
 
     from .ranks import start_horovod
@@ -310,8 +314,9 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     if restored:
         say(f"resuming from {restored} at step {start_step}")
     if data.left_out["tracks"]:
-        say(f"left out {data.left_out['tracks']} track(s) of genres this run was not started "
-            f"with ({', '.join(data.left_out['genres'])}): a new --run-dir can condition on them")
+        say(f"left out {data.left_out['tracks']} track(s) of {model_config.condition}s this run "
+            f"was not started with ({', '.join(data.left_out['values'])}): a new --run-dir can "
+            "condition on them")
     history = ValidationLog(run_dir, resuming) if rank == 0 else None
     if history is not None and data.validation:
         history.baselines = _baselines(data, model_config, train.val_batches).to_dict()
@@ -366,8 +371,8 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
                             model_config.quantization_channels, writers["validation"])
     loop_started = time.perf_counter()
     while step < train.steps:
-        codes, genre = next(batches)
-        loss, stop_all = trainer.train_step(codes, genre, tf.constant(stop.requested))
+        codes, condition = next(batches)
+        loss, stop_all = trainer.train_step(codes, condition, tf.constant(stop.requested))
         step += 1
         window_steps += 1
         loss_bits = float(loss) / LN2
@@ -396,9 +401,9 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
                 with writers["validation"].as_default(step=step):
                     tf.summary.scalar("loss_bits_per_sample", val_bits)
                 if listener:
-                    codes, genre = data.validation.batch(0, 0)
+                    codes, condition = data.validation.batch(0, 0)
                     listener.start(trainer.model, codes[0],
-                                   int(genre[0]) if model_config.conditioned else None, step,
+                                   int(condition[0]) if model_config.conditioned else None, step,
                                    wait=step == train.steps)
             window_started, window_steps = time.perf_counter(), 0
         if listener:

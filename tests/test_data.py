@@ -72,7 +72,7 @@ def test_memory_and_stream_modes_give_the_same_batches_through_tf_data(ramp_stor
 def test_genres_index_the_store_vocabulary(ramp_store):
     url, _ = ramp_store
     data = open_training_data(url, 1000, 32, seed=0, validation_fraction=0)
-    assert data.genres == ["g1", "g2"]
+    assert data.condition_values == ["g1", "g2"]
     track, _ = data.train.locate(0, 0)
     _, genre = data.train.batch(0, 0)
     expected = [0 if data.train.tracks[t].id < "c" else 1 for t in track]
@@ -110,12 +110,13 @@ def test_tracks_of_a_genre_the_run_does_not_know_are_left_out_not_relabelled(tmp
     url = make_store(str(tmp_path / "s"), {
         "a": (synthetic_codes(1.0, seed=1), "rock"), "b": (synthetic_codes(1.0, seed=2), "pop"),
         "c": (synthetic_codes(1.0, seed=3), "rock"), "d": (synthetic_codes(1.0, seed=4), "jazz")})
-    data = open_training_data(url, 100, 2, 0, validation_fraction=0.0, genres=["pop", "rock"])
+    data = open_training_data(url, 100, 2, 0, validation_fraction=0.0, values=["pop", "rock"])
     assert sorted(t.id for t in data.train.tracks) == ["a", "b", "c"]
-    assert data.left_out == {"tracks": 1, "genres": ["jazz"]}
-    assert sorted(set(data.train.track_genre.tolist())) == [0, 1]  # pop, rock: their own ids
-    assert data.train.track_genre.tolist() == [1, 0, 1]  # a rock, b pop, c rock
+    assert data.left_out == {"tracks": 1, "values": ["jazz"]}
+    assert sorted(set(data.train.track_condition.tolist())) == [0, 1]  # pop, rock: their own ids
+    assert data.train.track_condition.tolist() == [1, 0, 1]  # a rock, b pop, c rock
     with pytest.raises(DwaveError, match="no track has a genre this run knows"):
-        open_training_data(url, 100, 2, 0, genres=["metal"])
+        open_training_data(url, 100, 2, 0, values=["metal"])
     everything = open_training_data(url, 100, 2, 0, validation_fraction=0.0)
-    assert everything.left_out["tracks"] == 0 and everything.genres == ["jazz", "pop", "rock"]
+    assert everything.left_out["tracks"] == 0
+    assert everything.condition_values == ["jazz", "pop", "rock"]

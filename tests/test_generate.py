@@ -22,7 +22,7 @@ def random_model(genres=(), seed=0, **overrides):
     from dwave.model import WaveNet
 
     tf.random.set_seed(seed)
-    config = ModelConfig.from_preset("tiny", genres=list(genres), **overrides)
+    config = ModelConfig.from_preset("tiny", condition_values=list(genres), **overrides)
     model = WaveNet(config)
     # Random biases too, so a wrong bias path cannot hide behind zero initialisation.
     rng = np.random.default_rng(seed)
@@ -49,7 +49,7 @@ def test_teacher_forced_fast_logits_equal_the_full_network(genres, sizes, thread
     steps, batch = 3 * config.receptive_field, 3
     codes = np.random.default_rng(1).integers(0, config.quantization_channels, (batch, steps))
     genre = np.array([2, 0, 1]) if genres else None
-    full = model(codes, genre=genre, causal=True).numpy()  # (batch, steps, Q)
+    full = model(codes, condition=genre, causal=True).numpy()  # (batch, steps, Q)
     generator = FastGenerator(model, batch, genre, threads=threads)
     # 3 songs are less than a row tile: the threads share each product's columns (one core
     # per thread at most: they spin while they wait).
@@ -72,12 +72,12 @@ def test_priming_then_one_step_equals_the_full_network_on_prime_plus_one():
         generator = FastGenerator(model, 2, [1, 0])
         generator.prime(prime)
         sampled, logits = generator.generate(np.full((1, 2), 0.5), 1.0, keep_logits=True)
-        full = model(prime, genre=np.array([1, 0]), causal=True).numpy()
+        full = model(prime, condition=np.array([1, 0]), causal=True).numpy()
         np.testing.assert_allclose(logits[0], full[:, -1], rtol=1e-4, atol=1e-4)
         # One more step: the full network over prime + the sampled sample.
         _, logits = generator.generate(np.full((1, 2), 0.5), 1.0, keep_logits=True)
         extended = np.concatenate([prime, sampled.T], axis=1)
-        full = model(extended, genre=np.array([1, 0]), causal=True).numpy()
+        full = model(extended, condition=np.array([1, 0]), causal=True).numpy()
         np.testing.assert_allclose(logits[0], full[:, -1], rtol=1e-4, atol=1e-4)
 
 

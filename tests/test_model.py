@@ -42,7 +42,7 @@ def test_base_preset_is_the_reference_size():
 
 
 def test_config_json_round_trip_and_errors():
-    c = ModelConfig.from_preset("tiny", genres=["a", "b"], residual_channels=8)
+    c = ModelConfig.from_preset("tiny", condition_values=["a", "b"], residual_channels=8)
     assert ModelConfig.from_dict(c.to_dict()) == c
     with pytest.raises(DwaveError, match="unknown preset"):
         ModelConfig.from_preset("huge")
@@ -85,23 +85,23 @@ def test_causal_exactly_and_receptive_field_is_tight(preset, tf):
 @pytest.mark.parametrize("conditioned", [False, True])
 def test_valid_mode_equals_causal_mode_where_both_are_defined(conditioned, tf):
     genres = ["a", "b", "c"] if conditioned else []
-    config = ModelConfig.from_preset("tiny", genres=genres)
+    config = ModelConfig.from_preset("tiny", condition_values=genres)
     model = build(config)
     rf = config.receptive_field
     codes = np.random.default_rng(2).integers(0, 256, (3, rf + 200))
     genre = np.array([0, 2, 1]) if conditioned else None
-    valid = model(codes, genre=genre).numpy()
-    causal = model(codes, genre=genre, causal=True).numpy()
+    valid = model(codes, condition=genre).numpy()
+    causal = model(codes, condition=genre, causal=True).numpy()
     assert valid.shape == (3, 201, 256)
     np.testing.assert_allclose(valid, causal[:, rf - 1:], rtol=1e-5, atol=1e-5)
 
 
 def test_genre_changes_the_output_and_is_required(tf):
-    config = ModelConfig.from_preset("tiny", genres=["a", "b"])
+    config = ModelConfig.from_preset("tiny", condition_values=["a", "b"])
     model = build(config)
     codes = np.random.default_rng(3).integers(0, 256, (1, config.receptive_field + 10))
-    a = model(codes, genre=np.array([0])).numpy()
-    b = model(codes, genre=np.array([1])).numpy()
+    a = model(codes, condition=np.array([0])).numpy()
+    b = model(codes, condition=np.array([1])).numpy()
     assert not np.allclose(a, b)
     with pytest.raises(DwaveError, match="conditioned"):
         model(codes)
@@ -192,14 +192,25 @@ def test_exported_weights_are_the_whole_model(conditioned, tf):
     """Another engine needs only ExportedWeights and its docstring: the network computed from
     them in numpy equals the Keras model."""
     config = ModelConfig.from_preset("tiny", residual_channels=6, dilation_channels=5,
-                                     skip_channels=7, genres=["a", "b"] if conditioned else [])
+                                     skip_channels=7,
+                                     condition_values=["a", "b"] if conditioned else [])
     model = build(config, seed=3)
     if conditioned:  # the embedding starts random; give the gate biases values too
-        model.genre_w.assign(np.random.default_rng(1).normal(size=model.genre_w.shape))
+        model.condition_w.assign(np.random.default_rng(1).normal(size=model.condition_w.shape))
     codes = np.random.default_rng(2).integers(0, 256, (1, 90))
     genre = np.array([1]) if conditioned else None
-    expected = model(codes, genre=genre, causal=True).numpy()[0]
+    expected = model(codes, condition=genre, causal=True).numpy()[0]
     weights = model.export()
     assert all(a is None or a.dtype == np.float32 for a in weights)
     got = _numpy_wavenet(weights, config, codes[0], 1 if conditioned else None)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_run_dirs_config_from_before_named_conditions_still_loads():
+    """config.json written before conditions had a name held "genres": read as the genre
+    condition, so those run dirs resume and generate."""
+    legacy = {**ModelConfig.from_preset("tiny").to_dict(), "genres": ["rock", "pop"]}
+    del legacy["condition"], legacy["condition_values"]
+    config = ModelConfig.from_dict(legacy)
+    assert (config.condition, config.condition_values) == ("genre", ["rock", "pop"])
+    assert config.conditioned
