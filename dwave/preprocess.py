@@ -52,11 +52,14 @@ def process_track(task: TrackTask, store_url: str, storage_options: dict, config
             "peak": decoded.peak,
         }
         codes = encode_in_place(decoded, gain, config.quantization_channels)
-        TrackStore(store_url, storage_options).write_track(task.track_id, codes, attrs)
     except AudioError as exc:
         return {**result, "status": "failed", "reason": str(exc)}
     except (FileNotFoundError, PermissionError, IsADirectoryError, DwaveError) as exc:
         return {**result, "status": "failed", "reason": _os_reason(exc)}
+    # Outside the try: an error while writing is the store's trouble, not the song's (a second
+    # run rewriting the same track removes its files under this one), so Dask retries it
+    # rather than reporting the song as unreadable.
+    TrackStore(store_url, storage_options).write_track(task.track_id, codes, attrs)
     return {
         **result,
         "status": "written",

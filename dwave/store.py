@@ -144,8 +144,9 @@ class TrackStore:
                 return self._location_state()
             except _BeingCreated:
                 time.sleep(0.2)  # another run is writing the root metadata this moment
-        raise DwaveError(f"--out {self.url} holds a store's groups without its root metadata "
-                         f"{ZARR_JSON}: not a store dwave can use; choose another --out")
+        raise DwaveError(f"--out {self.url} holds entries named like a store's groups (tracks, "
+                         f"index) but no root metadata {ZARR_JSON}: not a dwave store, nothing "
+                         "was changed; choose another --out")
 
     def _location_state(self) -> str:
         where = f"--out {self.url}"
