@@ -190,8 +190,8 @@ def resolve_model_config(saved: ModelConfig | None, preset: str | None, override
 
     A new run: the preset (default `tiny`) with overrides, at the store's sample rate and
     quantization levels, conditioned on the store's values of the condition if asked. An
-    existing run (`saved`): its config; flags or a store that disagree with it are an error rather than a silently
-    different model.
+    existing run (`saved`): its config; flags or a store that disagree with it are an error
+    rather than a silently different model.
     """
     if saved is None:
         return ModelConfig.from_preset(preset or DEFAULT_PRESET, sample_rate=sample_rate,
