@@ -6,8 +6,9 @@ gated unit for one position and writes one slot: every layer once per sample, in
 whole network over the receptive field (Paine et al. 2016, "Fast Wavenet Generation").
 
 The step is a Numba-compiled loop over float32 weights exported from the model, padded to
-whole 16-column panels and packed once for the tiled product kernel in `dwave.packed_product`: a whole
-chunk of samples runs without returning to Python, and all songs of a lane advance together
+whole 16-column panels and packed once for the tiled product kernel in
+`dwave.packed_product`: a whole chunk of samples runs without returning to Python, and all
+songs of a lane advance together
 (each product is a (songs x channels) matrix times the weights). A TensorFlow graph pays
 microseconds of dispatch per op, and a step is ~200 ops, which is why this is not a
 tf.function; BLAS is half as fast on these shapes (measured: benchmarks/bench_generate.py).
