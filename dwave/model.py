@@ -99,7 +99,12 @@ class WaveNet(keras.Model):
                                       initializer=zeros) for i in range(layers - 1)]
         # All layers' skip 1x1s as one (layers*D -> S) matrix: the sum over layers of z_l @ W_l
         # is one product of the concatenated z's, a single large matmul instead of 30 small ones.
-        self.skip_w = self.add_weight(name="skip", shape=(layers * D, S), initializer=glorot)
+        # Each layer's block starts as a (D -> S) 1x1 of its own would (Glorot over D + S, not
+        # over layers*D + S): the reference WaveNet's scale, whose early learning is faster.
+        per_layer_glorot = keras.initializers.VarianceScaling(
+            scale=(layers * D + S) / (D + S), mode="fan_avg", distribution="uniform")
+        self.skip_w = self.add_weight(name="skip", shape=(layers * D, S),
+                                      initializer=per_layer_glorot)
         self.skip_b = self.add_weight(name="skip_bias", shape=(S,), initializer=zeros)
         self.head1_w = self.add_weight(name="head1", shape=(S, S), initializer=glorot)
         self.head1_b = self.add_weight(name="head1_bias", shape=(S,), initializer=zeros)
