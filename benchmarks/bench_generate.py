@@ -125,7 +125,7 @@ def main() -> None:
     from dwave.config import ModelConfig
     from dwave.model import WaveNet
 
-    tf.random.set_seed(0)
+    tf.keras.utils.set_random_seed(0)
     config = ModelConfig.from_preset(args.preset)
     model = WaveNet(config)
     print(f"{config.describe()}, {model.parameter_count:,} parameters", flush=True)

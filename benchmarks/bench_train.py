@@ -94,7 +94,7 @@ def worker(args) -> None:
 
     config = ModelConfig.from_preset(args.preset)
     span = config.span(args.window)
-    tf.random.set_seed(0)
+    tf.keras.utils.set_random_seed(0)
     trainer = Trainer(config, 1e-4, 0, size, args.precision, hvd=hvd if size > 1 else None)
     trainer.broadcast_from_rank0()
     no_stop = tf.constant(False)

@@ -81,8 +81,9 @@ class WaveNet(keras.Model):
         C, D, S, Q = (c.residual_channels, c.dilation_channels, c.skip_channels,
                       c.quantization_channels)
         layers = len(c.dilations)
-        # Initialisers by name: Keras makes a fresh one per weight, seeded from TF's global seed
-        # (a shared initialiser object would give every layer the same values).
+        # Initialisers by name: Keras makes a fresh one per weight (a shared initialiser object
+        # would give every layer the same values), its seed drawn from Python's `random`: seed
+        # with tf.keras.utils.set_random_seed for the same weights in every process.
         glorot, zeros = "glorot_uniform", "zeros"
         self.embedding = self.add_weight(
             name="embedding", shape=(Q, C), initializer="random_normal")

@@ -101,12 +101,17 @@ class Trainer:
     that replay a distributed step in one process)."""
 
     def __init__(self, model_config: ModelConfig, lr: float, warmup_steps: int, world_size: int,
-                 precision: str = "fp32", hvd=None):
+                 precision: str = "fp32", hvd=None, seed: int | None = None):
         import tensorflow as tf
 
         from .model import WaveNet
         from .schedule import make_optimizer
 
+        if seed is not None:
+            # The same initial weights for the same seed, in any process. tf.random.set_seed
+            # alone is not enough: Keras draws the seed of each unseeded initializer from
+            # Python's `random`, which this seeds too (with numpy's global state).
+            tf.keras.utils.set_random_seed(seed)
         self.config = model_config
         self.hvd = hvd
         self.model = WaveNet(model_config, precision)
@@ -288,9 +293,8 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
 
     import tensorflow as tf
 
-    tf.random.set_seed(train.seed)  # the same initial weights for the same seed, any world size
     trainer = Trainer(model_config, train.lr, train.warmup_steps, size, train.precision,
-                      hvd if size > 1 else None)
+                      hvd if size > 1 else None, seed=train.seed)
     checkpoint, manager = checkpoint_manager(run_dir, train.keep_checkpoints,
                                              model=trainer.model, optimizer=trainer.optimizer,
                                              step=trainer.step)

@@ -21,7 +21,7 @@ def random_model(genres=(), seed=0, **overrides):
 
     from dwave.model import WaveNet
 
-    tf.random.set_seed(seed)
+    tf.keras.utils.set_random_seed(seed)
     config = ModelConfig.from_preset("tiny", condition_values=list(genres), **overrides)
     model = WaveNet(config)
     # Random biases too, so a wrong bias path cannot hide behind zero initialisation.

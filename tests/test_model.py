@@ -21,7 +21,7 @@ def build(config, seed=0):
 
     from dwave.model import WaveNet
 
-    tf.random.set_seed(seed)
+    tf.keras.utils.set_random_seed(seed)
     return WaveNet(config)
 
 

@@ -91,7 +91,7 @@ from dwave.config import ModelConfig
 from dwave.cached_generator import FastGenerator
 from dwave.model import WaveNet
 assert packed_product.KERNEL == "loops", packed_product.KERNEL
-tf.random.set_seed(0)
+tf.keras.utils.set_random_seed(0)
 model = WaveNet(ModelConfig(residual_channels=12, dilation_channels=10, skip_channels=20,
                             stacks=2, max_dilation=4, quantization_channels=100))
 codes = np.random.default_rng(0).integers(0, 100, (3, 40))

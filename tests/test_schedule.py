@@ -36,7 +36,7 @@ def test_the_schedule_climbs_from_one_ranks_rate_to_n_times_it():
 
 @pytest.mark.slow
 def test_the_optimizer_uses_the_scheduled_rate_and_a_resume_continues_it(tmp_path):
-    tf.random.set_seed(0)
+    tf.keras.utils.set_random_seed(0)
     trainer = Trainer(CONFIG, LR, WARMUP, world_size=RANKS)
     assert current_rate(trainer.optimizer) == pytest.approx(LR)  # before the first update
     seen = {}
@@ -51,7 +51,7 @@ def test_the_optimizer_uses_the_scheduled_rate_and_a_resume_continues_it(tmp_pat
     assert seen[WARMUP // 2] == pytest.approx((1 + (RANKS - 1) / 2) * LR)
 
     # Resume half-way through the warm-up: the restored optimizer goes on from its own step.
-    tf.random.set_seed(0)
+    tf.keras.utils.set_random_seed(0)
     early = Trainer(CONFIG, LR, WARMUP, world_size=RANKS)
     for k in range(WARMUP // 2):
         step(early, k)
@@ -70,7 +70,7 @@ def test_the_optimizer_uses_the_scheduled_rate_and_a_resume_continues_it(tmp_pat
 def test_the_first_adam_update_moves_a_weight_by_the_rate_it_reports(ranks):
     """Adam's first update is lr * g * s / (s |g| + eps) with s = sqrt(1 - beta_2): computed
     here from an independently taken gradient, compared with what the step did."""
-    tf.random.set_seed(1)
+    tf.keras.utils.set_random_seed(1)
     trainer = Trainer(CONFIG, LR, WARMUP, world_size=ranks)
     codes, genre = batch(3)
     variables = trainer.model.trainable_variables

@@ -98,6 +98,31 @@ def tf_value(event):
     return tf.make_ndarray(event.tensor_proto)
 
 
+INITIAL_WEIGHTS = """
+import hashlib, sys
+from dwave.config import ModelConfig
+from dwave.train import Trainer
+for seed in map(int, sys.argv[1:]):
+    trainer = Trainer(ModelConfig.from_preset("tiny"), 1e-3, 0, 1, seed=seed)
+    digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in trainer.model.variables))
+    print(seed, digest.hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_a_seed_gives_the_same_initial_weights_in_every_process():
+    """--seed fixes the initial weights: two processes, the same seed, the same bits (Keras
+    seeds its initializers from Python's `random`, which tf.random.set_seed leaves alone)."""
+    def digests(*seeds):
+        out = subprocess.run([sys.executable, "-c", INITIAL_WEIGHTS, *map(str, seeds)],
+                             capture_output=True, text=True, check=True, cwd=ROOT).stdout
+        return dict(line.split() for line in out.splitlines())
+
+    first, second = digests(3, 4), digests(3)
+    assert first["3"] == second["3"]
+    assert first["3"] != first["4"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
 def test_two_ranks_stay_identical_and_equal_one_big_batch_step(launcher, tone_store, tmp_path):
