@@ -2,7 +2,7 @@
 """Run the four benchmarks and gather every figure into one table.
 
     python benchmarks/run_all.py [--out bench-output] [--only preprocess,train,learning,generate]
-                                 [--publish benchmarks/results]
+                                 [--publish benchmarks/results] [--reference-dir DIR]
 
 1. preprocess: full-length 44.1 kHz MP3s made from Debian's asc-music (benchmarks/make_songs.sh),
    bench_preprocess.py (decode overhead vs ffmpeg, Dask scaling, worker memory);
@@ -10,7 +10,8 @@
    and `small` (4 x 4000): 1 thread and all cores against Keras, Horovod against independent
    processes, bf16, the roofline, the allreduce projection;
 3. learning: the same store, bench_learning.py (the `small` preset at its defaults for 800
-   steps, validation bits/sample against the store's code histogram and bigram);
+   steps, validation bits/sample against the store's code histogram and bigram); with
+   --reference-dir, bench_reference.py trains the reference WaveNet on the same batches;
 4. generate: bench_generate.py (naive vs cached, 1/16/64 songs).
 
 Writes OUT/summary.md and OUT/summary.json (every figure, its target, and the machine it ran
@@ -104,6 +105,16 @@ def rows(figures: dict) -> list[dict]:
                 h["step"], (None, None))
             add("learning", f"{lr['preset']}, validation at step {h['step']}", h["bits"],
                 "bits/sample", *target)
+    ref = figures.get("reference")
+    if ref:
+        mine = {h["step"]: h["bits"] for h in ref["dwave"]}
+        for h in ref["reference"]:
+            gap = mine[h["step"]] - h["bits"]
+            add("learning", f"dwave - reference WaveNet (ibab, {h['bits']:.3f}), same batches, "
+                f"step {h['step']}", round(gap, 3), "bits/sample", "<= +0.1 (one run's noise)",
+                gap <= 0.1)
+        add("learning", f"reference WaveNet's own loop, {ref['threads']} thread(s)",
+            ref["reference_samples_per_second"], "samples/s")
     g = figures.get("generate")
     if g:
         naive = g["naive"]
@@ -168,6 +179,9 @@ def main() -> None:
                         help="comma-separated subset of preprocess,train,learning,generate")
     parser.add_argument("--publish", metavar="DIR",
                         help="copy the JSONs, PNGs and summary here (e.g. benchmarks/results)")
+    parser.add_argument("--reference-dir", metavar="DIR",
+                        help="a checkout of ibab/tensorflow-wavenet: the learning stage then "
+                             "also trains it on the same batches (bench_reference.py)")
     args = parser.parse_args()
     stages = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(stages) - set(STAGES)
@@ -196,16 +210,21 @@ def main() -> None:
             shutil.rmtree(previous)  # the benchmark's own run dir from an earlier run_all
         run([py, os.path.join(HERE, "bench_learning.py"), store, "--out", out],
             os.path.join(out, "learning.log"))
+        if args.reference_dir:
+            run([py, os.path.join(HERE, "bench_reference.py"), previous, "--reference-dir",
+                 args.reference_dir, "--out", out], os.path.join(out, "reference.log"))
     if "generate" in stages:
         run([py, os.path.join(HERE, "bench_generate.py"), "--out", out],
             os.path.join(out, "generate.log"))
 
     figures = {}
-    for stage in (s for s in STAGES if s != "train"):  # train: one file per preset, below
+    for stage in [s for s in STAGES if s != "train"] + ["reference"]:  # train: below
         path = os.path.join(out, f"{stage}.json")
         if os.path.exists(path):
             with open(path) as f:
                 figures[stage] = json.load(f)
+    if figures.get("reference", {}).get("dwave") != figures.get("learning", {}).get("history"):
+        figures.pop("reference", None)  # from an earlier learning run: not this one's batches
     for preset in TRAIN_BENCHMARKS:
         path = os.path.join(out, f"train_{preset}.json")
         if os.path.exists(path):
