@@ -77,29 +77,36 @@ def value_at(history: list[dict], step: int) -> float | None:
     return next((h["bits"] for h in history if h["step"] == step), None)
 
 
-def plot(result: dict, path: str) -> None:
+def plot_curves(curves: dict[str, list[dict]], baselines: dict, xlabel: str, title: str,
+                path: str) -> None:
+    """Validation curves ({label: history}) with the store's two baselines as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    history = result["history"]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot([h["step"] for h in history], [h["bits"] for h in history], "o-",
-            label=f"dwave {result['preset']} (validation)")
-    ax.axhline(result["baselines"]["unigram_bits"], color="grey", linestyle=":",
-               label=f"code histogram {result['baselines']['unigram_bits']:.2f}")
-    ax.axhline(result["baselines"]["bigram_bits"], color="black", linestyle="--",
-               label=f"bigram p(x_t|x_t-1) {result['baselines']['bigram_bits']:.2f}")
-    ax.set_xlabel("step (batch 4 x 4000 predicted samples)" if result["samples_per_step"] == 16000
-                  else f"step ({result['samples_per_step']:,} predicted samples)")
+    for label, history in curves.items():
+        ax.plot([h["step"] for h in history], [h["bits"] for h in history], "o-", label=label)
+    ax.axhline(baselines["unigram_bits"], color="grey", linestyle=":",
+               label=f"code histogram {baselines['unigram_bits']:.2f}")
+    ax.axhline(baselines["bigram_bits"], color="black", linestyle="--",
+               label=f"bigram p(x_t|x_t-1) {baselines['bigram_bits']:.2f}")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("validation bits / sample")
-    b = result["baselines"]
-    ax.set_title(f"{result['store_name']}: {b['training_tracks']} training / "
-                 f"{b['validation_tracks']} validation tracks ({result['cpu']})", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def plot(result: dict, path: str) -> None:
+    b = result["baselines"]
+    plot_curves({f"dwave {result['preset']} (validation)": result["history"]}, b,
+                "step (batch 4 x 4000 predicted samples)" if result["samples_per_step"] == 16000
+                else f"step ({result['samples_per_step']:,} predicted samples)",
+                f"{result['store_name']}: {b['training_tracks']} training / "
+                f"{b['validation_tracks']} validation tracks ({result['cpu']})", path)
 
 
 def main() -> None:

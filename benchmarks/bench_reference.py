@@ -40,6 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_learning import plot_curves  # noqa: E402
 from machine import cpu_model  # noqa: E402
 
 
@@ -69,26 +70,10 @@ def load_reference(directory: str):
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, key in (("dwave", "dwave"), ("reference (ibab)", "reference")):
-        ax.plot([h["step"] for h in result[key]], [h["bits"] for h in result[key]], "o-",
-                label=name)
-    b = result["baselines"]
-    ax.axhline(b["unigram_bits"], color="grey", linestyle=":",
-               label=f"code histogram {b['unigram_bits']:.2f}")
-    ax.axhline(b["bigram_bits"], color="black", linestyle="--",
-               label=f"bigram {b['bigram_bits']:.2f}")
-    ax.set_xlabel(f"step ({result['samples_per_step']:,} predicted samples, the same batches)")
-    ax.set_ylabel("validation bits / sample")
-    ax.set_title(f"{result['preset_like']} on {result['store_name']} ({result['cpu']})", fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plot_curves({"dwave": result["dwave"], "reference (ibab)": result["reference"]},
+                result["baselines"],
+                f"step ({result['samples_per_step']:,} predicted samples, the same batches)",
+                f"{result['preset_like']} on {result['store_name']} ({result['cpu']})", path)
 
 
 def main() -> None:
