@@ -22,6 +22,7 @@ import datetime as _dt
 import functools
 import json
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -33,6 +34,10 @@ from .errors import DwaveError
 
 STORE_FORMAT_VERSION = 1
 ZARR_JSON = "zarr.json"  # a Zarr 3 node's metadata: the store's root attributes live in it
+# What a Zarr LocalStore writes first when it writes zarr.json: zarr.<uuid hex>.partial, renamed
+# over zarr.json once complete (the write is atomic). Seen beside the groups, it is a root being
+# written this moment.
+_PARTIAL_ZARR_JSON = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
 CHUNK_SAMPLES = 1 << 20
 DEFAULT_SAMPLE_RATE = 16000
 DEFAULT_QUANTIZATION_CHANNELS = 256
@@ -167,9 +172,10 @@ class TrackStore:
                 entries = [e for e in entries if e.rstrip("/") != root.rstrip("/")]
                 if not entries:
                     return "new"
-                if {os.path.basename(e.rstrip("/")) for e in entries} <= {ZARR_JSON, "tracks",
-                                                                          "index"}:
-                    raise _BeingCreated  # the root metadata appeared after it was read
+                present = {os.path.basename(e.rstrip("/")) for e in entries}
+                if all(n in (ZARR_JSON, "tracks", "index") or _PARTIAL_ZARR_JSON.fullmatch(n)
+                       for n in present):
+                    raise _BeingCreated  # the root metadata is being written, or appeared after
                 names = ", ".join(repr(os.path.basename(e.rstrip("/"))) for e in entries[:3])
                 raise DwaveError(
                     f"{where} holds {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} "

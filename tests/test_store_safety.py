@@ -333,6 +333,28 @@ def test_runs_creating_one_store_at_once_all_find_it(tmp_path):
     assert outcomes == ["ok"] * 30
 
 
+def test_a_root_caught_half_written_is_waited_for_not_refused(tmp_path):
+    """Zarr writes zarr.json as zarr.<uuid>.partial and renames it: a run that lists the place
+    in between sees the groups and that file. It is a store being created (wait), not a place
+    holding someone else's files (refuse): the race that made one of 40 runs of the test above
+    fail."""
+    import threading
+    import uuid
+
+    from dwave.store import TrackStore
+
+    url = tmp_path / "store"
+    TrackStore(str(url)).prepare(None, None, False)
+    root, partial = url / "zarr.json", url / f"zarr.{uuid.uuid4().hex}.partial"
+    root.rename(partial)
+    finish = threading.Timer(0.25, partial.rename, args=(root,))
+    finish.start()
+    try:
+        assert TrackStore(str(url)).location_state() == "store"
+    finally:
+        finish.join()
+
+
 def test_a_store_created_meanwhile_with_other_settings_is_not_relabelled(tmp_path):
     from dwave.errors import DwaveError
     from dwave.store import TrackStore
