@@ -149,7 +149,7 @@ def main() -> None:
             print(f"step {step + 1}: reference {bits:.3f} bits/sample", flush=True)
 
     mine = {h["step"]: h["bits"] for h in log["history"]}
-    samples_per_step = train["batch_size"] * targets
+    reference_targets_per_step = train["batch_size"] * targets  # one fewer per window
     result = {
         "cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads,
         "run_dir": os.path.abspath(args.run_dir), "store": train["store"],
@@ -160,7 +160,7 @@ def main() -> None:
         "baselines": log["baselines"],
         "dwave": log["history"], "reference": history,
         "reference_seconds_per_step": train_seconds / max(1, steps - 1),
-        "reference_samples_per_second": samples_per_step * max(1, steps - 1) / train_seconds,
+        "reference_samples_per_second": reference_targets_per_step * max(1, steps - 1) / train_seconds,
     }
     bigram = log["baselines"]["bigram_bits"]
     print(f"\nvalidation bits/sample on the same batches (store bigram {bigram:.3f}, "
