@@ -160,7 +160,8 @@ def main() -> None:
         "baselines": log["baselines"],
         "dwave": log["history"], "reference": history,
         "reference_seconds_per_step": train_seconds / max(1, steps - 1),
-        "reference_samples_per_second": reference_targets_per_step * max(1, steps - 1) / train_seconds,
+        "reference_samples_per_second":
+            reference_targets_per_step * max(1, steps - 1) / train_seconds,
     }
     bigram = log["baselines"]["bigram_bits"]
     print(f"\nvalidation bits/sample on the same batches (store bigram {bigram:.3f}, "
