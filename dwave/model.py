@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from . import fused_ops
 from .config import ModelConfig
 from .errors import DwaveError
 
@@ -73,10 +74,16 @@ class WaveNet(keras.Model):
     """Weights as plain variables, so the training step and the fast generator (which reads the
     same variables) share one definition of the arithmetic."""
 
-    def __init__(self, config: ModelConfig, precision: str = "fp32"):
+    def __init__(self, config: ModelConfig, precision: str = "fp32", fused: bool | None = None):
+        """`fused`: run the gate and the conv's input through dwave's fused CPU kernels
+        (dwave/fused_ops.py); None: where they load and no GPU is visible (they are CPU-only).
+        The same arithmetic either way."""
         super().__init__(name="wavenet")
         self.config = config
         self.product_dtype = PRODUCT_DTYPES[precision]
+        if fused is None:
+            fused = not tf.config.list_physical_devices("GPU")
+        self.fused_ops = fused_ops.load() if fused else None
         c = config
         C, D, S, Q = (c.residual_channels, c.dilation_channels, c.skip_channels,
                       c.quantization_channels)
@@ -141,6 +148,8 @@ class WaveNet(keras.Model):
     # -- pieces shared with the fast generator --------------------------------------------------
 
     def gate(self, fg):
+        if self.fused_ops is not None:
+            return self.fused_ops.dwave_gate(fg)
         filter_, gate = tf.split(fg, 2, axis=-1)
         return tf.tanh(filter_) * tf.sigmoid(gate)
 
@@ -157,6 +166,22 @@ class WaveNet(keras.Model):
         if condition is None:
             raise DwaveError(f"this model is conditioned on {self.config.condition}: pass one")
         return tf.gather(self.condition_w, tf.cast(condition, tf.int32))
+
+    def conv_input(self, h, d, length, causal):
+        """The dilated conv's input [x[t - d] | x[t]] for `length` positions (in the products'
+        dtype), and x[t] (float32, for the residual sum). Valid: positions d.. of h; causal:
+        every position, zeros before the start."""
+        low = self.product_dtype
+        h_low = tf.cast(h, low)  # cast once: both halves of the conv read it
+        if causal:
+            past = tf.slice(tf.pad(h_low, [[0, 0], [d, 0], [0, 0]]), [0, 0, 0], [-1, length, -1])
+            return tf.concat([past, h_low], axis=-1), h
+        now = tf.slice(h, [0, d, 0], [-1, length, -1])
+        if self.fused_ops is not None and low in (tf.float32, tf.bfloat16):
+            return self.fused_ops.dwave_pairs(h_low, dilation=d), now
+        past = tf.slice(h_low, [0, 0, 0], [-1, length, -1])
+        now_low = tf.slice(h_low, [0, d, 0], [-1, length, -1]) if low != h.dtype else now
+        return tf.concat([past, now_low], axis=-1), now
 
     def call(self, codes, condition=None, causal=False, training=False, layer_inputs=None):
         """Logits (batch, T, Q) as float32. `codes`: integers (batch, N).
@@ -178,17 +203,9 @@ class WaveNet(keras.Model):
         for i, d in enumerate(c.dilations):
             if layer_inputs is not None:
                 layer_inputs.append(h)
-            h_low = tf.cast(h, low)  # cast once: both halves of the conv read it
-            if causal:
-                past = tf.slice(tf.pad(h_low, [[0, 0], [d, 0], [0, 0]]), [0, 0, 0],
-                                [-1, length, -1])
-                now, now_low = h, h_low
-            else:
-                length -= d
-                past = tf.slice(h_low, [0, 0, 0], [-1, length, -1])
-                now = tf.slice(h, [0, d, 0], [-1, length, -1])
-                now_low = tf.slice(h_low, [0, d, 0], [-1, length, -1]) if low != h.dtype else now
-            fg = dense(tf.concat([past, now_low], axis=-1), self.conv_w[i], self.conv_b[i], low)
+            length = length if causal else length - d
+            pairs, now = self.conv_input(h, d, length, causal)
+            fg = dense(pairs, self.conv_w[i], self.conv_b[i], low)
             if bias is not None:
                 fg += layer_biases[i]
             z = tf.cast(self.gate(fg), low)

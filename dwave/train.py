@@ -235,11 +235,14 @@ class _StopSignal:
         self.signal_name = signal.Signals(signum).name
 
 
-def _precision_line(product_dtype: str, on_gpu: bool) -> str:
-    """What the products run in (read from the model), and whether this CPU does it natively."""
+def _precision_line(product_dtype: str, on_gpu: bool, fused: bool) -> str:
+    """What the products run in and who runs the gates (read from the model), and whether this
+    CPU does the products natively."""
     from .cores import bf16_products_native
 
     line = f"precision: matrix products in {product_dtype}, everything else in float32"
+    line += ("; gates and conv inputs by dwave's fused CPU kernels" if fused
+             else "; gates and conv inputs by TensorFlow's ops")
     if product_dtype == "bfloat16" and not on_gpu and bf16_products_native() is False:
         line += ("; this CPU has neither AVX512-BF16 nor AMX, so TensorFlow emulates them "
                  "(slower than float32): --precision fp32 is faster here")
@@ -314,7 +317,7 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
         f"over a warm-up of {train.warmup_steps} steps")
         + f"; now {trainer.learning_rate:.3g} (read from the optimizer)")
     say(_precision_line(trainer.model.product_dtype.name, bool(tf.config.list_logical_devices(
-        "GPU"))))
+        "GPU")), trainer.model.fused_ops is not None))
     if restored:
         say(f"resuming from {restored} at step {start_step}")
     if data.left_out["tracks"]:

@@ -65,4 +65,7 @@ if ! "$VENV/bin/python" -c "import horovod.tensorflow" 2>/dev/null; then
   # --no-build-isolation: Horovod must compile against the TensorFlow already in the venv.
   "$VENV/bin/pip" install -q --no-build-isolation --no-cache-dir horovod==0.28.1
 fi
+# --- 4. dwave's fused CPU kernels (dwave/fused_ops.cc), built now rather than at the first run --
+"$VENV/bin/python" -c "from dwave import fused_ops; fused_ops.load()" 2>&1 | grep -v "^20..-" || true
+
 say "ready: $("$VENV/bin/python" -c 'import tensorflow as tf, horovod, numpy; print(f"tensorflow {tf.__version__}, horovod {horovod.__version__}, numpy {numpy.__version__}")' 2>/dev/null)"

@@ -385,8 +385,8 @@ def test_bf16_trains_and_says_what_the_products_run_in(tone_store, tmp_path):
         proc = run_dwave("train", tone_store, "--run-dir", tmp_path / precision, "--steps", "250",
                          "--precision", precision, *FAST, check=0)
         expected = {"fp32": "float32", "bf16": "bfloat16"}[precision]
-        assert f"precision: matrix products in {expected}, everything else in float32" \
-            in proc.stderr
+        assert (f"precision: matrix products in {expected}, everything else in float32; gates "
+                "and conv inputs by dwave's fused CPU kernels") in proc.stderr
         finals[precision] = [float(x) for x in re.search(
             r"validation ([0-9.]+) \(bigram ([0-9.]+).*code histogram ([0-9.]+)\)",
             proc.stderr).groups()]

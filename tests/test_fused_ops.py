@@ -1,0 +1,174 @@
+"""dwave's fused CPU kernels (dwave/fused_ops.cc) against TensorFlow's own ops for the same
+arithmetic, forward and gradient; the model with and without them; building, caching and
+falling back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from dwave.config import ModelConfig
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def tf():
+    import tensorflow as tf
+
+    return tf
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from dwave import fused_ops
+
+    module = fused_ops.load()
+    assert module is not None, f"the fused kernels did not build: {fused_ops._loaded['reason']}"
+    return module
+
+
+def reference_gate(tf, fg):
+    f, g = tf.split(fg, 2, axis=-1)
+    return tf.tanh(f) * tf.sigmoid(g)
+
+
+def value_and_gradient(tf, fn, x, weight):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = fn(x)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) * weight)
+    return y.numpy(), tape.gradient(loss, x).numpy()
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 10), (5, 64), (2, 0, 8), (1, 1, 2)])
+def test_gate_matches_tanh_times_sigmoid(tf, ops, shape):
+    rng = np.random.default_rng(1)
+    # Wide enough to saturate both halves (|x| up to ~20), where approximations go wrong.
+    fg = tf.constant(rng.normal(0, 6, shape).astype(np.float32))
+    weight = tf.constant(rng.normal(size=shape[:-1] + (shape[-1] // 2,)).astype(np.float32))
+    z, dfg = value_and_gradient(tf, ops.dwave_gate, fg, weight)
+    z_ref, dfg_ref = value_and_gradient(tf, lambda x: reference_gate(tf, x), fg, weight)
+    assert z.shape == z_ref.shape
+    np.testing.assert_allclose(z, z_ref, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(dfg, dfg_ref, rtol=0, atol=1e-5)
+
+
+def test_gate_refuses_an_odd_width(tf, ops):
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
+        ops.dwave_gate(tf.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dilation,length", [(1, 9), (4, 9), (8, 9), (0, 5), (256, 300)])
+def test_pairs_are_the_past_and_present_of_every_position(tf, ops, dtype, dilation, length):
+    rng = np.random.default_rng(dilation)
+    h = tf.cast(tf.constant(rng.normal(size=(3, length, 6)).astype(np.float32)), dtype)
+    weight = tf.constant(rng.normal(size=(3, length - dilation, 12)).astype(np.float32))
+
+    def reference(x):
+        return tf.concat([x[:, :length - dilation], x[:, dilation:]], axis=-1)
+
+    x, dh = value_and_gradient(tf, lambda v: ops.dwave_pairs(v, dilation=dilation), h, weight)
+    x_ref, dh_ref = value_and_gradient(tf, reference, h, weight)
+    assert x.dtype == x_ref.dtype and x.shape == (3, length - dilation, 12)
+    np.testing.assert_array_equal(x, x_ref)  # a copy: exact
+    # The gradient sums two halves per position: exact in float32, one rounding in bfloat16.
+    tolerance = 0 if dtype == "float32" else 1e-2 * np.abs(dh_ref).max()
+    np.testing.assert_allclose(np.float32(dh), np.float32(dh_ref), rtol=0, atol=tolerance)
+
+
+def test_pairs_refuse_a_dilation_longer_than_the_input(tf, ops):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="dilation 8"):
+        ops.dwave_pairs(tf.zeros((1, 8, 2)), dilation=8)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_model_computes_the_same_with_and_without_fused_kernels(tf, ops, precision):
+    """Same weights, same codes: logits and every weight's gradient agree, valid and causal."""
+    from dwave.model import WaveNet
+
+    config = ModelConfig.from_preset("tiny", condition_values=["a", "b"])
+    models = []
+    for fused in (True, False):
+        tf.keras.utils.set_random_seed(3)
+        models.append(WaveNet(config, precision, fused=fused))
+    assert models[0].fused_ops is not None and models[1].fused_ops is None
+    codes = tf.constant(np.random.default_rng(0).integers(0, 256, (2, config.span(50))))
+    condition = tf.constant([0, 1])
+    results = []
+    for model in models:
+        with tf.GradientTape() as tape:
+            logits = model(codes, condition)
+            loss = tf.reduce_mean(logits ** 2)
+        causal = model(codes, condition, causal=True)
+        results.append((logits.numpy(), causal.numpy(),
+                        [tf.convert_to_tensor(g).numpy()
+                         for g in tape.gradient(loss, model.trainable_weights)]))
+    (fused_logits, fused_causal, fused_grads), (tf_logits, tf_causal, tf_grads) = results
+    scale = 1e-4 if precision == "fp32" else 2e-2  # bf16: products rounded differently
+    np.testing.assert_allclose(fused_logits, tf_logits, atol=scale * np.abs(tf_logits).max())
+    np.testing.assert_allclose(fused_causal, tf_causal, atol=scale * np.abs(tf_causal).max())
+    for mine, theirs in zip(fused_grads, tf_grads):
+        np.testing.assert_allclose(mine, theirs, atol=scale * (np.abs(theirs).max() + 1e-12))
+
+
+def run_python(code: str, cache: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "DWAVE_CACHE": cache, **env}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT,
+                            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+LOAD = """
+    from dwave import fused_ops
+    from dwave.model import WaveNet
+    from dwave.config import ModelConfig
+    module = fused_ops.load()
+    print("loaded" if module is not None else "fallback", WaveNet(ModelConfig.from_preset("tiny")).fused_ops is not None)
+"""
+
+
+@pytest.mark.slow
+def test_ranks_starting_together_build_once_into_an_empty_cache(tmp_path):
+    cache = str(tmp_path / "cache")
+    procs = [run_python(LOAD, cache) for _ in range(3)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err
+        assert out.split() == ["loaded", "True"], err
+    builds = os.listdir(os.path.join(cache, "ops"))
+    assert len(builds) == 1
+    assert sorted(os.listdir(os.path.join(cache, "ops", builds[0]))) == [
+        "build.lock", "fused_ops.so"]  # no partial library left behind
+
+
+def test_without_a_compiler_the_model_falls_back_with_one_line(tmp_path):
+    p = run_python(LOAD, str(tmp_path / "cache"), CXX="no-such-compiler")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert out.split() == ["fallback", "False"]
+    lines = [line for line in err.splitlines() if line.startswith("dwave:")]
+    assert lines == ["dwave: fused CPU kernels unavailable, training uses TensorFlow's own ops "
+                     "(slower): no C++ compiler (no-such-compiler) on PATH"]
+
+
+def test_a_failing_build_falls_back_naming_the_compiler_error(tmp_path):
+    p = run_python(LOAD, str(tmp_path / "cache"), CXX="false")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert out.split() == ["fallback", "False"]
+    assert "dwave: fused CPU kernels unavailable" in err and "false failed building" in err
+    assert not any(name.endswith(".so") for _, _, names in os.walk(tmp_path) for name in names)
+
+
+def test_dwave_fused_ops_0_asks_for_tensorflows_ops_quietly(tmp_path):
+    p = run_python(LOAD, str(tmp_path / "cache"), DWAVE_FUSED_OPS="0")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert out.split() == ["fallback", "False"] and "dwave:" not in err
