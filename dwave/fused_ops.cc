@@ -8,10 +8,14 @@
 // gradients; slice, slice, concatenate and their gradients (issue 12's profile of `small`:
 // ~50 of 190 ms). Each op below is one pass.
 //
-//   DwaveGate(fg) -> z                   z = tanh(f) * sigmoid(g), fg = [f | g] on the last axis
-//   DwaveGateGrad(fg, dz) -> dfg         its gradient, tanh and sigmoid recomputed from fg
+//   DwaveGate(fg, b) -> z                z = tanh(f + b_f) * sigmoid(g + b_g), fg = [f | g] on
+//                                        the last axis: the conv's product, its bias added here
+//   DwaveGateGrad(fg, b, dz) -> dfg, db  its gradient, tanh and sigmoid recomputed from fg
 //   DwavePairs(h, dilation) -> x         x[:, t] = [h[:, t] | h[:, t + d]], t < L - d
 //   DwavePairsGrad(dx, dilation) -> dh   its gradient
+//
+// Each converts between the products' type (bfloat16 under --precision bf16) and float32 as it
+// goes, so a bf16 step has no separate casts (and no separate bias pass) around its products.
 //
 // sigmoid(g) is computed as 0.5 + 0.5 tanh(g / 2): one vectorised tanh (Eigen's rational
 // approximation, the one TensorFlow's Tanh uses) serves both halves, where TensorFlow's own
@@ -20,12 +24,13 @@
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
+#include <type_traits>
 
 #include "tensorflow/core/framework/bfloat16.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/platform/mutex.h"
 #include "tensorflow/core/util/work_sharder.h"
 
 namespace {
@@ -49,67 +54,122 @@ void ForRows(OpKernelContext* ctx, int64_t rows, int64_t cost, Work work) {
   tensorflow::Shard(threads->num_threads, threads->workers, rows, cost, work);
 }
 
-// ---------------------------------------------------------------------------------------------
-// The gated unit.
+// A row of n values as float (an aligned scratch row: Eigen's unaligned maps ran the gradient
+// 2.6x slower), and back: the products may run in bfloat16, the gate's arithmetic is float32.
+// bfloat16 <-> float by the bits (the upper half of a float; rounding to nearest even, NaN kept
+// a NaN), in loops the compiler vectorises: Eigen's per-value conversion made the bf16 gate
+// 6x slower than the float32 one.
+using tensorflow::bfloat16;
+static_assert(sizeof(bfloat16) == 2, "bfloat16 is 16 bits");
 
+void Load(const float* in, Eigen::ArrayXf& out, int64_t n) {
+  std::memcpy(out.data(), in, n * sizeof(float));
+}
+void Load(const bfloat16* in, Eigen::ArrayXf& out, int64_t n) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(in);
+  uint32_t* wide = reinterpret_cast<uint32_t*>(out.data());
+  for (int64_t j = 0; j < n; ++j) wide[j] = static_cast<uint32_t>(bits[j]) << 16;
+}
+void Store(const Eigen::ArrayXf& in, float* out, int64_t n) {
+  std::memcpy(out, in.data(), n * sizeof(float));
+}
+void Store(const Eigen::ArrayXf& in, bfloat16* out, int64_t n) {
+  const uint32_t* wide = reinterpret_cast<const uint32_t*>(in.data());
+  uint16_t* bits = reinterpret_cast<uint16_t*>(out);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t u = wide[j];
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    bits[j] = nan ? 0x7fc0 : static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gated unit, its bias added: z = tanh(f + b_f) * sigmoid(g + b_g).
+
+template <typename Tin, typename Tout>
 class GateOp : public OpKernel {
  public:
   explicit GateOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& fg = ctx->input(0);
+    const Tensor& bias = ctx->input(1);
     OP_REQUIRES(ctx, fg.dims() >= 1 && fg.dim_size(fg.dims() - 1) % 2 == 0,
                 InvalidArgument("DwaveGate: the last axis must hold [filter | gate]"));
     const int64_t width = fg.dim_size(fg.dims() - 1), d = width / 2;
+    OP_REQUIRES(ctx, bias.dims() == 1 && bias.dim_size(0) == width,
+                InvalidArgument("DwaveGate: the bias must have ", width, " values"));
     TensorShape shape = fg.shape();
     shape.set_dim(fg.dims() - 1, d);
     Tensor* z = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &z));
     if (d == 0 || z->NumElements() == 0) return;
-    const float* in = fg.flat<float>().data();
-    float* out = z->flat<float>().data();
+    const Tin* in = fg.flat<Tin>().data();
+    const float* b = bias.flat<float>().data();
+    Tout* out = z->flat<Tout>().data();
     ForRows(ctx, z->NumElements() / d, 40 * d, [=](int64_t begin, int64_t end) {
+      ConstRow bf(b, d), bg(b + d, d);
+      Eigen::ArrayXf row(width), result(d);
       for (int64_t r = begin; r < end; ++r) {
-        ConstRow f(in + r * width, d), g(in + r * width + d, d);
-        Row(out + r * d, d) = f.tanh() * (0.5f + 0.5f * (0.5f * g).tanh());
+        Load(in + r * width, row, width);
+        result = (row.head(d) + bf).tanh() * (0.5f + 0.5f * (0.5f * (row.tail(d) + bg)).tanh());
+        Store(result, out + r * d, d);
       }
     });
   }
 };
 
+// d fg = [dz s (1 - t^2) | dz t s (1 - s)], t = tanh(f + b_f), s = sigmoid(g + b_g) recomputed;
+// d bias = d fg summed over the rows (in float32, one partial sum per shard).
+template <typename Tin, typename Tout>
 class GateGradOp : public OpKernel {
  public:
   explicit GateGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& fg = ctx->input(0);
-    const Tensor& dz = ctx->input(1);
+    const Tensor& bias = ctx->input(1);
+    const Tensor& dz = ctx->input(2);
     const int64_t width = fg.dim_size(fg.dims() - 1), d = width / 2;
     OP_REQUIRES(ctx, dz.NumElements() * 2 == fg.NumElements(),
                 InvalidArgument("DwaveGateGrad: dz must have half of fg's elements"));
-    Tensor* dfg = nullptr;
+    Tensor *dfg = nullptr, *dbias = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, fg.shape(), &dfg));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, bias.shape(), &dbias));
+    float* db = dbias->flat<float>().data();
+    std::fill(db, db + width, 0.0f);
     if (d == 0 || fg.NumElements() == 0) return;
-    const float* in = fg.flat<float>().data();
-    const float* grad = dz.flat<float>().data();
-    float* out = dfg->flat<float>().data();
-    ForRows(ctx, fg.NumElements() / width, 60 * d, [=](int64_t begin, int64_t end) {
-      Eigen::ArrayXf t(d), s(d);  // tanh(f), sigmoid(g) of one row
+    const Tin* in = fg.flat<Tin>().data();
+    const float* b = bias.flat<float>().data();
+    const Tout* grad = dz.flat<Tout>().data();
+    Tin* out = dfg->flat<Tin>().data();
+    tensorflow::mutex sum_lock;
+    ForRows(ctx, fg.NumElements() / width, 70 * d, [&, in, b, grad, out](int64_t begin,
+                                                                        int64_t end) {
+      ConstRow bf(b, d), bg(b + d, d);
+      Eigen::ArrayXf row(width), g(d), t(d), s(d), dfg_row(width);
+      Eigen::ArrayXf sum = Eigen::ArrayXf::Zero(width);
       for (int64_t r = begin; r < end; ++r) {
-        ConstRow f(in + r * width, d), g(in + r * width + d, d), dzr(grad + r * d, d);
-        t = f.tanh();
-        s = 0.5f + 0.5f * (0.5f * g).tanh();
-        Row(out + r * width, d) = dzr * s * (1.0f - t * t);
-        Row(out + r * width + d, d) = dzr * t * s * (1.0f - s);
+        Load(in + r * width, row, width);
+        Load(grad + r * d, g, d);
+        t = (row.head(d) + bf).tanh();
+        s = 0.5f + 0.5f * (0.5f * (row.tail(d) + bg)).tanh();
+        dfg_row.head(d) = g * s * (1.0f - t * t);
+        dfg_row.tail(d) = g * t * s * (1.0f - s);
+        sum += dfg_row;
+        Store(dfg_row, out + r * width, width);
       }
+      tensorflow::mutex_lock hold(sum_lock);
+      for (int64_t j = 0; j < width; ++j) db[j] += sum[j];
     });
   }
 };
 
 // ---------------------------------------------------------------------------------------------
-// The kernel-2 dilated conv's input: each position's [past | now] pair, for a valid conv.
+// The kernel-2 dilated conv's input: each position's [past | now] pair, for a valid conv, in
+// the products' type.
 
-template <typename T>
+template <typename Tin, typename Tout>
 class PairsOp : public OpKernel {
  public:
   explicit PairsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -127,23 +187,34 @@ class PairsOp : public OpKernel {
     Tensor* x = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({batch, out_len, 2 * c}), &x));
     if (x->NumElements() == 0) return;
-    const T* in = h.flat<T>().data();
-    T* out = x->flat<T>().data();
+    const Tin* in = h.flat<Tin>().data();
+    Tout* out = x->flat<Tout>().data();
     ForRows(ctx, batch * out_len, 2 * c, [=](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / out_len, t = r % out_len;
-        const T* past = in + (b * length + t) * c;
-        std::memcpy(out + r * 2 * c, past, c * sizeof(T));
-        std::memcpy(out + r * 2 * c + c, past + d * c, c * sizeof(T));
+        const Tin* past = in + (b * length + t) * c;
+        Copy(past, out + r * 2 * c, c);
+        Copy(past + d * c, out + r * 2 * c + c, c);
       }
     });
   }
 
- private:
+ public:
+  static void Copy(const Tin* from, Tout* to, int64_t n) {
+    if (std::is_same<Tin, Tout>::value) {
+      std::memcpy(to, from, n * sizeof(Tin));
+    } else {
+      thread_local Eigen::ArrayXf row;
+      if (row.size() < n) row.resize(n);
+      Load(from, row, n);
+      Store(row, to, n);
+    }
+  }
   int dilation_;
 };
 
-template <typename T>
+// dh[t] = dx[t, past half] (t < L - d) + dx[t - d, now half] (t >= d), summed in float32.
+template <typename Tin, typename Tout>
 class PairsGradOp : public OpKernel {
  public:
   explicit PairsGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -159,22 +230,24 @@ class PairsGradOp : public OpKernel {
     Tensor* dh = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({batch, length, c}), &dh));
     if (dh->NumElements() == 0) return;
-    const T* in = dx.flat<T>().data();
-    T* out = dh->flat<T>().data();
-    // dh[t] = dx[t, past half] (t < L - d) + dx[t - d, now half] (t >= d)
+    const Tout* in = dx.flat<Tout>().data();
+    Tin* out = dh->flat<Tin>().data();
     ForRows(ctx, batch * length, 2 * c, [=](int64_t begin, int64_t end) {
+      Eigen::ArrayXf past(c), now(c);
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / length, t = r % length;
-        T* row = out + r * c;
-        const T* as_past = t < out_len ? in + (b * out_len + t) * 2 * c : nullptr;
-        const T* as_now = t >= d ? in + (b * out_len + t - d) * 2 * c + c : nullptr;
+        Tin* row = out + r * c;
+        const Tout* as_past = t < out_len ? in + (b * out_len + t) * 2 * c : nullptr;
+        const Tout* as_now = t >= d ? in + (b * out_len + t - d) * 2 * c + c : nullptr;
         if (as_past && as_now) {
-          for (int64_t j = 0; j < c; ++j)
-            row[j] = static_cast<T>(static_cast<float>(as_past[j]) + static_cast<float>(as_now[j]));
+          Load(as_past, past, c);
+          Load(as_now, now, c);
+          past += now;
+          Store(past, row, c);
         } else if (as_past || as_now) {
-          std::memcpy(row, as_past ? as_past : as_now, c * sizeof(T));
+          PairsOp<Tout, Tin>::Copy(as_past ? as_past : as_now, row, c);
         } else {
-          std::fill(row, row + c, T(0));
+          std::fill(row, row + c, Tin(0.0f));
         }
       }
     });
@@ -186,9 +259,14 @@ class PairsGradOp : public OpKernel {
 
 }  // namespace
 
+// Tin: the products' output (gate) or the residual stream (pairs); Tout: what the next
+// products read. float32 throughout for fp32; bfloat16 products read and write bfloat16.
 REGISTER_OP("DwaveGate")
-    .Input("fg: float")
-    .Output("z: float")
+    .Input("fg: Tin")
+    .Input("bias: float")
+    .Output("z: Tout")
+    .Attr("Tin: {float, bfloat16}")
+    .Attr("Tout: {float, bfloat16} = DT_FLOAT")
     .SetShapeFn([](si::InferenceContext* c) {
       si::ShapeHandle in = c->input(0), out;
       si::DimensionHandle half;
@@ -200,18 +278,24 @@ REGISTER_OP("DwaveGate")
     });
 
 REGISTER_OP("DwaveGateGrad")
-    .Input("fg: float")
-    .Input("dz: float")
-    .Output("dfg: float")
+    .Input("fg: Tin")
+    .Input("bias: float")
+    .Input("dz: Tout")
+    .Output("dfg: Tin")
+    .Output("dbias: float")
+    .Attr("Tin: {float, bfloat16}")
+    .Attr("Tout: {float, bfloat16} = DT_FLOAT")
     .SetShapeFn([](si::InferenceContext* c) {
       c->set_output(0, c->input(0));
+      c->set_output(1, c->input(1));
       return tensorflow::OkStatus();
     });
 
 REGISTER_OP("DwavePairs")
-    .Input("h: T")
-    .Output("x: T")
-    .Attr("T: {float, bfloat16}")
+    .Input("h: Tin")
+    .Output("x: Tout")
+    .Attr("Tin: {float, bfloat16}")
+    .Attr("Tout: {float, bfloat16} = DT_FLOAT")
     .Attr("dilation: int >= 0")
     .SetShapeFn([](si::InferenceContext* c) {
       si::ShapeHandle in;
@@ -226,9 +310,10 @@ REGISTER_OP("DwavePairs")
     });
 
 REGISTER_OP("DwavePairsGrad")
-    .Input("dx: T")
-    .Output("dh: T")
-    .Attr("T: {float, bfloat16}")
+    .Input("dx: Tout")
+    .Output("dh: Tin")
+    .Attr("Tin: {float, bfloat16}")
+    .Attr("Tout: {float, bfloat16} = DT_FLOAT")
     .Attr("dilation: int >= 0")
     .SetShapeFn([](si::InferenceContext* c) {
       si::ShapeHandle in;
@@ -242,12 +327,16 @@ REGISTER_OP("DwavePairsGrad")
       return tensorflow::OkStatus();
     });
 
-REGISTER_KERNEL_BUILDER(Name("DwaveGate").Device(DEVICE_CPU), GateOp);
-REGISTER_KERNEL_BUILDER(Name("DwaveGateGrad").Device(DEVICE_CPU), GateGradOp);
-#define REGISTER_PAIRS(T)                                                                   \
-  REGISTER_KERNEL_BUILDER(Name("DwavePairs").Device(DEVICE_CPU).TypeConstraint<T>("T"),    \
-                          PairsOp<T>);                                                      \
-  REGISTER_KERNEL_BUILDER(Name("DwavePairsGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
-                          PairsGradOp<T>);
-REGISTER_PAIRS(float)
-REGISTER_PAIRS(tensorflow::bfloat16)
+#define REGISTER_KERNELS(NAME, OP, TIN, TOUT)                                              \
+  REGISTER_KERNEL_BUILDER(                                                                 \
+      Name(NAME).Device(DEVICE_CPU).TypeConstraint<TIN>("Tin").TypeConstraint<TOUT>("Tout"), \
+      OP<TIN, TOUT>);
+#define REGISTER_ALL(TIN, TOUT)                            \
+  REGISTER_KERNELS("DwaveGate", GateOp, TIN, TOUT)         \
+  REGISTER_KERNELS("DwaveGateGrad", GateGradOp, TIN, TOUT) \
+  REGISTER_KERNELS("DwavePairs", PairsOp, TIN, TOUT)       \
+  REGISTER_KERNELS("DwavePairsGrad", PairsGradOp, TIN, TOUT)
+REGISTER_ALL(float, float)
+REGISTER_ALL(float, tensorflow::bfloat16)
+REGISTER_ALL(tensorflow::bfloat16, tensorflow::bfloat16)
+REGISTER_ALL(tensorflow::bfloat16, float)

@@ -124,12 +124,14 @@ def load():
 def _register_gradients(module) -> None:
     @tf.RegisterGradient("DwaveGate")
     def _gate_grad(op, dz):
-        return module.dwave_gate_grad(op.inputs[0], dz)
+        return module.dwave_gate_grad(op.inputs[0], op.inputs[1], dz)
 
     @tf.RegisterGradient("DwavePairs")
     def _pairs_grad(op, dx):
-        return module.dwave_pairs_grad(dx, dilation=op.get_attr("dilation"))
+        return module.dwave_pairs_grad(dx, Tin=op.get_attr("Tin"),
+                                       dilation=op.get_attr("dilation"))
 
     @tf.RegisterGradient("DwavePairsGrad")
     def _pairs_grad_grad(op, ddh):
-        return module.dwave_pairs(ddh, dilation=op.get_attr("dilation"))
+        return module.dwave_pairs(ddh, Tout=op.get_attr("Tout"),
+                                  dilation=op.get_attr("dilation"))

@@ -48,6 +48,14 @@ def dense(x, w, b, dtype=tf.float32):
     return tf.reshape(out, tf.concat([shape[:-1], tf.shape(w)[-1:]], 0))
 
 
+def product(x, w, dtype):
+    """x @ w over the last axis, in `dtype` (x already is), the result in `dtype`: for a fused
+    kernel that adds the bias and converts as it reads."""
+    shape = tf.shape(x)
+    out = tf.matmul(tf.reshape(x, [-1, shape[-1]]), tf.cast(w, dtype))
+    return tf.reshape(out, tf.concat([shape[:-1], tf.shape(w)[-1:]], 0))
+
+
 class ExportedWeights(NamedTuple):
     """A WaveNet's weights as plain float32 arrays, the contract between the model and any
     other engine that runs it (the CPU generator packs these; a GPU one would too). A layer
@@ -83,6 +91,7 @@ class WaveNet(keras.Model):
         self.product_dtype = PRODUCT_DTYPES[precision]
         if fused is None:
             fused = not tf.config.list_physical_devices("GPU")
+        fused = fused and self.product_dtype in (tf.float32, tf.bfloat16)  # the kernels' types
         self.fused_ops = fused_ops.load() if fused else None
         c = config
         C, D, S, Q = (c.residual_channels, c.dilation_channels, c.skip_channels,
@@ -147,12 +156,6 @@ class WaveNet(keras.Model):
 
     # -- pieces shared with the fast generator --------------------------------------------------
 
-    def gate(self, fg):
-        if self.fused_ops is not None:
-            return self.fused_ops.dwave_gate(fg)
-        filter_, gate = tf.split(fg, 2, axis=-1)
-        return tf.tanh(filter_) * tf.sigmoid(gate)
-
     def head(self, skip):
         h = tf.nn.relu(skip)
         h = tf.nn.relu(dense(h, self.head1_w, self.head1_b, self.product_dtype))
@@ -172,16 +175,33 @@ class WaveNet(keras.Model):
         dtype), and x[t] (float32, for the residual sum). Valid: positions d.. of h; causal:
         every position, zeros before the start."""
         low = self.product_dtype
-        h_low = tf.cast(h, low)  # cast once: both halves of the conv read it
         if causal:
+            h_low = tf.cast(h, low)
             past = tf.slice(tf.pad(h_low, [[0, 0], [d, 0], [0, 0]]), [0, 0, 0], [-1, length, -1])
             return tf.concat([past, h_low], axis=-1), h
         now = tf.slice(h, [0, d, 0], [-1, length, -1])
-        if self.fused_ops is not None and low in (tf.float32, tf.bfloat16):
-            return self.fused_ops.dwave_pairs(h_low, dilation=d), now
+        if self.fused_ops is not None:
+            return self.fused_ops.dwave_pairs(h, Tout=low, dilation=d), now
+        h_low = tf.cast(h, low)  # cast once: both halves of the conv read it
         past = tf.slice(h_low, [0, 0, 0], [-1, length, -1])
         now_low = tf.slice(h_low, [0, d, 0], [-1, length, -1]) if low != h.dtype else now
         return tf.concat([past, now_low], axis=-1), now
+
+    def gated_unit(self, pairs, layer, condition_bias=None):
+        """z = tanh(filter) * sigmoid(gate), [filter | gate] = pairs @ conv + bias (+ the
+        condition's gate bias), in the products' dtype."""
+        low = self.product_dtype
+        w, b = self.conv_w[layer], self.conv_b[layer]
+        if self.fused_ops is not None:
+            fg = product(pairs, w, low)
+            if condition_bias is not None:
+                fg = tf.cast(fg, tf.float32) + condition_bias
+            return self.fused_ops.dwave_gate(fg, b, Tout=low)
+        fg = dense(pairs, w, b, low)
+        if condition_bias is not None:
+            fg += condition_bias
+        filter_, gate = tf.split(fg, 2, axis=-1)
+        return tf.cast(tf.tanh(filter_) * tf.sigmoid(gate), low)
 
     def call(self, codes, condition=None, causal=False, training=False, layer_inputs=None):
         """Logits (batch, T, Q) as float32. `codes`: integers (batch, N).
@@ -205,10 +225,7 @@ class WaveNet(keras.Model):
                 layer_inputs.append(h)
             length = length if causal else length - d
             pairs, now = self.conv_input(h, d, length, causal)
-            fg = dense(pairs, self.conv_w[i], self.conv_b[i], low)
-            if bias is not None:
-                fg += layer_biases[i]
-            z = tf.cast(self.gate(fg), low)
+            z = self.gated_unit(pairs, i, None if bias is None else layer_biases[i])
             zs.append(tf.slice(z, [0, length - out_len, 0], [-1, out_len, -1]))
             if i < len(c.dilations) - 1:
                 h = now + dense(z, self.res_w[i], self.res_b[i], low)

@@ -33,53 +33,69 @@ def ops():
     return module
 
 
-def reference_gate(tf, fg):
-    f, g = tf.split(fg, 2, axis=-1)
-    return tf.tanh(f) * tf.sigmoid(g)
+def reference_gate(tf, fg, bias, dtype):
+    f, g = tf.split(tf.cast(fg, tf.float32) + bias, 2, axis=-1)
+    return tf.cast(tf.tanh(f) * tf.sigmoid(g), dtype)
 
 
-def value_and_gradient(tf, fn, x, weight):
+def values_and_gradients(tf, fn, inputs, weight):
     with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = fn(x)
+        tape.watch(inputs)
+        y = fn(*inputs)
         loss = tf.reduce_sum(tf.cast(y, tf.float32) * weight)
-    return y.numpy(), tape.gradient(loss, x).numpy()
+    return y.numpy(), [np.float32(g) for g in tape.gradient(loss, inputs)]
 
 
+# The kernels' type pairs: float32 for fp32; bfloat16 products around float32 activations.
+TYPES = [("float32", "float32"), ("bfloat16", "bfloat16"), ("float32", "bfloat16")]
+
+
+@pytest.mark.parametrize("tin,tout", TYPES)
 @pytest.mark.parametrize("shape", [(3, 7, 10), (5, 64), (2, 0, 8), (1, 1, 2)])
-def test_gate_matches_tanh_times_sigmoid(tf, ops, shape):
+def test_gate_matches_tanh_times_sigmoid_with_its_bias(tf, ops, shape, tin, tout):
     rng = np.random.default_rng(1)
     # Wide enough to saturate both halves (|x| up to ~20), where approximations go wrong.
-    fg = tf.constant(rng.normal(0, 6, shape).astype(np.float32))
+    fg = tf.cast(rng.normal(0, 6, shape).astype(np.float32), tin)
+    bias = tf.constant(rng.normal(0, 2, shape[-1:]).astype(np.float32))
     weight = tf.constant(rng.normal(size=shape[:-1] + (shape[-1] // 2,)).astype(np.float32))
-    z, dfg = value_and_gradient(tf, ops.dwave_gate, fg, weight)
-    z_ref, dfg_ref = value_and_gradient(tf, lambda x: reference_gate(tf, x), fg, weight)
-    assert z.shape == z_ref.shape
-    np.testing.assert_allclose(z, z_ref, rtol=0, atol=2e-6)
-    np.testing.assert_allclose(dfg, dfg_ref, rtol=0, atol=1e-5)
+    z, (dfg, dbias) = values_and_gradients(
+        tf, lambda x, b: ops.dwave_gate(x, b, Tout=tout), [fg, bias], weight)
+    z_ref, (dfg_ref, dbias_ref) = values_and_gradients(
+        tf, lambda x, b: reference_gate(tf, x, b, tout), [fg, bias], weight)
+    assert z.dtype == z_ref.dtype and z.shape == z_ref.shape and dfg.shape == fg.shape
+    # One rounding to bfloat16 is 2^-8 relative; the gate's own error ~1e-6.
+    atol = 2e-6 if (tin, tout) == ("float32", "float32") else 8e-3
+    np.testing.assert_allclose(np.float32(z), np.float32(z_ref), rtol=0, atol=atol)
+    largest = lambda a: np.abs(a).max(initial=0)  # noqa: E731
+    np.testing.assert_allclose(dfg, dfg_ref, rtol=0, atol=5 * atol * (1 + largest(dfg_ref)))
+    # The bias gradient sums the rows (up to 35 here).
+    np.testing.assert_allclose(dbias, dbias_ref, rtol=0,
+                               atol=20 * atol * (1 + largest(dbias_ref)))
 
 
 def test_gate_refuses_an_odd_width(tf, ops):
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
-        ops.dwave_gate(tf.zeros((2, 3)))
+        ops.dwave_gate(tf.zeros((2, 3)), tf.zeros(3))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("tin,tout", TYPES)
 @pytest.mark.parametrize("dilation,length", [(1, 9), (4, 9), (8, 9), (0, 5), (256, 300)])
-def test_pairs_are_the_past_and_present_of_every_position(tf, ops, dtype, dilation, length):
+def test_pairs_are_the_past_and_present_of_every_position(tf, ops, tin, tout, dilation, length):
     rng = np.random.default_rng(dilation)
-    h = tf.cast(tf.constant(rng.normal(size=(3, length, 6)).astype(np.float32)), dtype)
+    h = tf.cast(tf.constant(rng.normal(size=(3, length, 6)).astype(np.float32)), tin)
     weight = tf.constant(rng.normal(size=(3, length - dilation, 12)).astype(np.float32))
 
     def reference(x):
+        x = tf.cast(x, tout)
         return tf.concat([x[:, :length - dilation], x[:, dilation:]], axis=-1)
 
-    x, dh = value_and_gradient(tf, lambda v: ops.dwave_pairs(v, dilation=dilation), h, weight)
-    x_ref, dh_ref = value_and_gradient(tf, reference, h, weight)
+    x, (dh,) = values_and_gradients(
+        tf, lambda v: ops.dwave_pairs(v, Tout=tout, dilation=dilation), [h], weight)
+    x_ref, (dh_ref,) = values_and_gradients(tf, reference, [h], weight)
     assert x.dtype == x_ref.dtype and x.shape == (3, length - dilation, 12)
-    np.testing.assert_array_equal(x, x_ref)  # a copy: exact
+    np.testing.assert_array_equal(x, x_ref)  # a copy (and one rounding): exact
     # The gradient sums two halves per position: exact in float32, one rounding in bfloat16.
-    tolerance = 0 if dtype == "float32" else 1e-2 * np.abs(dh_ref).max()
+    tolerance = 0 if tout == "float32" else 1e-2 * np.abs(dh_ref).max()
     np.testing.assert_allclose(np.float32(dh), np.float32(dh_ref), rtol=0, atol=tolerance)
 
 
