@@ -129,7 +129,9 @@ def worker(args) -> None:
             next(batches)
         results["input_batches_per_s"] = 20 / (time.perf_counter() - started)
     if args.roofline:
-        results["product_rate_flops"] = product_rate(config, args.window, args.batch_size)
+        results["product_rate_flops"] = product_rate(
+            config, args.window, args.batch_size,
+            dtype=trainer.model.product_dtype.name)  # the dtype the model's products run in
     if rank == 0 or args.independent:
         results["parameters"] = trainer.model.parameter_count
         results["gradient_bytes"] = 4 * sum(int(np.prod(v.shape))
@@ -137,15 +139,17 @@ def worker(args) -> None:
         print("RESULT " + json.dumps(results), flush=True)
 
 
-def product_rate(config, window: int, batch: int, repeats: int = 3) -> float:
-    """This machine's float32 FLOP/s for the training step's own matrix products: each forward
-    product (m, k) @ (k, n) with its input gradient (m, n) @ (n, k) and weight gradient
+def product_rate(config, window: int, batch: int, repeats: int = 3,
+                 dtype: str = "float32") -> float:
+    """This machine's FLOP/s for the training step's own matrix products (in `dtype`): each
+    forward product (m, k) @ (k, n) with its input gradient (m, n) @ (n, k) and weight gradient
     (k, m) @ (m, n), timed alone (best of `repeats`), total FLOPs over total time."""
     import tensorflow as tf
 
     total_flops = total_s = 0.0
     for _, m, k, n in config.products(window, batch):
-        x, w, dy = (tf.random.normal(shape) for shape in ((m, k), (k, n), (m, n)))
+        x, w, dy = (tf.cast(tf.random.normal(shape), dtype)
+                    for shape in ((m, k), (k, n), (m, n)))
         products = [lambda: tf.matmul(x, w), lambda: tf.matmul(dy, w, transpose_b=True),
                     lambda: tf.matmul(x, dy, transpose_a=True)]
         for product in products:
@@ -345,14 +349,17 @@ def measure(args) -> dict:
     print(f"measuring {ranks} Horovod ranks x 1 thread, horovodrun --gloo ...", flush=True)
     hvd_gloo = run_child(["horovodrun", "--gloo", "-np", str(ranks), *worker, "--threads", "1"])
     row(f"Horovod, {ranks} ranks x 1 thread, horovodrun --gloo", hvd_gloo, ranks)
-    bf16 = bf16_products_native()
+    bf16, bf16_products = bf16_products_native(), {}
     if bf16:
         for threads in sorted({1, cores}):
             print(f"measuring dwave --precision bf16, 1 rank x {threads} thread(s) ...",
                   flush=True)
             result = run_child(mpirun + ["1", *worker, "--threads", str(threads),
-                                         "--precision", "bf16"])
+                                         "--precision", "bf16", "--roofline"])
             row(f"dwave bf16, 1 rank x {threads} thread(s)", result, threads)
+            # The step's products alone in bfloat16 against float32: what bf16 / fp32 could
+            # reach if nothing but the products took time (its ceiling).
+            bf16_products[str(threads)] = result["product_rate_flops"] / dense[threads]
 
     def samples(name: str) -> float:
         return rows[name]["samples_per_s"]
@@ -381,6 +388,7 @@ def measure(args) -> dict:
         figures["bf16_speedup"] = {str(t): samples(
             f"dwave bf16, 1 rank x {t} thread(s)") / samples(
             f"dwave, 1 rank x {t} thread{'s' if t > 1 else ''}") for t in sorted({1, cores})}
+        figures["bf16_products_speedup"] = bf16_products
     gradient_bytes = one["gradient_bytes"]
     figures["gradient_bytes"] = gradient_bytes
     figures["projection_measured_step"] = projection(one["synthetic_step_s"], gradient_bytes,
@@ -413,6 +421,8 @@ def report(f: dict) -> None:
     if f["bf16_native"]:
         print("bf16 / fp32: " + ", ".join(f"{s:.2f}x at {t} thread(s)"
                                           for t, s in f["bf16_speedup"].items()))
+        print("the step's products alone, bf16 / fp32 (bf16's ceiling): " + ", ".join(
+            f"{s:.2f}x at {t} thread(s)" for t, s in f["bf16_products_speedup"].items()))
     else:
         print("bf16: not measured: this CPU has neither AVX512-BF16 nor AMX-BF16 "
               "(TensorFlow would emulate the products, slower than float32)")

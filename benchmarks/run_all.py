@@ -85,6 +85,9 @@ def rows(figures: dict) -> list[dict]:
         for threads, speedup in (t.get("bf16_speedup") or {}).items():
             add("train", f"{name}: bf16 / fp32, {threads} thread(s)", speedup, "x", ">= 1.5",
                 speedup >= 1.5)
+        for threads, ceiling in (t.get("bf16_products_speedup") or {}).items():
+            add("train", f"{name}: bf16 / fp32, the step's products alone (bf16's ceiling), "
+                f"{threads} thread(s)", ceiling, "x")
         one = t["rows"]["dwave, 1 rank x 1 thread"]
         add("train", f"{name}: achieved / the step's products alone, 1 thread",
             one["of_dense_rate"], "", ">= 0.40", one["of_dense_rate"] >= 0.4)
