@@ -141,7 +141,8 @@ class Trainer:
         One collective per step: the gradients, the loss and the stop flag travel in one group.
         Horovod negotiates each collective in its own cycle (HOROVOD_CYCLE_TIME), so the
         gradients in several fusions plus a loss and a flag apart cost several rounds per step
-        (under Gloo, 20 ms cycles: ~25 % of a `small` step on two ranks of one node)."""
+        (`small`, two ranks of one node under Gloo: 78-85 % of two independent processes, and
+        87-93 % as one group; benchmarks/bench_train.py)."""
         import tensorflow as tf
 
         variables = self.model.trainable_variables
