@@ -221,6 +221,12 @@ def _result_of(proc: subprocess.CompletedProcess) -> dict:
              f"\n{proc.stderr[-3000:]}")
 
 
+def _beside_python(tool: str) -> str:
+    """A console script of this Python's environment (a venv not on PATH), else PATH's."""
+    mine = os.path.join(os.path.dirname(sys.executable), tool)
+    return mine if os.access(mine, os.X_OK) else tool
+
+
 def run_child(command: list[str]) -> dict:
     env = {**os.environ, **MPI_ENV}
     return _result_of(subprocess.run(command, capture_output=True, text=True, env=env))
@@ -347,7 +353,7 @@ def measure(args) -> dict:
     hvd_mpi = run_child(mpirun + [str(ranks), *worker, "--threads", "1", "--with-store"])
     row(f"Horovod, {ranks} ranks x 1 thread, mpirun", hvd_mpi, ranks)
     print(f"measuring {ranks} Horovod ranks x 1 thread, horovodrun --gloo ...", flush=True)
-    hvd_gloo = run_child(["horovodrun", "--gloo", "-np", str(ranks), *worker, "--threads", "1"])
+    hvd_gloo = run_child([_beside_python("horovodrun"), "--gloo", "-np", str(ranks), *worker, "--threads", "1"])
     row(f"Horovod, {ranks} ranks x 1 thread, horovodrun --gloo", hvd_gloo, ranks)
     bf16, bf16_products = bf16_products_native(), {}
     if bf16:
