@@ -169,12 +169,33 @@ class GateGradOp : public OpKernel {
 // The kernel-2 dilated conv's input: each position's [past | now] pair, for a valid conv, in
 // the products' type.
 
+// n values from one type to another (a copy when they are the same).
 template <typename Tin, typename Tout>
-class PairsOp : public OpKernel {
+void Convert(const Tin* from, Tout* to, int64_t n) {
+  if (std::is_same<Tin, Tout>::value) {
+    std::memcpy(to, from, n * sizeof(Tin));
+  } else {
+    thread_local Eigen::ArrayXf row;
+    if (row.size() < n) row.resize(n);
+    Load(from, row, n);
+    Store(row, to, n);
+  }
+}
+
+class DilatedOp : public OpKernel {
  public:
-  explicit PairsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+  explicit DilatedOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("dilation", &dilation_));
   }
+
+ protected:
+  int dilation_;
+};
+
+template <typename Tin, typename Tout>
+class PairsOp : public DilatedOp {
+ public:
+  using DilatedOp::DilatedOp;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h = ctx->input(0);
@@ -193,33 +214,18 @@ class PairsOp : public OpKernel {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / out_len, t = r % out_len;
         const Tin* past = in + (b * length + t) * c;
-        Copy(past, out + r * 2 * c, c);
-        Copy(past + d * c, out + r * 2 * c + c, c);
+        Convert(past, out + r * 2 * c, c);
+        Convert(past + d * c, out + r * 2 * c + c, c);
       }
     });
   }
-
- public:
-  static void Copy(const Tin* from, Tout* to, int64_t n) {
-    if (std::is_same<Tin, Tout>::value) {
-      std::memcpy(to, from, n * sizeof(Tin));
-    } else {
-      thread_local Eigen::ArrayXf row;
-      if (row.size() < n) row.resize(n);
-      Load(from, row, n);
-      Store(row, to, n);
-    }
-  }
-  int dilation_;
 };
 
 // dh[t] = dx[t, past half] (t < L - d) + dx[t - d, now half] (t >= d), summed in float32.
 template <typename Tin, typename Tout>
-class PairsGradOp : public OpKernel {
+class PairsGradOp : public DilatedOp {
  public:
-  explicit PairsGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("dilation", &dilation_));
-  }
+  using DilatedOp::DilatedOp;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& dx = ctx->input(0);
@@ -245,16 +251,13 @@ class PairsGradOp : public OpKernel {
           past += now;
           Store(past, row, c);
         } else if (as_past || as_now) {
-          PairsOp<Tout, Tin>::Copy(as_past ? as_past : as_now, row, c);
+          Convert(as_past ? as_past : as_now, row, c);
         } else {
           std::fill(row, row + c, Tin(0.0f));
         }
       }
     });
   }
-
- private:
-  int dilation_;
 };
 
 }  // namespace
@@ -291,23 +294,31 @@ REGISTER_OP("DwaveGateGrad")
       return tensorflow::OkStatus();
     });
 
+// (batch, L, C) -> (batch, L - d, 2C) forward; (batch, L - d, 2C) -> (batch, L, C) backward.
+tensorflow::Status PairsShape(si::InferenceContext* c, bool forward) {
+  si::ShapeHandle in;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &in));
+  int dilation;
+  TF_RETURN_IF_ERROR(c->GetAttr("dilation", &dilation));
+  si::DimensionHandle length, width;
+  if (forward) {
+    TF_RETURN_IF_ERROR(c->Subtract(c->Dim(in, 1), dilation, &length));
+    TF_RETURN_IF_ERROR(c->Multiply(c->Dim(in, 2), 2, &width));
+  } else {
+    TF_RETURN_IF_ERROR(c->Add(c->Dim(in, 1), dilation, &length));
+    TF_RETURN_IF_ERROR(c->Divide(c->Dim(in, 2), 2, true, &width));
+  }
+  c->set_output(0, c->MakeShape({c->Dim(in, 0), length, width}));
+  return tensorflow::OkStatus();
+}
+
 REGISTER_OP("DwavePairs")
     .Input("h: Tin")
     .Output("x: Tout")
     .Attr("Tin: {float, bfloat16}")
     .Attr("Tout: {float, bfloat16} = DT_FLOAT")
     .Attr("dilation: int >= 0")
-    .SetShapeFn([](si::InferenceContext* c) {
-      si::ShapeHandle in;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &in));
-      int dilation;
-      TF_RETURN_IF_ERROR(c->GetAttr("dilation", &dilation));
-      si::DimensionHandle length, width;
-      TF_RETURN_IF_ERROR(c->Subtract(c->Dim(in, 1), dilation, &length));
-      TF_RETURN_IF_ERROR(c->Multiply(c->Dim(in, 2), 2, &width));
-      c->set_output(0, c->MakeShape({c->Dim(in, 0), length, width}));
-      return tensorflow::OkStatus();
-    });
+    .SetShapeFn([](si::InferenceContext* c) { return PairsShape(c, true); });
 
 REGISTER_OP("DwavePairsGrad")
     .Input("dx: Tout")
@@ -315,17 +326,7 @@ REGISTER_OP("DwavePairsGrad")
     .Attr("Tin: {float, bfloat16}")
     .Attr("Tout: {float, bfloat16} = DT_FLOAT")
     .Attr("dilation: int >= 0")
-    .SetShapeFn([](si::InferenceContext* c) {
-      si::ShapeHandle in;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &in));
-      int dilation;
-      TF_RETURN_IF_ERROR(c->GetAttr("dilation", &dilation));
-      si::DimensionHandle length, width;
-      TF_RETURN_IF_ERROR(c->Add(c->Dim(in, 1), dilation, &length));
-      TF_RETURN_IF_ERROR(c->Divide(c->Dim(in, 2), 2, true, &width));
-      c->set_output(0, c->MakeShape({c->Dim(in, 0), length, width}));
-      return tensorflow::OkStatus();
-    });
+    .SetShapeFn([](si::InferenceContext* c) { return PairsShape(c, false); });
 
 #define REGISTER_KERNELS(NAME, OP, TIN, TOUT)                                              \
   REGISTER_KERNEL_BUILDER(                                                                 \
