@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 #include <type_traits>
 
 #include "tensorflow/core/framework/bfloat16.h"
@@ -120,7 +121,7 @@ class GateOp : public OpKernel {
 };
 
 // d fg = [dz s (1 - t^2) | dz t s (1 - s)], t = tanh(f + b_f), s = sigmoid(g + b_g) recomputed;
-// d bias = d fg summed over the rows (in float32, one partial sum per shard).
+// d bias = d fg summed over the rows (in float32).
 template <typename Tin, typename Tout>
 class GateGradOp : public OpKernel {
  public:
@@ -143,7 +144,10 @@ class GateGradOp : public OpKernel {
     const float* b = bias.flat<float>().data();
     const Tout* grad = dz.flat<Tout>().data();
     Tin* out = dfg->flat<Tin>().data();
+    // One partial sum per shard, added in row order afterwards: the same bits every run (a
+    // sum in the order the shards finish would differ in the last place from run to run).
     tensorflow::mutex sum_lock;
+    std::map<int64_t, Eigen::ArrayXf> partial_sums;  // first row of a shard -> its sum
     ForRows(ctx, fg.NumElements() / width, 70 * d, [&, in, b, grad, out](int64_t begin,
                                                                         int64_t end) {
       ConstRow bf(b, d), bg(b + d, d);
@@ -160,8 +164,10 @@ class GateGradOp : public OpKernel {
         Store(dfg_row, out + r * width, width);
       }
       tensorflow::mutex_lock hold(sum_lock);
-      for (int64_t j = 0; j < width; ++j) db[j] += sum[j];
+      partial_sums.emplace(begin, std::move(sum));
     });
+    Eigen::Map<Eigen::ArrayXf> total(db, width);
+    for (const auto& shard : partial_sums) total += shard.second;
   }
 };
 

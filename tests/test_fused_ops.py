@@ -73,6 +73,17 @@ def test_gate_matches_tanh_times_sigmoid_with_its_bias(tf, ops, shape, tin, tout
                                atol=20 * atol * (1 + largest(dbias_ref)))
 
 
+def test_the_gate_gradient_repeats_to_the_bit_on_several_threads(tf, ops):
+    """The bias gradient sums per-shard partial sums in row order, not in the order the
+    threads finish: a run repeats exactly."""
+    rng = np.random.default_rng(2)
+    fg = tf.constant(rng.normal(0, 3, (8, 4000, 64)).astype(np.float32))
+    bias = tf.constant(rng.normal(size=64).astype(np.float32))
+    dz = tf.constant(rng.normal(size=(8, 4000, 32)).astype(np.float32))
+    sums = {ops.dwave_gate_grad(fg, bias, dz)[1].numpy().tobytes() for _ in range(30)}
+    assert len(sums) == 1
+
+
 def test_gate_refuses_an_odd_width(tf, ops):
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
         ops.dwave_gate(tf.zeros((2, 3)), tf.zeros(3))
