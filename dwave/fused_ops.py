@@ -106,15 +106,19 @@ def load():
         return _loaded["module"]
     module, reason = None, None
     if os.environ.get(DISABLE_VARIABLE, "1") == "0":
-        reason = f"{DISABLE_VARIABLE}=0"
-    elif platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
-        reason = f"untested CPU architecture {platform.machine()}"
+        reason = f"{DISABLE_VARIABLE}=0"  # asked for: nothing to say
     else:
         try:
+            if platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
+                raise RuntimeError(f"untested CPU architecture {platform.machine()}")
             module = tf.load_op_library(build())
             _register_gradients(module)
-        except (RuntimeError, OSError, subprocess.SubprocessError, tf.errors.OpError) as error:
+        except OSError as error:  # the cache folder cannot be written (or read)
+            reason = (f"{error} (the cache of built kernels: set DWAVE_CACHE to a writable "
+                      "folder)")
+        except (RuntimeError, subprocess.SubprocessError, tf.errors.OpError) as error:
             reason = str(error)
+        if module is None:
             print(f"dwave: fused CPU kernels unavailable, training uses TensorFlow's own ops "
                   f"(slower): {reason}", file=sys.stderr)
     _loaded["module"], _loaded["reason"] = module, reason

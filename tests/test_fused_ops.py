@@ -194,6 +194,18 @@ def test_a_failing_build_falls_back_naming_the_compiler_error(tmp_path):
     assert not any(name.endswith(".so") for _, _, names in os.walk(tmp_path) for name in names)
 
 
+def test_an_unwritable_cache_falls_back_naming_it_and_what_to_do(tmp_path):
+    cache = tmp_path / "cache"
+    cache.write_text("a file where the cache folder would be")  # makedirs fails, whoever runs it
+    p = run_python(LOAD, str(cache))
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert out.split() == ["fallback", "False"]
+    line, = [line for line in err.splitlines() if line.startswith("dwave:")]
+    assert str(cache) in line and "set DWAVE_CACHE to a writable folder" in line
+    assert cache.read_text() == "a file where the cache folder would be"
+
+
 def test_dwave_fused_ops_0_asks_for_tensorflows_ops_quietly(tmp_path):
     p = run_python(LOAD, str(tmp_path / "cache"), DWAVE_FUSED_OPS="0")
     out, err = p.communicate(timeout=300)
