@@ -145,6 +145,17 @@ def test_the_model_computes_the_same_with_and_without_fused_kernels(tf, ops, pre
         np.testing.assert_allclose(mine, theirs, atol=scale * (np.abs(theirs).max() + 1e-12))
 
 
+def test_float16_products_use_tensorflows_ops(tf, ops):
+    """The kernels read and write float32 and bfloat16 only: --precision mixed (float16, for
+    GPUs) keeps TensorFlow's ops even on a CPU."""
+    from dwave.model import WaveNet
+
+    config = ModelConfig.from_preset("tiny")
+    assert WaveNet(config, "mixed").fused_ops is None
+    assert WaveNet(config, "bf16").fused_ops is ops
+    assert WaveNet(config, "fp32", fused=False).fused_ops is None
+
+
 def run_python(code: str, cache: str, **env) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "DWAVE_CACHE": cache, **env}
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT,
