@@ -13,6 +13,8 @@
 //   DwaveGateGrad(fg, b, dz) -> dfg, db  its gradient, tanh and sigmoid recomputed from fg
 //   DwavePairs(h, dilation) -> x         x[:, t] = [h[:, t] | h[:, t + d]], t < L - d
 //   DwavePairsGrad(dx, dilation) -> dh   its gradient
+//   DwaveResidual(now, r, b) -> out      out = now + r + b: the residual sum after a layer
+//   DwaveResidualGrad(dout) -> dr, db    its gradient (d now is d out)
 //
 // Each converts between the products' type (bfloat16 under --precision bf16) and float32 as it
 // goes, so a bf16 step has no separate casts (and no separate bias pass) around its products.
@@ -63,25 +65,47 @@ void ForRows(OpKernelContext* ctx, int64_t rows, int64_t cost, Work work) {
 using tensorflow::bfloat16;
 static_assert(sizeof(bfloat16) == 2, "bfloat16 is 16 bits");
 
-void Load(const float* in, Eigen::ArrayXf& out, int64_t n) {
-  std::memcpy(out.data(), in, n * sizeof(float));
+void Convert(const float* in, float* out, int64_t n) { std::memcpy(out, in, n * sizeof(float)); }
+void Convert(const bfloat16* in, bfloat16* out, int64_t n) {
+  std::memcpy(out, in, n * sizeof(bfloat16));
 }
-void Load(const bfloat16* in, Eigen::ArrayXf& out, int64_t n) {
+void Convert(const bfloat16* in, float* out, int64_t n) {
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(in);
-  uint32_t* wide = reinterpret_cast<uint32_t*>(out.data());
+  uint32_t* wide = reinterpret_cast<uint32_t*>(out);
   for (int64_t j = 0; j < n; ++j) wide[j] = static_cast<uint32_t>(bits[j]) << 16;
 }
-void Store(const Eigen::ArrayXf& in, float* out, int64_t n) {
-  std::memcpy(out, in.data(), n * sizeof(float));
-}
-void Store(const Eigen::ArrayXf& in, bfloat16* out, int64_t n) {
-  const uint32_t* wide = reinterpret_cast<const uint32_t*>(in.data());
+void Convert(const float* in, bfloat16* out, int64_t n) {
+  const uint32_t* wide = reinterpret_cast<const uint32_t*>(in);
   uint16_t* bits = reinterpret_cast<uint16_t*>(out);
   for (int64_t j = 0; j < n; ++j) {
     const uint32_t u = wide[j];
     const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
     bits[j] = nan ? 0x7fc0 : static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
   }
+}
+template <typename T>
+void Load(const T* in, Eigen::ArrayXf& out, int64_t n) { Convert(in, out.data(), n); }
+template <typename T>
+void Store(const Eigen::ArrayXf& in, T* out, int64_t n) { Convert(in.data(), out, n); }
+
+// ForRows for a kernel that also sums its rows (a bias's gradient): work(begin, end, sum)
+// handles rows [begin, end) and adds them into `sum` (width floats, zeroed); the shards' sums
+// are added in row order afterwards into `total`, so a run gives the same bits every time (in
+// the order the threads finish, the last bits vary).
+template <typename Work>
+void ForRowsSummed(OpKernelContext* ctx, int64_t rows, int64_t cost, int64_t width,
+                   float* total, Work work) {
+  tensorflow::mutex lock;
+  std::map<int64_t, Eigen::ArrayXf> partial_sums;  // first row of a shard -> its sum
+  ForRows(ctx, rows, cost, [&](int64_t begin, int64_t end) {
+    Eigen::ArrayXf sum = Eigen::ArrayXf::Zero(width);
+    work(begin, end, sum);
+    tensorflow::mutex_lock hold(lock);
+    partial_sums.emplace(begin, std::move(sum));
+  });
+  Row all(total, width);
+  all.setZero();
+  for (const auto& shard : partial_sums) all += shard.second;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -144,15 +168,9 @@ class GateGradOp : public OpKernel {
     const float* b = bias.flat<float>().data();
     const Tout* grad = dz.flat<Tout>().data();
     Tin* out = dfg->flat<Tin>().data();
-    // One partial sum per shard, added in row order afterwards: the same bits every run (a
-    // sum in the order the shards finish would differ in the last place from run to run).
-    tensorflow::mutex sum_lock;
-    std::map<int64_t, Eigen::ArrayXf> partial_sums;  // first row of a shard -> its sum
-    ForRows(ctx, fg.NumElements() / width, 70 * d, [&, in, b, grad, out](int64_t begin,
-                                                                        int64_t end) {
+    auto work = [=](int64_t begin, int64_t end, Eigen::ArrayXf& sum) {
       ConstRow bf(b, d), bg(b + d, d);
       Eigen::ArrayXf row(width), g(d), t(d), s(d), dfg_row(width);
-      Eigen::ArrayXf sum = Eigen::ArrayXf::Zero(width);
       for (int64_t r = begin; r < end; ++r) {
         Load(in + r * width, row, width);
         Load(grad + r * d, g, d);
@@ -163,30 +181,14 @@ class GateGradOp : public OpKernel {
         sum += dfg_row;
         Store(dfg_row, out + r * width, width);
       }
-      tensorflow::mutex_lock hold(sum_lock);
-      partial_sums.emplace(begin, std::move(sum));
-    });
-    Eigen::Map<Eigen::ArrayXf> total(db, width);
-    for (const auto& shard : partial_sums) total += shard.second;
+    };
+    ForRowsSummed(ctx, fg.NumElements() / width, 70 * d, width, db, work);
   }
 };
 
 // ---------------------------------------------------------------------------------------------
 // The kernel-2 dilated conv's input: each position's [past | now] pair, for a valid conv, in
 // the products' type.
-
-// n values from one type to another (a copy when they are the same).
-template <typename Tin, typename Tout>
-void Convert(const Tin* from, Tout* to, int64_t n) {
-  if (std::is_same<Tin, Tout>::value) {
-    std::memcpy(to, from, n * sizeof(Tin));
-  } else {
-    thread_local Eigen::ArrayXf row;
-    if (row.size() < n) row.resize(n);
-    Load(from, row, n);
-    Store(row, to, n);
-  }
-}
 
 class DilatedOp : public OpKernel {
  public:
@@ -266,6 +268,71 @@ class PairsGradOp : public DilatedOp {
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// The residual sum after a layer: out = now + r + b, r the residual 1x1's product (bfloat16
+// under --precision bf16), where TensorFlow ran a Cast, a BiasAdd and an AddV2.
+
+template <typename Tr>
+class ResidualOp : public OpKernel {
+ public:
+  explicit ResidualOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& now = ctx->input(0);
+    const Tensor& r = ctx->input(1);
+    const Tensor& bias = ctx->input(2);
+    OP_REQUIRES(ctx, now.shape() == r.shape() && now.dims() >= 1,
+                InvalidArgument("DwaveResidual: now and r must have one shape"));
+    const int64_t c = now.dim_size(now.dims() - 1);
+    OP_REQUIRES(ctx, bias.dims() == 1 && bias.dim_size(0) == c,
+                InvalidArgument("DwaveResidual: the bias must have ", c, " values"));
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, now.shape(), &out));
+    if (out->NumElements() == 0) return;
+    const float* in = now.flat<float>().data();
+    const Tr* product = r.flat<Tr>().data();
+    const float* b = bias.flat<float>().data();
+    float* sum = out->flat<float>().data();
+    ForRows(ctx, out->NumElements() / c, 3 * c, [=](int64_t begin, int64_t end) {
+      ConstRow br(b, c);
+      Eigen::ArrayXf row(c);
+      for (int64_t i = begin; i < end; ++i) {
+        Load(product + i * c, row, c);
+        Row(sum + i * c, c) = ConstRow(in + i * c, c) + row + br;
+      }
+    });
+  }
+};
+
+// d now = d out (the gradient function passes it on), d r = d out in r's type, d bias = d out
+// summed over the rows.
+template <typename Tr>
+class ResidualGradOp : public OpKernel {
+ public:
+  explicit ResidualGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& dout = ctx->input(0);
+    OP_REQUIRES(ctx, dout.dims() >= 1, InvalidArgument("DwaveResidualGrad: a tensor of rows"));
+    const int64_t c = dout.dim_size(dout.dims() - 1);
+    Tensor *dr = nullptr, *dbias = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, dout.shape(), &dr));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({c}), &dbias));
+    float* db = dbias->flat<float>().data();
+    std::fill(db, db + c, 0.0f);
+    if (dout.NumElements() == 0) return;
+    const float* in = dout.flat<float>().data();
+    Tr* out = dr->flat<Tr>().data();
+    auto work = [=](int64_t begin, int64_t end, Eigen::ArrayXf& sum) {
+      for (int64_t i = begin; i < end; ++i) {
+        sum += ConstRow(in + i * c, c);
+        Convert(in + i * c, out + i * c, c);
+      }
+    };
+    ForRowsSummed(ctx, dout.NumElements() / c, 3 * c, c, db, work);
+  }
+};
+
 }  // namespace
 
 // Tin: the products' output (gate) or the residual stream (pairs); Tout: what the next
@@ -334,6 +401,30 @@ REGISTER_OP("DwavePairsGrad")
     .Attr("dilation: int >= 0")
     .SetShapeFn([](si::InferenceContext* c) { return PairsShape(c, false); });
 
+REGISTER_OP("DwaveResidual")
+    .Input("now: float")
+    .Input("r: Tr")
+    .Input("bias: float")
+    .Output("out: float")
+    .Attr("Tr: {float, bfloat16}")
+    .SetShapeFn([](si::InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      return tensorflow::OkStatus();
+    });
+
+REGISTER_OP("DwaveResidualGrad")
+    .Input("dout: float")
+    .Output("dr: Tr")
+    .Output("dbias: float")
+    .Attr("Tr: {float, bfloat16}")
+    .SetShapeFn([](si::InferenceContext* c) {
+      si::ShapeHandle in;
+      TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(0), 1, &in));
+      c->set_output(0, in);
+      c->set_output(1, c->Vector(c->Dim(in, -1)));
+      return tensorflow::OkStatus();
+    });
+
 #define REGISTER_KERNELS(NAME, OP, TIN, TOUT)                                              \
   REGISTER_KERNEL_BUILDER(                                                                 \
       Name(NAME).Device(DEVICE_CPU).TypeConstraint<TIN>("Tin").TypeConstraint<TOUT>("Tout"), \
@@ -347,3 +438,10 @@ REGISTER_ALL(float, float)
 REGISTER_ALL(float, tensorflow::bfloat16)
 REGISTER_ALL(tensorflow::bfloat16, tensorflow::bfloat16)
 REGISTER_ALL(tensorflow::bfloat16, float)
+#define REGISTER_RESIDUAL(TR)                                                                  \
+  REGISTER_KERNEL_BUILDER(Name("DwaveResidual").Device(DEVICE_CPU).TypeConstraint<TR>("Tr"),    \
+                          ResidualOp<TR>);                                                     \
+  REGISTER_KERNEL_BUILDER(Name("DwaveResidualGrad").Device(DEVICE_CPU).TypeConstraint<TR>("Tr"), \
+                          ResidualGradOp<TR>);
+REGISTER_RESIDUAL(float)
+REGISTER_RESIDUAL(tensorflow::bfloat16)

@@ -139,3 +139,8 @@ def _register_gradients(module) -> None:
     def _pairs_grad_grad(op, ddh):
         return module.dwave_pairs(ddh, Tout=op.get_attr("Tout"),
                                   dilation=op.get_attr("dilation"))
+
+    @tf.RegisterGradient("DwaveResidual")
+    def _residual_grad(op, dout):
+        dr, dbias = module.dwave_residual_grad(dout, Tr=op.get_attr("Tr"))
+        return dout, dr, dbias

@@ -203,6 +203,15 @@ class WaveNet(keras.Model):
         filter_, gate = tf.split(fg, 2, axis=-1)
         return tf.cast(tf.tanh(filter_) * tf.sigmoid(gate), low)
 
+    def residual(self, now, z, layer):
+        """The next layer's input: now + z @ residual + bias, float32. In bfloat16 the fused
+        kernel reads the product as it is (no Cast, BiasAdd and AddV2 around it); in float32
+        TensorFlow's MatMul already fuses the bias and the sum is one AddV2."""
+        w, b = self.res_w[layer], self.res_b[layer]
+        if self.fused_ops is not None and self.product_dtype != tf.float32:
+            return self.fused_ops.dwave_residual(now, product(z, w, self.product_dtype), b)
+        return now + dense(z, w, b, self.product_dtype)
+
     def call(self, codes, condition=None, causal=False, training=False, layer_inputs=None):
         """Logits (batch, T, Q) as float32. `codes`: integers (batch, N).
         Valid mode: T = N - receptive_field + 1. `causal=True`: T = N.
@@ -228,6 +237,6 @@ class WaveNet(keras.Model):
             z = self.gated_unit(pairs, i, None if bias is None else layer_biases[i])
             zs.append(tf.slice(z, [0, length - out_len, 0], [-1, out_len, -1]))
             if i < len(c.dilations) - 1:
-                h = now + dense(z, self.res_w[i], self.res_b[i], low)
+                h = self.residual(now, z, i)
         skip = dense(tf.concat(zs, axis=-1), self.skip_w, self.skip_b, low)
         return self.head(skip)

@@ -115,6 +115,27 @@ def test_pairs_refuse_a_dilation_longer_than_the_input(tf, ops):
         ops.dwave_pairs(tf.zeros((1, 8, 2)), dilation=8)
 
 
+@pytest.mark.parametrize("tr", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(3, 7, 10), (4, 5), (2, 0, 8)])
+def test_residual_is_now_plus_product_plus_bias(tf, ops, tr, shape):
+    rng = np.random.default_rng(4)
+    now = tf.constant(rng.normal(size=shape).astype(np.float32))
+    r = tf.cast(rng.normal(size=shape).astype(np.float32), tr)
+    bias = tf.constant(rng.normal(size=shape[-1:]).astype(np.float32))
+    weight = tf.constant(rng.normal(size=shape).astype(np.float32))
+
+    def reference(now, r, bias):
+        return now + tf.nn.bias_add(tf.cast(r, tf.float32), bias)
+
+    out, grads = values_and_gradients(tf, ops.dwave_residual, [now, r, bias], weight)
+    out_ref, grads_ref = values_and_gradients(tf, reference, [now, r, bias], weight)
+    assert out.dtype == np.float32 and out.shape == shape
+    np.testing.assert_allclose(out, out_ref, rtol=0, atol=1e-6)  # the same sum, one rounding
+    for mine, theirs in zip(grads, grads_ref):  # d now, d r (rounded to r's type), d bias
+        np.testing.assert_allclose(mine, theirs, rtol=0, atol=1e-5 * (1 + np.abs(theirs).max(
+            initial=0)))
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_model_computes_the_same_with_and_without_fused_kernels(tf, ops, precision):
     """Same weights, same codes: logits and every weight's gradient agree, valid and causal."""
