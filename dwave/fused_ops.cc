@@ -27,7 +27,6 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
-#include <type_traits>
 
 #include "tensorflow/core/framework/bfloat16.h"
 #include "tensorflow/core/framework/op.h"
@@ -89,9 +88,9 @@ template <typename T>
 void Store(const Eigen::ArrayXf& in, T* out, int64_t n) { Convert(in.data(), out, n); }
 
 // ForRows for a kernel that also sums its rows (a bias's gradient): work(begin, end, sum)
-// handles rows [begin, end) and adds them into `sum` (width floats, zeroed); the shards' sums
-// are added in row order afterwards into `total`, so a run gives the same bits every time (in
-// the order the threads finish, the last bits vary).
+// handles rows [begin, end) and adds them into `sum` (width floats, zeroed); `total` is set to
+// the shards' sums added in row order afterwards (zeros for no rows), so a run gives the same
+// bits every time (in the order the threads finish, the last bits vary).
 template <typename Work>
 void ForRowsSummed(OpKernelContext* ctx, int64_t rows, int64_t cost, int64_t width,
                    float* total, Work work) {
@@ -161,9 +160,8 @@ class GateGradOp : public OpKernel {
     Tensor *dfg = nullptr, *dbias = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, fg.shape(), &dfg));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, bias.shape(), &dbias));
+    if (d == 0) return;
     float* db = dbias->flat<float>().data();
-    std::fill(db, db + width, 0.0f);
-    if (d == 0 || fg.NumElements() == 0) return;
     const Tin* in = fg.flat<Tin>().data();
     const float* b = bias.flat<float>().data();
     const Tout* grad = dz.flat<Tout>().data();
@@ -318,9 +316,8 @@ class ResidualGradOp : public OpKernel {
     Tensor *dr = nullptr, *dbias = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, dout.shape(), &dr));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({c}), &dbias));
+    if (c == 0) return;
     float* db = dbias->flat<float>().data();
-    std::fill(db, db + c, 0.0f);
-    if (dout.NumElements() == 0) return;
     const float* in = dout.flat<float>().data();
     Tr* out = dr->flat<Tr>().data();
     auto work = [=](int64_t begin, int64_t end, Eigen::ArrayXf& sum) {

@@ -39,21 +39,25 @@ keras = tf.keras
 PRODUCT_DTYPES = {"fp32": tf.float32, "bf16": tf.bfloat16, "mixed": tf.float16}
 
 
+def _over_rows(x, w, product_of_rows):
+    """product_of_rows applied to x as a 2-D (rows, channels) matrix, the result shaped as x
+    with w's output channels last."""
+    shape = tf.shape(x)
+    out = product_of_rows(tf.reshape(x, [-1, shape[-1]]))
+    return tf.reshape(out, tf.concat([shape[:-1], tf.shape(w)[-1:]], 0))
+
+
 def dense(x, w, b, dtype=tf.float32):
     """x @ w + b over the last axis, the product in `dtype`, the result float32. A 2-D MatMul
     then BiasAdd, the pattern TensorFlow's CPU graph optimiser fuses into one oneDNN op."""
-    shape = tf.shape(x)
-    rows = tf.reshape(tf.cast(x, dtype), [-1, shape[-1]])
-    out = tf.nn.bias_add(tf.cast(tf.matmul(rows, tf.cast(w, dtype)), tf.float32), b)
-    return tf.reshape(out, tf.concat([shape[:-1], tf.shape(w)[-1:]], 0))
+    return _over_rows(tf.cast(x, dtype), w, lambda rows: tf.nn.bias_add(
+        tf.cast(tf.matmul(rows, tf.cast(w, dtype)), tf.float32), b))
 
 
 def product(x, w, dtype):
     """x @ w over the last axis, in `dtype` (x already is), the result in `dtype`: for a fused
     kernel that adds the bias and converts as it reads."""
-    shape = tf.shape(x)
-    out = tf.matmul(tf.reshape(x, [-1, shape[-1]]), tf.cast(w, dtype))
-    return tf.reshape(out, tf.concat([shape[:-1], tf.shape(w)[-1:]], 0))
+    return _over_rows(x, w, lambda rows: tf.matmul(rows, tf.cast(w, dtype)))
 
 
 class ExportedWeights(NamedTuple):
