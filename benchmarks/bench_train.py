@@ -214,13 +214,17 @@ def keras_baseline(args) -> None:
 # -- the driver -------------------------------------------------------------------------------
 
 
+def dwave_row(threads: int | str) -> str:
+    """The name of dwave's one-rank row at `threads` threads (the JSON's key)."""
+    return f"dwave, 1 rank x {threads} thread{'s' if int(threads) > 1 else ''}"
+
+
 def bf16_products_only(f: dict, threads: str) -> float:
     """What bf16 / fp32 would be at `threads` if only the products changed, from one run's
     figures: the fp32 step with its products (at their measured float32 rate) replaced by the
     same products at their measured bfloat16 rate, the rest of the step as in fp32 (Amdahl).
     The bf16 step can pass it where its own rest is lighter (fused casts and sums)."""
-    name = f"dwave, 1 rank x {threads} thread{'s' if int(threads) > 1 else ''}"
-    step = 1 / f["rows"][name]["samples_per_s"]  # seconds per predicted sample
+    step = 1 / f["rows"][dwave_row(threads)]["samples_per_s"]  # seconds per predicted sample
     fp32_products = f["training_flops_per_sample"] / (f["dense_product_rate_gflops"][threads]
                                                       * 1e9)
     bf16_products = fp32_products / f["bf16_products_speedup"][threads]
@@ -346,12 +350,12 @@ def measure(args) -> dict:
     print("measuring dwave, 1 rank x 1 thread (with the store and the roofline) ...", flush=True)
     one = run_child(mpirun + ["1", *worker, "--threads", "1", "--with-store", "--roofline"])
     dense = {1: one["product_rate_flops"]}
-    row("dwave, 1 rank x 1 thread", one, 1, dense[1])
+    row(dwave_row(1), one, 1, dense[1])
     if cores > 1:
         print(f"measuring dwave, 1 rank x {cores} threads (and the roofline) ...", flush=True)
         many = run_child(mpirun + ["1", *worker, "--threads", str(cores), "--roofline"])
         dense[cores] = many["product_rate_flops"]
-        row(f"dwave, 1 rank x {cores} threads", many, cores, dense[cores])
+        row(dwave_row(cores), many, cores, dense[cores])
     for threads in sorted({1, cores}):
         print(f"measuring the straightforward Keras WaveNet, {threads} thread(s) ...", flush=True)
         keras = run_child([sys.executable, here, *common, "--keras-baseline", "--threads",
@@ -367,7 +371,8 @@ def measure(args) -> dict:
     hvd_mpi = run_child(mpirun + [str(ranks), *worker, "--threads", "1", "--with-store"])
     row(f"Horovod, {ranks} ranks x 1 thread, mpirun", hvd_mpi, ranks)
     print(f"measuring {ranks} Horovod ranks x 1 thread, horovodrun --gloo ...", flush=True)
-    hvd_gloo = run_child([_beside_python("horovodrun"), "--gloo", "-np", str(ranks), *worker, "--threads", "1"])
+    hvd_gloo = run_child([_beside_python("horovodrun"), "--gloo", "-np", str(ranks), *worker,
+                          "--threads", "1"])
     row(f"Horovod, {ranks} ranks x 1 thread, horovodrun --gloo", hvd_gloo, ranks)
     bf16, bf16_products = bf16_products_native(), {}
     if bf16:
@@ -377,8 +382,8 @@ def measure(args) -> dict:
             result = run_child(mpirun + ["1", *worker, "--threads", str(threads),
                                          "--precision", "bf16", "--roofline"])
             row(f"dwave bf16, 1 rank x {threads} thread(s)", result, threads)
-            # The step's products alone in bfloat16 against float32: what bf16 / fp32 could
-            # reach if nothing but the products took time (its ceiling).
+            # The step's products alone in bfloat16 against float32 (bf16_products_only turns
+            # it into what the whole step would gain).
             bf16_products[str(threads)] = result["product_rate_flops"] / dense[threads]
 
     def samples(name: str) -> float:
@@ -388,9 +393,9 @@ def measure(args) -> dict:
     horovod = {}
     for launcher in ("mpirun", "horovodrun --gloo"):
         total = samples(f"Horovod, {ranks} ranks x 1 thread, {launcher}")
-        horovod[launcher] = {"vs_one_rank": total / (ranks * samples("dwave, 1 rank x 1 thread")),
+        horovod[launcher] = {"vs_one_rank": total / (ranks * samples(dwave_row(1))),
                              "vs_independent": total / independent}
-    speedups = {threads: samples(f"dwave, 1 rank x {threads} thread{'s' if threads > 1 else ''}")
+    speedups = {threads: samples(dwave_row(threads))
                 / samples(f"Keras, {threads} thread(s)") for threads in sorted({1, cores})}
     figures = {
         "machine": describe(), "preset": args.preset, "parameters": one["parameters"],
@@ -407,9 +412,8 @@ def measure(args) -> dict:
     if bf16:
         figures["bf16_speedup"] = {str(t): samples(
             f"dwave bf16, 1 rank x {t} thread(s)") / samples(
-            f"dwave, 1 rank x {t} thread{'s' if t > 1 else ''}") for t in sorted({1, cores})}
+            dwave_row(t)) for t in sorted({1, cores})}
         figures["bf16_products_speedup"] = bf16_products
-        figures["bf16_products_only"] = {t: bf16_products_only(figures, t) for t in bf16_products}
     gradient_bytes = one["gradient_bytes"]
     figures["gradient_bytes"] = gradient_bytes
     figures["projection_measured_step"] = projection(one["synthetic_step_s"], gradient_bytes,
@@ -445,8 +449,8 @@ def report(f: dict) -> None:
         print("the step's products alone, bf16 / fp32: " + ", ".join(
             f"{s:.2f}x at {t} thread(s)" for t, s in f["bf16_products_speedup"].items()))
         print("bf16 / fp32 if only the products changed (the fp32 step, its products at bf16's "
-              "rate): " + ", ".join(
-            f"{bf16_products_only(f, t):.2f}x at {t} thread(s)" for t in f["bf16_products_speedup"]))
+              "rate): " + ", ".join(f"{bf16_products_only(f, t):.2f}x at {t} thread(s)"
+                                    for t in f["bf16_products_speedup"]))
     else:
         print("bf16: not measured: this CPU has neither AVX512-BF16 nor AMX-BF16 "
               "(TensorFlow would emulate the products, slower than float32)")

@@ -205,7 +205,8 @@ class PairsOp : public DilatedOp {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h = ctx->input(0);
-    OP_REQUIRES(ctx, h.dims() == 3, InvalidArgument("DwavePairs: h must be (batch, time, channels)"));
+    OP_REQUIRES(ctx, h.dims() == 3,
+                InvalidArgument("DwavePairs: h must be (batch, time, channels)"));
     const int64_t batch = h.dim_size(0), length = h.dim_size(1), c = h.dim_size(2);
     OP_REQUIRES(ctx, dilation_ >= 0 && dilation_ < length,
                 InvalidArgument("DwavePairs: dilation ", dilation_, " needs more than ", dilation_,

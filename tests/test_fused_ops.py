@@ -189,7 +189,8 @@ LOAD = """
     from dwave.model import WaveNet
     from dwave.config import ModelConfig
     module = fused_ops.load()
-    print("loaded" if module is not None else "fallback", WaveNet(ModelConfig.from_preset("tiny")).fused_ops is not None)
+    model = WaveNet(ModelConfig.from_preset("tiny"))
+    print("loaded" if module is not None else "fallback", model.fused_ops is not None)
 """
 
 
