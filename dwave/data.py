@@ -26,6 +26,7 @@ Both go through the same tf.data pipeline: step numbers -> parallel batch assemb
 from __future__ import annotations
 
 import hashlib
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -83,10 +84,14 @@ class WindowSampler:
         self.cumulative_starts = np.cumsum(starts)
         self.total_starts = int(self.cumulative_starts[-1])
         self.track_offsets = np.concatenate([[0], np.cumsum([t.length for t in tracks])])
-        if mode == "memory":
-            self.buffer = self._load_all(read_threads)
-        else:
-            self._arrays = {}
+        self.read_threads = read_threads
+        self.buffer: np.ndarray | None = None  # memory mode: every track, once load() ran
+        self._arrays = {}  # stream mode: the tracks' arrays, opened as batches need them
+
+    def load(self) -> None:
+        """Memory mode: read every track into one buffer (once). Stream mode: nothing."""
+        if self.mode == "memory" and self.buffer is None:
+            self.buffer = self._load_all(self.read_threads)
 
     def _load_all(self, threads: int) -> np.ndarray:
         buffer = np.empty(int(self.track_offsets[-1]), self.dtype)
@@ -132,7 +137,9 @@ class WindowSampler:
                 begin = self.track_offsets[t] + s
                 codes[row] = self.buffer[begin:begin + self.span]
             else:
-                codes[row] = self._array(self.tracks[t].id)[s:s + self.span]
+                track_id = self.tracks[t].id
+                codes[row] = self.store.read_codes(track_id, s, s + self.span,
+                                                   self._array(track_id))
         return codes, self.track_condition[track]
 
     def dataset(self, rank: int, first_step: int, last_step: int, parallel: int = 4):
@@ -152,6 +159,19 @@ class WindowSampler:
                                             tf.ensure_shape(g, shape[1])))
         return batches.prefetch(max(2, parallel))
 
+    def batches(self, rank: int, first_step: int, last_step: int, parallel: int = 4):
+        """Iterate dataset()'s batches. A batch that failed inside the pipeline (a track that
+        cannot be read) comes back from TensorFlow as an OpError carrying the DwaveError's text:
+        it is raised again as that one-line DwaveError."""
+        import tensorflow as tf
+
+        try:
+            yield from self.dataset(rank, first_step, last_step, parallel)
+        except tf.errors.OpError as exc:
+            said = re.search(r"DwaveError: (.*)", exc.message)
+            raise DwaveError(said.group(1) if said else "reading a training batch failed: "
+                             + exc.message.strip().splitlines()[0]) from None
+
 
 @dataclass
 class TrainingData:
@@ -164,6 +184,13 @@ class TrainingData:
     levels: int  # quantization channels of the store's codes
     train_samples: int
     left_out: dict  # {"tracks": N, "values": [...]}: tracks of values the run does not know
+
+    def load(self) -> None:
+        """Read the tracks in (memory mode): the slow part of opening, kept apart so that a
+        caller can check everything else first."""
+        for sampler in (self.train, self.validation):
+            if sampler is not None:
+                sampler.load()
 
 
 def list_tracks(store: TrackStore, condition: str = DEFAULT_CONDITION) -> list[Track]:
@@ -207,9 +234,11 @@ def scan_store(store_url: str, storage_options: dict | None = None,
 
 def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
                   validation_fraction: float = 0.1, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                  mode: str | None = None, values: list[str] | None = None) -> TrainingData:
+                  mode: str | None = None, values: list[str] | None = None,
+                  load: bool = True) -> TrainingData:
     """The training and validation samplers of spans of `span` samples (ModelConfig.span: the
     receptive field + the predicted window), with a clear error for a store that cannot feed one.
+    `load=False` leaves reading the tracks to TrainingData.load().
 
     `values`: the condition's vocabulary (a resumed run's, from its config); default: the
     store's. Tracks of a value outside a given vocabulary are left out and counted (a
@@ -241,7 +270,7 @@ def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
         raise DwaveError(f"data mode must be memory or stream, got {mode!r}")
     make = lambda ts, stream: WindowSampler(  # noqa: E731
         store, ts, values, span, batch_size, seed, stream, mode, scan.dtype)
-    return TrainingData(
+    data = TrainingData(
         train=make(train, 0),
         validation=make(val, 1) if val else None,
         condition_values=values,
@@ -250,12 +279,15 @@ def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
         train_samples=sum(t.length for t in train),
         left_out={"tracks": len(left_out), "values": unknown},
     )
+    if load:
+        data.load()
+    return data
 
 
 def open_training_data(store_url: str, span: int, batch_size: int, seed: int,
                        validation_fraction: float = 0.1, storage_options: dict | None = None,
                        cache_bytes: int = DEFAULT_CACHE_BYTES, mode: str | None = None,
-                       values: list[str] | None = None) -> TrainingData:
+                       values: list[str] | None = None, load: bool = True) -> TrainingData:
     """scan_store then open_samplers, for callers that know the span already."""
     return open_samplers(scan_store(store_url, storage_options), span, batch_size, seed,
-                         validation_fraction, cache_bytes, mode, values)
+                         validation_fraction, cache_bytes, mode, values, load)

@@ -331,8 +331,18 @@ class TrackStore:
         """The Zarr array of one track, for reading slices."""
         return self._reader()["tracks"][track_id]
 
-    def read_codes(self, track_id: str) -> np.ndarray:
-        return self.track_array(track_id)[:]
+    def read_codes(self, track_id: str, start: int = 0, stop: int | None = None,
+                   array=None) -> np.ndarray:
+        """Codes [start, stop) of one track (`array`: its track_array, where the caller keeps it
+        open). A track that cannot be read is a one-line error naming it and what to do."""
+        try:
+            return (self.track_array(track_id) if array is None else array)[start:stop]
+        except Exception as exc:  # a codec's, zarr's or the file system's: the message says which
+            raise DwaveError(
+                f"store {self.url}: track {track_id} cannot be read ({type(exc).__name__}: "
+                f"{exc}): if the store is damaged, rebuild it (`dwave preprocess SOURCE --out "
+                f"STORE --overwrite`), or remove tracks/{track_id} from it and rerun `dwave "
+                "preprocess SOURCE --out STORE` to write that track again") from None
 
     def _reader(self):
         # Opened once per handle: on S3 each open is a round trip for the consolidated metadata.

@@ -287,7 +287,8 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
                                         run_dir, scan.levels)
     span = model_config.span(train.window)
     data = open_samplers(scan, span, train.batch_size, train.seed, train.validation_fraction,
-                         mode=train.data_mode, values=model_config.condition_values or None)
+                         mode=train.data_mode, values=model_config.condition_values or None,
+                         load=False)
     resuming = saved_model is not None
 
     from .ranks import start_horovod
@@ -297,6 +298,7 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     say = log if rank == 0 else (lambda *_: None)
     threads = configure_devices(hvd, train.threads)  # before any TensorFlow op runs
     _lock_run_dir(run_dir, rank, size, hvd)
+    data.load()  # only once the run dir is ours: a refused second job never reads the store
 
     import tensorflow as tf
 
@@ -368,7 +370,7 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
         writers = {"train": tf.summary.create_file_writer(os.path.join(tb, "train")),
                    "validation": tf.summary.create_file_writer(os.path.join(tb, "validation"))}
 
-    batches = iter(data.train.dataset(rank, start_step, train.steps))
+    batches = data.train.batches(rank, start_step, train.steps)
     predicted_per_step = train.batch_size * train.window * size
     progress = _Progress(train.steps, start_step, say)
     step, loss_bits, stopped = start_step, math.nan, False

@@ -120,3 +120,26 @@ def test_tracks_of_a_genre_the_run_does_not_know_are_left_out_not_relabelled(tmp
     everything = open_training_data(url, 100, 2, 0, validation_fraction=0.0)
     assert everything.left_out["tracks"] == 0
     assert everything.condition_values == ["jazz", "pop", "rock"]
+
+
+def test_a_track_that_cannot_be_read_is_a_one_line_error_in_both_modes(tmp_path):
+    """A damaged chunk (a bad disk, a copy cut short) names the store and the track, in memory
+    mode when the tracks are read in and in stream mode from inside tf.data's workers, where
+    TensorFlow wraps the error in its own; nothing is read before load() is asked for."""
+    lengths = {"a": 3000, "b": 4000}
+    url = make_store(str(tmp_path / "s"), {
+        tid: ((np.arange(n) % 251).astype(np.uint8), "g") for tid, n in lengths.items()})
+    (tmp_path / "s" / "tracks" / "b" / "c" / "0").write_bytes(b"\x00")
+    said = (rf"store {url}: track b cannot be read \(RuntimeError: .*\): if the store is "
+            r"damaged, rebuild it")
+    unloaded = open_training_data(url, 100, 2, 0, validation_fraction=0.0, load=False)
+    assert unloaded.train.buffer is None  # the damaged chunk was not touched
+    with pytest.raises(DwaveError, match=said):
+        unloaded.load()
+    with pytest.raises(DwaveError, match=said):
+        open_training_data(url, 100, 2, 0, validation_fraction=0.0, mode="memory")
+    stream = open_training_data(url, 100, 2, 0, validation_fraction=0.0, mode="stream")
+    with pytest.raises(DwaveError, match=said) as raised:
+        for _ in stream.train.batches(rank=0, first_step=0, last_step=50):
+            pass
+    assert "\n" not in str(raised.value)

@@ -264,6 +264,37 @@ def test_a_second_job_on_a_run_dir_is_refused_until_the_first_dies(tone_store, t
     assert f"done: step {step + 3}" in third.stderr
 
 
+def test_a_job_on_a_busy_run_dir_is_refused_before_it_reads_the_store(tone_store, tmp_path):
+    """The run dir's lock comes before the tracks are read: a refused second job costs seconds,
+    not a whole store's read. Its store here has every track's data damaged, so a job that read
+    them would fail on that instead (the second half checks it does)."""
+    import shutil
+
+    store, run = tmp_path / "store", tmp_path / "run"
+    shutil.copytree(tone_store, store)
+    chunks = sorted(store.glob("tracks/*/c/0"))
+    assert chunks
+    for chunk in chunks:
+        chunk.write_bytes(b"\x00")  # no longer a track's codes
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from dwave.rundir import RunDirLock; "
+         "RunDirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
+         str(run)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = run_dwave("train", store, "--run-dir", run, "--steps", "5", *FAST, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert f"run dir {run} is in use by another training job (host " in (
+        refused.stderr.strip().splitlines()[-1])
+    # With the run dir free, the same job reads the tracks and fails on them.
+    failed = run_dwave("train", store, "--run-dir", run, "--steps", "5", *FAST, timeout=300)
+    assert failed.returncode != 0 and "in use" not in failed.stderr
+    assert not checkpoint_steps(run)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("levels", [64, 1024])
 def test_the_stores_levels_define_the_model_and_the_songs(levels, tmp_path):
