@@ -13,7 +13,8 @@ import os
 import sys
 
 from .cluster import CLUSTER_KINDS, ClusterConfig
-from .config import MODEL_FLAGS, PRECISIONS, PRESET_LEARNING_RATES, PRESETS
+from .config import (DATA_MODES, DEFAULT_CACHE_BYTES, MODEL_FLAGS, PRECISIONS,
+                     PRESET_LEARNING_RATES, PRESETS)
 from .audio import DEFAULT_MAX_SONG_MINUTES
 from .errors import DwaveError, printable
 from .demo import DemoConfig
@@ -292,9 +293,9 @@ def _add_train(sub) -> None:
                    help="at each validation, write a sample of S seconds generated from the "
                         "current weights to RUN_DIR/samples and TensorBoard; 0 turns it off "
                         "(%(default)g)")
-    p.add_argument("--data-mode", choices=["memory", "stream"],
+    p.add_argument("--data-mode", choices=DATA_MODES,
                    help="hold the training tracks in memory, or read windows from the store "
-                        "(default: memory when they fit in 4 GiB)")
+                        f"(default: memory when they fit in {DEFAULT_CACHE_BYTES / 2**30:g} GiB)")
     p.add_argument("--storage-options", type=_json_object, metavar="JSON", default={})
     p.set_defaults(func=_cmd_train)
 

@@ -39,6 +39,11 @@ PRECISIONS: dict[str, str] = {
     "mixed": "float16 with loss scaling (GPUs)",
 }
 
+# --data-mode: where training windows come from (dwave.data says how each works). Without the
+# flag: memory while the training tracks' codes fit in DEFAULT_CACHE_BYTES, else stream.
+DATA_MODES = ("memory", "stream")
+DEFAULT_CACHE_BYTES = 4 << 30
+
 
 # The architecture fields a new run may set over its preset, with what each means: `dwave
 # train` makes one flag of each (--residual-channels N, ...).

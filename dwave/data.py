@@ -32,12 +32,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import DEFAULT_CONDITION
+from .config import DATA_MODES, DEFAULT_CACHE_BYTES, DEFAULT_CONDITION
 from .errors import DwaveError
 from .store import TrackStore
 
 UNKNOWN_VALUE = "unknown"  # the condition value of a track the store has none for
-DEFAULT_CACHE_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -266,8 +265,8 @@ def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
     train_bytes = sum(t.length for t in train) * scan.dtype.itemsize
     if mode is None:
         mode = "memory" if train_bytes <= cache_bytes else "stream"
-    if mode not in ("memory", "stream"):
-        raise DwaveError(f"data mode must be memory or stream, got {mode!r}")
+    if mode not in DATA_MODES:
+        raise DwaveError(f"data mode must be one of {', '.join(DATA_MODES)}, got {mode!r}")
     make = lambda ts, stream: WindowSampler(  # noqa: E731
         store, ts, values, span, batch_size, seed, stream, mode, scan.dtype)
     data = TrainingData(
