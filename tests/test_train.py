@@ -264,6 +264,7 @@ def test_a_second_job_on_a_run_dir_is_refused_until_the_first_dies(tone_store, t
     assert f"done: step {step + 3}" in third.stderr
 
 
+@pytest.mark.slow
 def test_a_job_on_a_busy_run_dir_is_refused_before_it_reads_the_store(tone_store, tmp_path):
     """The run dir's lock comes before the tracks are read: a refused second job costs seconds,
     not a whole store's read. Its store here has every track's data damaged, so a job that read
