@@ -13,12 +13,14 @@ hash of their id, so the split never changes as the store grows.
 
 Where the codes live:
 
-* "memory" (default while the training tracks fit in `cache_bytes`): every track is read once,
-  in parallel, into one flat buffer of the store's code type (uint8, or uint16 above 256
-  levels); a window is then a slice. Fastest by far, and
-  what a store of a few thousand songs needs (an hour of 16 kHz audio is 58 MB).
-* "stream": windows are read from the Zarr arrays as they are drawn (the store may be any size,
-  local or on S3), by a pool of tf.data workers ahead of the training step.
+* "memory" (default while the training tracks fit in `cache_bytes`): the parts' shards are
+  memory-mapped (a store on S3 is first copied once per node into a node cache, see
+  dwave.node_cache), so the codes live once in the node's page cache, shared by all of its
+  ranks; a window is then a slice. What a store of a few thousand songs needs (an hour of
+  16 kHz audio is 58 MB).
+* "stream": each window is one byte-range read from the store as it is drawn (the store may be
+  any size, local or on S3), a batch's reads in flight together, by a pool of tf.data workers
+  ahead of the training step.
 
 Both go through the same tf.data pipeline: step numbers -> parallel batch assembly -> prefetch.
 """
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +46,8 @@ class Track:
     id: str
     length: int
     condition: str  # the track's value of the run's condition (its genre, today)
+    part: str = ""  # where its codes are: parts/<part>/codes[offset:offset + length]
+    offset: int = 0
 
 
 def is_validation_track(track_id: str, fraction: float) -> bool:
@@ -70,7 +74,7 @@ class WindowSampler:
 
     def __init__(self, store: TrackStore, tracks: list[Track], values: list[str], span: int,
                  batch_size: int, seed: int, stream: int, mode: str, dtype=np.uint8,
-                 read_threads: int = 8):
+                 concurrency: int = 64):
         self.store, self.tracks, self.span = store, tracks, span
         self.dtype = np.dtype(dtype)  # the store's: codes above 255 must never wrap
         self.batch_size, self.seed, self.stream_id, self.mode = batch_size, seed, stream, mode
@@ -82,42 +86,54 @@ class WindowSampler:
         starts = np.array([t.length - span + 1 for t in tracks], np.int64)
         self.cumulative_starts = np.cumsum(starts)
         self.total_starts = int(self.cumulative_starts[-1])
-        self.track_offsets = np.concatenate([[0], np.cumsum([t.length for t in tracks])])
-        self.read_threads = read_threads
-        self.buffer: np.ndarray | None = None  # memory mode: every track, once load() ran
-        self._arrays = {}  # stream mode: the tracks' arrays, opened as batches need them
+        self.concurrency = concurrency  # stream mode: byte-range reads in flight per batch
+        self.mapped = None  # memory mode: the mapped shards, once load() ran
+        self._local = threading.local()  # stream mode: a reader per tf.data worker thread
 
-    def load(self) -> None:
-        """Memory mode: read every track into one buffer (once). Stream mode: nothing."""
-        if self.mode == "memory" and self.buffer is None:
-            self.buffer = self._load_all(self.read_threads)
+    def load(self, log=None) -> None:
+        """Memory mode: map the tracks' shards (a remote store's copied to the node cache
+        first, once per node). Stream mode: nothing."""
+        if self.mode == "memory" and self.mapped is None:
+            from .node_cache import local_copy
 
-    def _load_all(self, threads: int) -> np.ndarray:
-        buffer = np.empty(int(self.track_offsets[-1]), self.dtype)
+            self.mapped = self.store.mapped_reader(local_copy(self.store, self.tracks, log))
+            # Every track mapped whole (views, nothing copied): a shard missing or cut short is
+            # an error now, naming its track, not a failed batch later.
+            self.read([(i, 0, t.length) for i, t in enumerate(self.tracks)])
 
-        def load(i: int) -> None:
-            codes = self.store.read_codes(self.tracks[i].id)
-            buffer[self.track_offsets[i]:self.track_offsets[i + 1]] = codes
+    def _reader(self):
+        if self.mode == "memory":
+            return self.mapped
+        if getattr(self._local, "reader", None) is None:
+            self._local.reader = self.store.range_reader(self.concurrency)
+        return self._local.reader
 
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(load, range(len(self.tracks))))
-        return buffer
+    def read(self, windows: list[tuple[int, int, int]]) -> list[np.ndarray]:
+        """[(track index, first sample, end sample)] -> their codes. A track that cannot be
+        read is a one-line DwaveError naming it and what to do."""
+        ranges = [(self.tracks[t].part, self.tracks[t].offset + a, self.tracks[t].offset + b)
+                  for t, a, b in windows]
+        try:
+            return self._reader().read(ranges)
+        except Exception:  # noqa: BLE001 - find the track, then say what failed for it
+            for (t, _, _), one in zip(windows, ranges):
+                try:
+                    self._reader().read([one])
+                except Exception as exc:  # noqa: BLE001
+                    raise self.store.unreadable(self.tracks[t].id, self.tracks[t].part,
+                                                exc) from None
+            raise
 
     def code_chunks(self, max_stream_batches: int = 64):
         """The sampler's codes for fitting baselines: every track whole in memory mode; in
         stream mode (a store too big to hold) the windows of its first `max_stream_batches`
         batches (rank 0), which is a uniform sample of the tracks."""
         if self.mode == "memory":
-            for lo, hi in zip(self.track_offsets[:-1], self.track_offsets[1:]):
-                yield self.buffer[lo:hi]
+            for i, track in enumerate(self.tracks):
+                yield self.read([(i, 0, track.length)])[0]
         else:
             for step in range(max_stream_batches):
                 yield from self.batch(0, step)[0]
-
-    def _array(self, track_id: str):
-        if track_id not in self._arrays:
-            self._arrays[track_id] = self.store.track_array(track_id)
-        return self._arrays[track_id]
 
     def locate(self, rank: int, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(track index, start within the track) of each window of this rank's batch."""
@@ -131,14 +147,9 @@ class WindowSampler:
         """(codes (batch, span) of the store's dtype, condition int32 (batch,))."""
         track, start = self.locate(rank, step)
         codes = np.empty((self.batch_size, self.span), self.dtype)
-        for row, (t, s) in enumerate(zip(track, start)):
-            if self.mode == "memory":
-                begin = self.track_offsets[t] + s
-                codes[row] = self.buffer[begin:begin + self.span]
-            else:
-                track_id = self.tracks[t].id
-                codes[row] = self.store.read_codes(track_id, s, s + self.span,
-                                                   self._array(track_id))
+        windows = self.read([(int(t), int(s), int(s) + self.span) for t, s in zip(track, start)])
+        for row, window in enumerate(windows):
+            codes[row] = window
         return codes, self.track_condition[track]
 
     def dataset(self, rank: int, first_step: int, last_step: int, parallel: int = 4):
@@ -184,23 +195,21 @@ class TrainingData:
     train_samples: int
     left_out: dict  # {"tracks": N, "values": [...]}: tracks of values the run does not know
 
-    def load(self) -> None:
-        """Read the tracks in (memory mode): the slow part of opening, kept apart so that a
-        caller can check everything else first."""
+    def load(self, log=None) -> None:
+        """Map the tracks (memory mode; a remote store is copied to the node cache first): the
+        slow part of opening, kept apart so that a caller can check everything else first."""
         for sampler in (self.train, self.validation):
             if sampler is not None:
-                sampler.load()
+                sampler.load(log)
 
 
 def list_tracks(store: TrackStore, condition: str = DEFAULT_CONDITION) -> list[Track]:
-    """The store's tracks, each with its value of `condition` (an attribute of the index)."""
-    index = store.read_index()["tracks"]
-    if not index:
-        # A store whose run was killed before its index: read the tracks themselves.
-        index = [{"id": k, "length": v["length"], condition: v.get(condition)}
-                 for k, v in store.completed_tracks().items()]
-    return [Track(str(t["id"]), int(t["length"]), t.get(condition) or UNKNOWN_VALUE)
-            for t in sorted(index, key=lambda t: str(t["id"]))]
+    """The store's tracks (its index, with parts written since folded in and parts removed
+    since left out), each with its value of `condition` (a column of the track table)."""
+    index, _ = store.current_index()
+    return [Track(str(t["id"]), int(t["length"]), t.get(condition) or UNKNOWN_VALUE,
+                  t["part"], int(t["offset"]))
+            for t in sorted(index.tracks.rows(), key=lambda t: str(t["id"]))]
 
 
 @dataclass

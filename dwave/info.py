@@ -1,20 +1,19 @@
-"""`dwave info`: what a store holds, from its index (one read over S3)."""
+"""`dwave info`: what a store holds, from its index (one read over S3) and a listing of its
+parts (parts a killed run wrote but did not index count; removed ones do not)."""
 
 from __future__ import annotations
 
 from collections import Counter
 
 from .errors import printable
-from .store import TrackStore, index_entry
+from .store import TrackStore
 
 
 def describe_store(url: str, storage_options: dict | None = None) -> dict:
     store = TrackStore(url, storage_options)
     config = store.config()
-    index = store.read_index()
-    tracks = index["tracks"]
-    if index["updated"] is None:  # no run has finished yet (e.g. the first one was killed)
-        tracks = [index_entry(tid, attrs) for tid, attrs in sorted(store.completed_tracks().items())]
+    index, _ = store.current_index()
+    tracks = sorted(index.tracks.rows(), key=lambda t: _id_order(t["id"]))
     seconds = sum(t["duration"] for t in tracks)
     return {
         "store": store.url,
@@ -25,9 +24,14 @@ def describe_store(url: str, storage_options: dict | None = None) -> dict:
         "hours": seconds / 3600,
         "genres": dict(Counter(t["genre"] for t in tracks if t["genre"]).most_common()),
         "tracks": tracks,
-        "failures": index["failures"],
-        "index_updated": index["updated"],
+        "failures": index.failures,
+        "index_updated": index.updated,
     }
+
+
+def _id_order(track_id: str) -> tuple:
+    """Numeric ids in numeric order (FMA's), then the rest by name."""
+    return (0, int(track_id), "") if track_id.isdigit() else (1, 0, track_id)
 
 
 def format_description(d: dict, max_rows: int = 50) -> str:

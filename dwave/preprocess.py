@@ -1,9 +1,11 @@
 """Songs -> mu-law tracks in the store, in parallel with a Dask bag.
 
-The driver expands the sources, decides which tracks still need doing (resume), and hands one
-song per bag partition to the cluster; each worker decodes, resamples, encodes and writes its
-song straight to the store; the driver collects a small result per song, then rebuilds the index.
-Nothing but those small results travels back.
+The driver expands the sources, decides which tracks still need doing (resume: from the store's
+index and a listing of its parts, never a read of every track), groups them into parts (batches
+of songs, so a task's fixed cost is shared by up to PART_MAX_SONGS songs), and hands one part per
+bag partition to the cluster; each worker decodes, resamples and encodes its part's songs and
+writes them as one part of the store; the driver collects a small result per song, then folds
+the new parts into the index. Nothing but those small results travels back.
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from .audio import (DEFAULT_MAX_SONG_MINUTES, AudioError, decode_to_mono, encode
 from .cluster import ClusterConfig
 from .errors import DwaveError, printable
 from .sources import Source, check_out_apart_from_sources, expand_sources
-from .store import StoreConfig, TrackStore, resolve_storage_options
+from .store import StoreConfig, TrackStore, part_id_for, resolve_storage_options
+
+# A part holds at most this many songs and this much source data: enough songs that a Dask
+# task's fixed cost (20-40 ms) is nothing beside their decoding (a 30-s clip: ~30 ms), few
+# enough bytes that a worker holds a part's codes easily (64 MiB of MP3 at 128 kbit/s is ~70 min
+# of audio, 67 MB of 16 kHz codes) and a killed task redoes little.
+PART_MAX_SONGS = 256
+PART_MAX_SOURCE_BYTES = 64 << 20
+# ... and the parts are small enough that every worker gets several (load balance).
+PARTS_PER_WORKER = 4
 
 
 @dataclass(frozen=True)
@@ -26,23 +37,63 @@ class TrackTask:
     genre: str | None
 
 
-def process_track(task: TrackTask, store_url: str, storage_options: dict, config: StoreConfig,
-                  max_seconds: float = DEFAULT_MAX_SONG_MINUTES * 60):
-    """Decode one song and write it as a track. Runs on a worker; returns a small dict.
+@dataclass(frozen=True)
+class PartTask:
+    part_id: str
+    tracks: tuple[TrackTask, ...]
+
+
+def group_into_parts(tasks: list[TrackTask], config: StoreConfig, workers: int) -> list[PartTask]:
+    """Consecutive tasks (longest first, see plan_tasks) grouped into parts of at most
+    PART_MAX_SONGS songs and PART_MAX_SOURCE_BYTES, and at most 1/PARTS_PER_WORKER of the work
+    of one worker each."""
+    total = sum(t.source.size for t in tasks)
+    budget = max(1, min(PART_MAX_SOURCE_BYTES, total // max(1, workers * PARTS_PER_WORKER)))
+    groups: list[list[TrackTask]] = []
+    size = 0
+    for task in tasks:
+        if not groups or len(groups[-1]) >= PART_MAX_SONGS or size + task.source.size > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(task)
+        size += task.source.size
+    return [PartTask(part_id_for([(t.track_id, t.source.fingerprint) for t in group], config),
+                     tuple(group)) for group in groups]
+
+
+def process_part(part: PartTask, store_url: str, storage_options: dict, config: StoreConfig,
+                 max_seconds: float = DEFAULT_MAX_SONG_MINUTES * 60) -> list[dict]:
+    """Decode a part's songs and write the good ones as one part of the store. Runs on a
+    worker; returns a small dict per song.
 
     Bad audio is a result ("failed" with the reason), not an exception: exceptions are kept for
-    infrastructure trouble (an S3 hiccup, a dead disk), which Dask retries.
+    infrastructure trouble (an S3 hiccup, a dead disk), which Dask retries (the whole part).
     """
+    results, rows, codes = [], [], []
+    for task in part.tracks:
+        result, row, track_codes = decode_track(task, config, max_seconds)
+        results.append(result)
+        if track_codes is not None:
+            rows.append(row)
+            codes.append(track_codes)
+    if codes:
+        # Outside decode_track's handling: an error while writing is the store's trouble, not
+        # a song's, so Dask retries the part rather than reporting songs as unreadable.
+        TrackStore(store_url, storage_options).write_part(part.part_id, rows, codes)
+    return results
+
+
+def decode_track(task: TrackTask, config: StoreConfig, max_seconds: float):
+    """One song's (result, track table row, codes); codes None for a song that failed."""
     started = time.perf_counter()
     result = {"track_id": task.track_id, "source": task.source.uri}
     try:
         with task.source.open() as file:
             decoded = decode_to_mono(file, config.sample_rate, max_seconds)
         gain = normalisation_gain(decoded)
-        attrs = {
+        row = {
+            "id": task.track_id,
             "sample_rate": config.sample_rate,
-            "quantization_channels": config.quantization_channels,
-            "length": len(decoded.samples),
             "duration": round(decoded.duration, 6),
             "source": task.source.uri,
             "fingerprint": task.source.fingerprint,
@@ -53,19 +104,11 @@ def process_track(task: TrackTask, store_url: str, storage_options: dict, config
         }
         codes = encode_in_place(decoded, gain, config.quantization_channels)
     except AudioError as exc:
-        return {**result, "status": "failed", "reason": str(exc)}
+        return {**result, "status": "failed", "reason": str(exc)}, None, None
     except (FileNotFoundError, PermissionError, IsADirectoryError, DwaveError) as exc:
-        return {**result, "status": "failed", "reason": _os_reason(exc)}
-    # Outside the try: an error while writing is the store's trouble, not the song's (a second
-    # run rewriting the same track removes its files under this one), so Dask retries it
-    # rather than reporting the song as unreadable.
-    TrackStore(store_url, storage_options).write_track(task.track_id, codes, attrs)
-    return {
-        **result,
-        "status": "written",
-        "duration": decoded.duration,
-        "seconds": time.perf_counter() - started,
-    }
+        return {**result, "status": "failed", "reason": _os_reason(exc)}, None, None
+    return ({**result, "status": "written", "duration": decoded.duration,
+             "seconds": time.perf_counter() - started}, row, codes)
 
 
 def _os_reason(exc: Exception) -> str:
@@ -142,8 +185,8 @@ def plan_tasks(
             failures.append({
                 "source": source.uri, "track_id": track_id,
                 "reason": f"track id {track_id} is already in the store from "
-                          f"{previous['source']}: rename this file, or remove that track "
-                          "(or --overwrite the store) to replace it",
+                          f"{previous['source']}: rename this file, or --overwrite the store to "
+                          "replace it",
             })
             continue
         tasks.append(TrackTask(source, track_id, genres.get(track_id)))
@@ -180,11 +223,14 @@ def run_preprocess(
     expansion = expand_sources(specs, resolve_storage_options("s3://", source_storage_options),
                                cache_dir)
     config = store.prepare(sample_rate, quantization_channels, overwrite)
-    done = store.completed_tracks()
+    index, _ = store.current_index()  # the index and the parts present: no read of every track
+    if index.gone:
+        log(f"{len(index.gone)} part(s) the index lists are no longer in the store: their "
+            "tracks count as not done")
+    done = index.tracks.by_id()
     tasks, skipped, failures, relabel = plan_tasks(expansion.sources, genres, done)
-    for track_id, genre in relabel.items():
-        store.set_track_genre(track_id, genre)
     if relabel:
+        store.set_genres(relabel, index.tracks)
         log(f"--metadata: genre set on {len(relabel)} finished track(s) whose genre it changes")
     unmatched = sorted(set(genres) - {s.track_id for s in expansion.sources} - set(done))
     if unmatched:
@@ -198,8 +244,9 @@ def run_preprocess(
 
     if tasks:
         with dask_client(cluster, log=log) as client:
+            parts = group_into_parts(tasks, config, sum(client.nthreads().values()))
             started = time.perf_counter()  # the work, not the cluster's start-up
-            results = _compute(client, tasks, store, config, progress, max_song_minutes * 60)
+            results = _compute(client, parts, store, config, progress, max_song_minutes * 60)
             summary.wall_seconds = time.perf_counter() - started
         summary.written = [r for r in results if r["status"] == "written"]
         failures += [r for r in results if r["status"] == "failed"]
@@ -207,47 +254,50 @@ def run_preprocess(
 
     # Keep earlier runs' failures for sources this run did not touch; drop those now handled.
     touched = {s.uri for s in expansion.sources}
-    kept = [f for f in store.read_index()["failures"] if f["source"] not in touched]
+    kept = [f for f in index.failures if f["source"] not in touched]
+    relabelled = {row["part"] for row in index.tracks.rows() if row["id"] in relabel}
     try:
         index = store.write_index(kept + [{"source": f["source"], "reason": f["reason"]}
-                                          for f in failures])
+                                          for f in failures], refresh=relabelled)
     except OSError as exc:
         raise DwaveError(
             f"cannot write the index of {store.url} ({type(exc).__name__}: "
             f"{exc.strerror or str(exc)[:120]}): the {len(summary.written)} tracks written are "
             "complete and kept; free space and rerun the same command to rebuild the index"
         ) from None
-    summary.store_tracks = len(index["tracks"])
-    summary.store_hours = sum(t["duration"] for t in index["tracks"]) / 3600
+    summary.store_tracks = len(index.tracks)
+    summary.store_hours = sum(index.tracks.columns["duration"]) / 3600
     return summary
 
 
-def _compute(client, tasks, store, config, progress, max_seconds: float) -> list[dict]:
+def _compute(client, parts: list[PartTask], store, config, progress,
+             max_seconds: float) -> list[dict]:
     import dask.bag as db
     from distributed import as_completed
     from tqdm import tqdm
 
-    # One song per partition: songs differ in length by 10x, so small tasks balance best.
-    bag = db.from_sequence(tasks, npartitions=len(tasks)).map(
-        process_track, store.url, store.storage_options, config, max_seconds
+    # One part per bag partition: parts are sized for load balance (group_into_parts).
+    bag = db.from_sequence(parts, npartitions=len(parts)).map(
+        process_part, store.url, store.storage_options, config, max_seconds
     )
-    partitions = bag.to_delayed()
     # retries: a task whose worker died (OOM, node lost) is rerun elsewhere; the rewrite of a
-    # half-written track is safe because tracks become visible only when complete.
-    futures = client.compute(partitions, retries=2)
-    task_of = {future.key: task for future, task in zip(futures, tasks)}
+    # half-written part is safe because parts become visible only when complete.
+    futures = client.compute(bag.to_delayed(), retries=2)
+    part_of = {future.key: part for future, part in zip(futures, parts)}
     results: list[dict] = []
-    bar = tqdm(total=len(tasks), unit="song", disable=not progress, dynamic_ncols=True,
-               mininterval=0.5, desc="preprocess")
+    bar = tqdm(total=sum(len(p.tracks) for p in parts), unit="song", disable=not progress,
+               dynamic_ncols=True, mininterval=0.5, desc="preprocess")
     audio_seconds = 0.0
     with bar:
         for future in as_completed(futures):
+            part = part_of[future.key]
             try:
-                batch = future.result()
+                (batch,) = future.result()  # the partition's one element: the part's results
             except Exception as exc:  # noqa: BLE001 - any worker-side crash becomes a failure
-                task = task_of[future.key]
-                batch = [{"track_id": task.track_id, "source": task.source.uri, "status": "failed",
-                          "reason": f"worker error: {exc.__class__.__name__}: {exc}"}]
+                batch = [{"track_id": task.track_id, "source": task.source.uri,
+                          "status": "failed",
+                          "reason": f"worker error: {exc.__class__.__name__}: {exc}"}
+                         for task in part.tracks]
             for result in batch:
                 results.append(result)
                 if result["status"] == "failed":
@@ -256,5 +306,5 @@ def _compute(client, tasks, store, config, progress, max_seconds: float) -> list
                 else:
                     audio_seconds += result["duration"]
                     bar.set_postfix_str(f"{audio_seconds / 3600:.2f} h audio", refresh=False)
-            bar.update(1)
+            bar.update(len(part.tracks))
     return results

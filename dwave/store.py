@@ -1,44 +1,57 @@
 """The track store: a Zarr (format 3) group, on local disk or ``s3://bucket/prefix``.
 
-Layout (a contract that ``train``, ``info`` and users' own scripts read)::
+Layout, version 2 (a contract that ``train``, ``info`` and users' own scripts read; zarr alone
+opens every piece)::
 
-    STORE/                      root attrs: dwave_store_version, sample_rate, quantization_channels
-      tracks/<track_id>         1-D uint8 (uint16 above 256 channels) mu-law codes,
-                                chunks of 2^20 samples; attrs: sample_rate, quantization_channels,
-                                length, duration, source, fingerprint, genre, source_sample_rate,
-                                source_channels, peak, complete
-      index/                    attrs: tracks [{id, length, duration, sample_rate, genre, source}],
+    STORE/                      root attrs: dwave_store_version, sample_rate,
+                                quantization_channels, store_id (a random id of this store)
+      parts/<part_id>/          one group per batch of songs written by one preprocessing task;
+                                attrs: tracks (the part's track table), samples, complete
+        codes                   1-D uint8 (uint16 above 256 levels) mu-law codes of the part's
+                                tracks, one after another; sharded (see dwave.part_codes)
+      index/                    attrs: parts (the parts folded in), tracks (their track table),
                                 failures [{source, reason}], updated
 
-A track counts only once its ``complete`` attribute is set, which is written after every chunk:
-a killed writer leaves an array without it, which readers ignore and the next run rewrites. The
-index is rebuilt and the metadata consolidated at the end of every run, so a reader opens the
-whole store in one round trip.
+The track table (dwave.track_table) stores columns: id, part, offset, length, duration, genre,
+source, fingerprint, ... Track t's codes are parts/<part>/codes[offset:offset + length].
+
+A part counts only once its ``complete`` attribute is set, written after all of its codes: a
+killed writer leaves a part without it, which readers ignore and a rerun writes again. Each
+preprocessing task writes its own part, so workers never touch the same objects. The index is
+the table of every complete part, one document read in one request; at the end of a run the
+parts written since are folded into it. A reader lists ``parts/`` (one request per 1,000 parts)
+to see parts a killed run wrote but did not index, and parts removed since.
+
+Version 1 stores (one Zarr array per track under ``tracks/``, consolidated metadata) are
+converted in place by ``dwave store upgrade`` (dwave.upgrade) without decoding anything again.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import functools
+import hashlib
 import json
 import os
 import re
 import time
-import warnings
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 
 import numpy as np
-from zarr.codecs import ZstdCodec
 
 from .errors import DwaveError
+from .part_codes import MappedReader, RangeReader, create_codes_array, encode_shards, \
+    shard_key
+from .track_table import TrackTable
 
-STORE_FORMAT_VERSION = 1
+STORE_FORMAT_VERSION = 2
 ZARR_JSON = "zarr.json"  # a Zarr 3 node's metadata: the store's root attributes live in it
 # What a Zarr LocalStore writes first when it writes zarr.json: zarr.<uuid hex>.partial, renamed
 # over zarr.json once complete (the write is atomic). Seen beside the groups, it is a root being
 # written this moment.
 _PARTIAL_ZARR_JSON = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
-CHUNK_SAMPLES = 1 << 20
+GROUPS = ("parts", "index")
 DEFAULT_SAMPLE_RATE = 16000
 DEFAULT_QUANTIZATION_CHANNELS = 256
 
@@ -60,9 +73,11 @@ def resolve_storage_options(url: str, storage_options: dict | None) -> dict:
             and "endpoint_url" not in client_kwargs):
         options["endpoint_url"] = endpoint
     if url.startswith("s3://"):
-        # Workers add tracks while the driver holds the same (cached) filesystem: a cached
+        # Workers add parts while the driver holds the same (cached) filesystem: a cached
         # listing would hide them from the final index.
         options.setdefault("use_listings_cache", False)
+        # Above 1, s3fs asks for an object's size (a HEAD) before every whole-object GET.
+        options.setdefault("max_concurrency", 1)
     return options
 
 
@@ -95,13 +110,12 @@ class TrackStore:
 
     # -- opening --------------------------------------------------------------------------------
 
-    def _open(self, mode: str = "r", consolidated: bool = False):
+    def _open(self, mode: str = "r", path: str = ""):
         import zarr
 
         kwargs = {"storage_options": self.storage_options} if is_remote(self.url) else {}
-        return zarr.open_group(
-            self.url, mode=mode, zarr_format=3, use_consolidated=consolidated, **kwargs
-        )
+        return zarr.open_group(f"{self.url}/{path}".rstrip("/"), mode=mode, zarr_format=3,
+                               use_consolidated=False, **kwargs)
 
     def _create(self, attributes: dict) -> None:
         """Create the store: its two groups first, then the root metadata with the attributes
@@ -114,8 +128,7 @@ class TrackStore:
         from zarr.errors import ContainsGroupError
 
         kwargs = {"storage_options": self.storage_options} if is_remote(self.url) else {}
-        for path, attrs in [(f"{self.url}/tracks", {}), (f"{self.url}/index", {}),
-                            (self.url, attributes)]:
+        for path, attrs in [*((f"{self.url}/{g}", {}) for g in GROUPS), (self.url, attributes)]:
             try:
                 zarr.create_group(path, zarr_format=3, attributes=attrs, **kwargs)
             except ContainsGroupError:
@@ -125,7 +138,7 @@ class TrackStore:
                 have = dict(root.attrs)
                 if not have:  # a root left without attributes (see location_state)
                     root.attrs.update(attrs)
-                elif have != attrs:
+                elif _settings(have) != _settings(attrs):
                     raise DwaveError(
                         f"--out {self.url}: another run created this store at the same moment "
                         f"with {have}; rerun with the same --sample-rate and "
@@ -149,7 +162,7 @@ class TrackStore:
                 return self._location_state()
             except _BeingCreated:
                 time.sleep(0.2)  # another run is writing the root metadata this moment
-        raise DwaveError(f"--out {self.url} holds entries named like a store's groups (tracks, "
+        raise DwaveError(f"--out {self.url} holds entries named like a store's groups (parts, "
                          f"index) but no root metadata {ZARR_JSON}: not a dwave store, nothing "
                          "was changed; choose another --out")
 
@@ -173,7 +186,7 @@ class TrackStore:
                 if not entries:
                     return "new"
                 present = {os.path.basename(e.rstrip("/")) for e in entries}
-                if all(n in (ZARR_JSON, "tracks", "index") or _PARTIAL_ZARR_JSON.fullmatch(n)
+                if all(n in (ZARR_JSON, *GROUPS) or _PARTIAL_ZARR_JSON.fullmatch(n)
                        for n in present):
                     raise _BeingCreated  # the root metadata is being written, or appeared after
                 names = ", ".join(repr(os.path.basename(e.rstrip("/"))) for e in entries[:3])
@@ -207,11 +220,11 @@ class TrackStore:
 
     @staticmethod
     def _only_empty_groups(fs, root: str) -> bool:
-        """Whether `root` holds nothing but its metadata and empty `tracks`/`index` groups:
+        """Whether `root` holds nothing but its metadata and empty `parts`/`index` groups:
         what prepare() has written before the attributes that make it a store."""
         base = root.rstrip("/")
         names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)}
-        if not names <= {ZARR_JSON, "tracks", "index"}:
+        if not names <= {ZARR_JSON, *GROUPS}:
             return False
         for group in names - {ZARR_JSON}:
             inside = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{base}/{group}",
@@ -227,19 +240,33 @@ class TrackStore:
     def _remove_store(self) -> None:
         """Delete what dwave wrote (its root metadata and its two groups), nothing else."""
         fs, root = self._filesystem()
-        for name in ("tracks", "index", ZARR_JSON):
+        for name in (*GROUPS, "tracks", ZARR_JSON):  # tracks: a version-1 store's
             path = f"{root.rstrip('/')}/{name}"
             if fs.exists(path):
                 fs.rm(path, recursive=True)
-        _cached_tracks_group.cache_clear()
+        _cached_group.cache_clear()
 
-    def config(self) -> StoreConfig:
+    def root_attributes(self) -> dict:
+        """The root's attributes (any store version); a clear error if this is not a store."""
         try:
-            attrs = self._open("r", consolidated=None).attrs
+            attrs = dict(self._open("r").attrs)
         except (FileNotFoundError, KeyError, ValueError, OSError) as exc:
             raise DwaveError(f"{self.url} is not a dwave store ({exc.__class__.__name__})") from None
         if "dwave_store_version" not in attrs:
             raise DwaveError(f"{self.url} is a Zarr group but not a dwave store")
+        return attrs
+
+    def config(self) -> StoreConfig:
+        attrs = self.root_attributes()
+        version = int(attrs["dwave_store_version"])
+        if version != STORE_FORMAT_VERSION:
+            raise DwaveError(
+                f"store {self.url} is a version-{version} store" + (
+                    " (one Zarr array per track): convert it once, in place and without decoding "
+                    f"anything again, with `dwave store upgrade {self.url}`"
+                    if version < STORE_FORMAT_VERSION else
+                    f"; this dwave reads version {STORE_FORMAT_VERSION}: upgrade dwave"))
+        self.store_id = attrs.get("store_id", "")
         return StoreConfig(int(attrs["sample_rate"]), int(attrs["quantization_channels"]))
 
     def prepare(
@@ -254,11 +281,11 @@ class TrackStore:
         state = self.location_state()
         if state == "store" and not overwrite:
             fs, root = self._filesystem()
-            if not fs.exists(f"{root.rstrip('/')}/tracks/{ZARR_JSON}"):
-                raise DwaveError(f"store {self.url} has no tracks group (an --overwrite that was "
+            config = self.config()
+            if not fs.exists(f"{root.rstrip('/')}/parts/{ZARR_JSON}"):
+                raise DwaveError(f"store {self.url} has no parts group (an --overwrite that was "
                                  "interrupted?): rerun with --overwrite to finish starting it "
                                  "again")
-            config = self.config()
             for name, wanted, have in [
                 ("--sample-rate", sample_rate, config.sample_rate),
                 ("--quantization-channels", quantization_channels, config.quantization_channels),
@@ -284,6 +311,7 @@ class TrackStore:
                 "dwave_store_version": STORE_FORMAT_VERSION,
                 "sample_rate": config.sample_rate,
                 "quantization_channels": config.quantization_channels,
+                "store_id": uuid.uuid4().hex,
             })
         except OSError as exc:  # a missing bucket, wrong credentials, a read-only or full disk
             raise DwaveError(
@@ -292,112 +320,216 @@ class TrackStore:
                 "the bucket or directory exists, is writable, and the credentials") from None
         return config
 
-    # -- tracks ---------------------------------------------------------------------------------
+    # -- parts ----------------------------------------------------------------------------------
 
-    def _tracks_group(self):
-        return _cached_tracks_group(self.url, json.dumps(self.storage_options, sort_keys=True))
+    def _path(self, key: str) -> str:
+        """The file-system path (local) or bucket/key (S3) of `key` under the store's root."""
+        return f"{self._filesystem()[1].rstrip('/')}/{key}"
 
-    def completed_tracks(self) -> dict[str, dict]:
-        """Every complete track's attributes, read from the arrays themselves (not the index,
-        which a killed run did not get to rebuild)."""
-        tracks = self._open("r")["tracks"]
-        return {
-            name: dict(array.attrs)
-            for name, array in tracks.arrays()
-            if array.attrs.get("complete") is True
-        }
+    def write_part(self, part_id: str, rows: list[dict], codes: list[np.ndarray]) -> None:
+        """Write one part: the tracks `rows` (TRACK_FIELDS, without part and offset), whose codes
+        are `codes`, one array each. The part's codes go first, its track table and `complete`
+        last: until that one write the part does not exist for any reader."""
+        dtype = np.dtype(codes[0].dtype)
+        total = sum(len(c) for c in codes)
+        offsets = np.concatenate([[0], np.cumsum([len(c) for c in codes])[:-1]]).tolist()
+        table = TrackTable.from_rows([{**row, "part": part_id, "offset": int(offset),
+                                       "length": len(c)}
+                                      for row, offset, c in zip(rows, offsets, codes)])
+        group = _cached_group(self.url, json.dumps(self.storage_options, sort_keys=True),
+                              "parts").require_group(part_id)
+        group.attrs.put({"complete": False})  # a part being rewritten is no longer complete
+        create_codes_array(group, total, dtype)
+        shards = encode_shards(np.concatenate(codes) if len(codes) > 1 else codes[0])
+        fs, _ = self._filesystem()
+        paths = {self._path(shard_key(part_id, k)): blob for k, blob in enumerate(shards)}
+        if not is_remote(self.url):
+            fs.makedirs(os.path.dirname(next(iter(paths))), exist_ok=True)
+        fs.pipe(paths)  # on S3, the shards' PUTs all in flight at once
+        group.attrs.put({"tracks": table.to_json(), "samples": total, "complete": True})
 
-    def set_track_genre(self, track_id: str, genre: str) -> None:
-        """Relabel a finished track (the index picks it up when it is rebuilt)."""
-        self._tracks_group()[track_id].attrs.update({"genre": genre})
-
-    def write_track(self, track_id: str, codes: np.ndarray, attrs: dict) -> None:
-        """Write one track's codes; mark it complete only after all of its chunks."""
-        array = self._tracks_group().create_array(
-            track_id,
-            shape=codes.shape,
-            chunks=(CHUNK_SAMPLES,),
-            dtype=codes.dtype,
-            # mu-law codes of music compress little (zstd-1: 1.14x, zstd-3: 1.24x at twice the
-            # CPU); level 1 keeps the write a few percent of the decode.
-            compressors=[ZstdCodec(level=1)],
-            attributes={**attrs, "complete": False},
-            overwrite=True,
-        )
-        array[:] = codes  # one call: zarr encodes and stores the chunks concurrently
-        array.attrs.update({"complete": True})  # last write: the track is visible from here on
-
-    def track_array(self, track_id: str):
-        """The Zarr array of one track, for reading slices."""
-        return self._reader()["tracks"][track_id]
-
-    def read_codes(self, track_id: str, start: int = 0, stop: int | None = None,
-                   array=None) -> np.ndarray:
-        """Codes [start, stop) of one track (`array`: its track_array, where the caller keeps it
-        open). A track that cannot be read is a one-line error naming it and what to do."""
+    def list_parts(self) -> set[str]:
+        """The part ids present under parts/ (complete or not): one listing."""
+        fs, root = self._filesystem()
         try:
-            return (self.track_array(track_id) if array is None else array)[start:stop]
-        except Exception as exc:  # a codec's, zarr's or the file system's: the message says which
-            raise DwaveError(
-                f"store {self.url}: track {track_id} cannot be read ({type(exc).__name__}: "
-                f"{exc}): if the store is damaged, rebuild it (`dwave preprocess SOURCE --out "
-                f"STORE --overwrite`), or remove tracks/{track_id} from it and rerun `dwave "
-                "preprocess SOURCE --out STORE` to write that track again") from None
+            entries = fs.ls(f"{root.rstrip('/')}/parts", detail=False)
+        except FileNotFoundError:
+            return set()
+        names = {e.rstrip("/").rsplit("/", 1)[-1] for e in entries}
+        return {n for n in names if n != ZARR_JSON and not _PARTIAL_ZARR_JSON.fullmatch(n)}
 
-    def _reader(self):
-        # Opened once per handle: on S3 each open is a round trip for the consolidated metadata.
-        if getattr(self, "_read_group", None) is None:
-            self._read_group = self._open("r", consolidated=None)
-        return self._read_group
+    def read_part_tables(self, part_ids) -> dict[str, TrackTable | None]:
+        """Each part's track table, None for a part that is not complete (being written, or
+        left by a killed run). Fetched together: concurrent requests on S3."""
+        part_ids = sorted(part_ids)
+        if not part_ids:
+            return {}
+        fs, _ = self._filesystem()
+        paths = [self._path(f"parts/{p}/{ZARR_JSON}") for p in part_ids]
+        blobs = fs.cat(paths, on_error="return")
+        out = {}
+        for part, path in zip(part_ids, paths):
+            blob = blobs.get(path)
+            if isinstance(blob, FileNotFoundError) or blob is None:
+                out[part] = None  # removed meanwhile, or its metadata not yet written
+                continue
+            if isinstance(blob, BaseException):
+                raise blob
+            try:
+                attrs = json.loads(blob)["attributes"]
+            except (ValueError, KeyError, TypeError):
+                raise DwaveError(f"store {self.url}: parts/{part}/{ZARR_JSON} is damaged: "
+                                 f"remove parts/{part} and rerun `dwave preprocess` to write "
+                                 "its tracks again") from None
+            out[part] = (TrackTable.from_json(attrs["tracks"], f"{self.url}/parts/{part}")
+                         if attrs.get("complete") is True else None)
+        return out
 
     # -- index ----------------------------------------------------------------------------------
 
-    def read_index(self) -> dict:
-        """The index written at the end of the last run: {"tracks": [...], "failures": [...]}."""
-        root = self._open("r", consolidated=None)
-        attrs = dict(root["index"].attrs) if "index" in root else {}
-        return {"tracks": attrs.get("tracks", []), "failures": attrs.get("failures", []),
-                "updated": attrs.get("updated")}
+    def read_index(self) -> "Index":
+        """The index as the last run left it (one request)."""
+        fs, _ = self._filesystem()
+        try:
+            raw = fs.cat_file(self._path(f"index/{ZARR_JSON}"))
+        except FileNotFoundError:
+            return Index()
+        try:
+            attrs = json.loads(raw)["attributes"]
+            table = (TrackTable.from_json(attrs["tracks"], f"{self.url}/index")
+                     if "tracks" in attrs else TrackTable())
+        except (ValueError, KeyError, TypeError):
+            raise DwaveError(f"store {self.url}: index/{ZARR_JSON} is damaged: rerun `dwave "
+                             "preprocess` on the store to rebuild it") from None
+        return Index(list(attrs.get("parts", [])), table, list(attrs.get("failures", [])),
+                     attrs.get("updated"))
 
-    def write_index(self, failures: list[dict]) -> dict:
-        """Rebuild the index from the complete tracks, record `failures`, consolidate."""
-        import zarr
+    def current_index(self, refresh=()) -> tuple["Index", bool]:
+        """The index brought up to date with the parts present now: parts written since it was
+        written (a killed run's, another run's) folded in, parts removed since dropped; the parts
+        in `refresh` read again. (index, whether it changed). Requests: the index, one listing
+        per 1,000 parts, one per new part."""
+        index = self.read_index()
+        present = self.list_parts()
+        indexed = set(index.parts)
+        gone = indexed - present
+        reread = (present - indexed) | (set(refresh) & present)
+        tables = self.read_part_tables(reread)
+        added = {p: t for p, t in tables.items() if t is not None}
+        drop = gone | set(tables)
+        changed = bool(gone or added or (set(refresh) & indexed))
+        if not changed:
+            return index, False
+        table = index.tracks.select([p not in drop for p in index.tracks.columns["part"]])
+        seen = set(table.columns["id"])
+        for part in sorted(added):
+            # Two runs racing may both write a song (each in a part of its own): the first
+            # part keeps it, the other's copy is never read.
+            new = added[part]
+            keep = [tid not in seen for tid in new.columns["id"]]
+            seen.update(new.columns["id"])
+            table.extend(new.select(keep))
+        parts = sorted((indexed - drop) | set(added))
+        return Index(parts, table, index.failures, index.updated, gone=sorted(gone)), True
 
-        tracks = [index_entry(tid, attrs) for tid, attrs in sorted(self.completed_tracks().items())]
-        index = {
-            "tracks": tracks,
-            "failures": sorted(failures, key=lambda f: f["source"]),
-            "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        root = self._open("a")
-        root.require_group("index").attrs.update(index)
-        kwargs = {}
-        if is_remote(self.url):
-            from zarr.storage import FsspecStore
-
-            kwargs = {"store": FsspecStore.from_url(self.url, storage_options=self.storage_options)}
-        else:
-            kwargs = {"store": self.url}
-        with warnings.catch_warnings():
-            # Zarr 3 warns that consolidated metadata is not (yet) in the v3 spec; we rely on
-            # zarr-python's implementation and read it back with zarr-python only.
-            warnings.simplefilter("ignore", UserWarning)
-            zarr.consolidate_metadata(**kwargs)
+    def write_index(self, failures: list[dict] | None = None, refresh=()) -> "Index":
+        """Bring the index up to date (current_index) with `failures` recorded (None: keep the
+        index's), and write it in one atomic write."""
+        index, changed = self.current_index(refresh)
+        if failures is not None:
+            failures = sorted(failures, key=lambda f: f["source"])
+            changed = changed or failures != index.failures
+            index.failures = failures
+        if changed or index.updated is None:
+            index.updated = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            self._write_node(f"index/{ZARR_JSON}", {
+                "parts": index.parts, "tracks": index.tracks.to_json(),
+                "failures": index.failures, "updated": index.updated})
         return index
 
+    def _write_node(self, key: str, attributes: dict) -> None:
+        """A Zarr group's metadata written in one atomic step (an S3 PUT; locally a rename)."""
+        document = json.dumps({"zarr_format": 3, "node_type": "group",
+                               "attributes": attributes}, separators=(",", ":")).encode()
+        fs, _ = self._filesystem()
+        path = self._path(key)
+        if is_remote(self.url):
+            fs.pipe_file(path, document)
+        else:
+            partial = f"{path}.{uuid.uuid4().hex}.partial"
+            with open(partial, "wb") as f:
+                f.write(document)
+            os.replace(partial, path)
 
-def index_entry(track_id: str, attrs: dict) -> dict:
-    return {
-        "id": track_id,
-        "length": int(attrs["length"]),
-        "duration": float(attrs["duration"]),
-        "sample_rate": int(attrs["sample_rate"]),
-        "genre": attrs.get("genre"),
-        "source": attrs.get("source"),
-    }
+    def set_genres(self, genres: dict[str, str], table: TrackTable) -> None:
+        """Relabel finished tracks (`table`: where they are) in their parts' tables; the index
+        picks the parts up again when it is next written (write_index(refresh=...))."""
+        parts = {row["part"] for row in table.rows() if row["id"] in genres}
+        for part, old in self.read_part_tables(parts).items():
+            if old is None:
+                continue
+            old.columns["genre"] = [genres.get(t, g) for t, g in
+                                    zip(old.columns["id"], old.columns["genre"])]
+            samples = max(o + n for o, n in zip(old.columns["offset"], old.columns["length"]))
+            self._write_node(f"parts/{part}/{ZARR_JSON}", {
+                "tracks": old.to_json(), "samples": samples, "complete": True})
+
+    # -- reading codes ----------------------------------------------------------------------------
+
+    def range_reader(self, concurrency: int = 64) -> RangeReader:
+        fs, root = self._filesystem()
+        return RangeReader(fs, root, self.config().dtype, is_remote(self.url), concurrency)
+
+    def mapped_reader(self, local_root: str | None = None) -> MappedReader:
+        """Memory-mapped reads of a local store (or of a node cache's copy at `local_root`)."""
+        return MappedReader(local_root or self._filesystem()[1], self.config().dtype)
+
+    def read_codes(self, track_id: str) -> np.ndarray:
+        """One whole track's codes (for tests, baselines and tools; training reads windows)."""
+        rows = {r["id"]: r for r in self.current_index()[0].tracks.rows()}
+        if track_id not in rows:
+            raise DwaveError(f"store {self.url} has no track {track_id}")
+        row = rows[track_id]
+        try:
+            return self.range_reader().read(
+                [(row["part"], row["offset"], row["offset"] + row["length"])])[0]
+        except OSError as exc:
+            raise self.unreadable(track_id, row["part"], exc) from None
+
+    def unreadable(self, track_id: str, part: str, exc: Exception) -> DwaveError:
+        """The one-line error for a track whose codes cannot be read."""
+        return DwaveError(
+            f"store {self.url}: track {track_id} cannot be read ({type(exc).__name__}: {exc}): "
+            "if the store is damaged, rebuild it (`dwave preprocess SOURCE --out STORE "
+            f"--overwrite`), or remove parts/{part} from it and rerun `dwave preprocess SOURCE "
+            "--out STORE` to write its tracks again")
 
 
-# Workers write many tracks to the same store: open it once per process, not once per track.
+@dataclass
+class Index:
+    """The store's index: the parts folded in, their track table, the failures of runs."""
+
+    parts: list[str] = field(default_factory=list)
+    tracks: TrackTable = field(default_factory=TrackTable)
+    failures: list[dict] = field(default_factory=list)
+    updated: str | None = None
+    gone: list[str] = field(default_factory=list)  # parts indexed once, no longer present
+
+
+def part_id_for(track_ids_and_fingerprints: list[tuple[str, str]], config: StoreConfig) -> str:
+    """A part's id: a digest of what it holds, so a rerun of the same batch writes the same
+    part (over a killed run's incomplete one) instead of leaving that one behind."""
+    text = json.dumps([config.sample_rate, config.quantization_channels,
+                       sorted(track_ids_and_fingerprints)])
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _settings(attrs: dict) -> dict:
+    """A store's settings: its root attributes but the random store_id."""
+    return {k: v for k, v in attrs.items() if k != "store_id"}
+
+
+# Workers write many parts to the same store: open its groups once per process, not per part.
 @functools.lru_cache(maxsize=8)
-def _cached_tracks_group(url: str, options_json: str):
-    return TrackStore(url, json.loads(options_json))._open("a")["tracks"]
+def _cached_group(url: str, options_json: str, path: str):
+    return TrackStore(url, json.loads(options_json))._open("a", path)

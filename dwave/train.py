@@ -298,7 +298,7 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     say = log if rank == 0 else (lambda *_: None)
     threads = configure_devices(hvd, train.threads)  # before any TensorFlow op runs
     _lock_run_dir(run_dir, rank, size, hvd)
-    data.load()  # only once the run dir is ours: a refused second job never reads the store
+    data.load(say)  # only once the run dir is ours: a refused second job never reads the store
 
     import tensorflow as tf
 

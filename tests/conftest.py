@@ -142,16 +142,20 @@ def synthetic_codes(seconds: float, rate: int = 16000, kind: str = "tone", seed:
 
 
 def make_store(url: str, tracks: dict, rate: int = 16000, storage_options=None,
-               levels: int = 256) -> str:
-    """A store written directly (no decoding): `tracks` maps id -> (codes, genre)."""
+               levels: int = 256, tracks_per_part: int = 2) -> str:
+    """A store written directly (no decoding): `tracks` maps id -> (codes, genre), written
+    `tracks_per_part` to a part, as preprocessing batches them."""
     from dwave.store import TrackStore
 
     store = TrackStore(url, storage_options)
     store.prepare(rate, levels, overwrite=True)
-    for track_id, (codes, genre) in tracks.items():
-        store.write_track(track_id, codes, {
-            "sample_rate": rate, "length": len(codes), "duration": len(codes) / rate,
-            "source": f"synthetic:{track_id}", "genre": genre})
+    items = list(tracks.items())
+    for first in range(0, len(items), tracks_per_part):
+        batch = items[first:first + tracks_per_part]
+        store.write_part(f"p{first:06d}", [
+            {"id": track_id, "sample_rate": rate, "duration": len(codes) / rate,
+             "source": f"synthetic:{track_id}", "genre": genre} for track_id, (codes, genre) in batch],
+            [codes for _, (codes, _) in batch])
     store.write_index([])
     return url
 

@@ -128,12 +128,14 @@ def test_a_track_that_cannot_be_read_is_a_one_line_error_in_both_modes(tmp_path)
     TensorFlow wraps the error in its own; nothing is read before load() is asked for."""
     lengths = {"a": 3000, "b": 4000}
     url = make_store(str(tmp_path / "s"), {
-        tid: ((np.arange(n) % 251).astype(np.uint8), "g") for tid, n in lengths.items()})
-    (tmp_path / "s" / "tracks" / "b" / "c" / "0").write_bytes(b"\x00")
-    said = (rf"store {url}: track b cannot be read \(RuntimeError: .*\): if the store is "
-            r"damaged, rebuild it")
+        tid: ((np.arange(n) % 251).astype(np.uint8), "g") for tid, n in lengths.items()},
+        tracks_per_part=1)
+    (tmp_path / "s" / "parts" / "p000001" / "codes" / "c" / "0").write_bytes(b"\x00")
+    said = (rf"store {url}: track b cannot be read \(OSError: parts/p000001/codes/c/0 bytes "
+            r"\d+-\d+: only \d+ bytes there \(the shard is cut short\)\): if the store is "
+            r"damaged, rebuild it .* or remove parts/p000001 from it")
     unloaded = open_training_data(url, 100, 2, 0, validation_fraction=0.0, load=False)
-    assert unloaded.train.buffer is None  # the damaged chunk was not touched
+    assert unloaded.train.mapped is None  # the damaged shard was not touched
     with pytest.raises(DwaveError, match=said):
         unloaded.load()
     with pytest.raises(DwaveError, match=said):
