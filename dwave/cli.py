@@ -204,6 +204,28 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _add_store(sub) -> None:
+    p = sub.add_parser("store", help="manage a store (upgrade)",
+                       description="Operations on a whole store.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    up = actions.add_parser(
+        "upgrade", help="convert a version-1 store to version 2 in place",
+        description="Convert a store written by an earlier dwave (version 1: one Zarr array per "
+                    "track) to version 2 (tracks packed into sharded parts, one track table), in "
+                    "place, without decoding any song again. Safe to interrupt: run it again to "
+                    "finish.")
+    up.add_argument("store", metavar="STORE")
+    up.add_argument("--storage-options", type=_json_object, metavar="JSON", default={})
+    up.set_defaults(func=_cmd_store_upgrade)
+
+
+def _cmd_store_upgrade(args) -> int:
+    from .upgrade import upgrade_store
+
+    upgrade_store(args.store, args.storage_options, log=_log)
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="run the whole job end to end on a synthesised corpus",
@@ -393,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_preprocess(sub)
     _add_info(sub)
+    _add_store(sub)
     _add_train(sub)
     _add_status(sub)
     _add_generate(sub)
