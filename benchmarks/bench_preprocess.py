@@ -9,6 +9,10 @@ Prints, for the songs in SONG_DIR (full-length 44.1 kHz stereo MP3s are the refe
   (a) `ffmpeg -i SONG -f null -` per song: decoding alone, the floor;
   (b) dwave's whole per-track processing (decode, mono, resample, normalise, mu-law, Zarr write)
       on one core, and the ratio (b)/(a)  [target <= 1.2; the replaced system's chain ~10];
+  (c) 30-s clips (fma_large's kind, cut from the songs without re-encoding): a whole
+      `run_preprocess` of --clips clips through one Dask worker, wall time per clip, against
+      ffmpeg's decode of the same clips  [target <= 1.2: the per-task cost shared by a part's
+      songs];
   throughput with 1 and 2 Dask workers and the parallel efficiency  [target >= 90 %];
   peak memory of a Dask worker processing a 1-hour song  [target < 400 MB];
 and writes OUT/preprocess_scaling.png (workers vs songs/s, with the ideal line) and
@@ -33,7 +37,7 @@ import soundfile as sf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dwave.cluster import ClusterConfig  # noqa: E402
-from dwave.preprocess import TrackTask, process_track, run_preprocess  # noqa: E402
+from dwave.preprocess import PartTask, TrackTask, process_part, run_preprocess  # noqa: E402
 from dwave.sources import expand_sources  # noqa: E402
 from dwave.store import TrackStore  # noqa: E402
 
@@ -54,10 +58,10 @@ def ffmpeg_decode_seconds(path: str, repeats: int) -> float:
 
 
 def dwave_track_seconds(source, store: TrackStore, config, repeats: int) -> float:
-    task = TrackTask(source, source.track_id, None)
+    part = PartTask("bench", (TrackTask(source, source.track_id, None),))
 
     def once():
-        result = process_track(task, store.url, store.storage_options, config)
+        (result,) = process_part(part, store.url, store.storage_options, config)
         assert result["status"] == "written", result
 
     return best_of(repeats, once)
@@ -100,8 +104,8 @@ def worker_peak_memory_mb(path: str, scratch: str) -> tuple[float, float, float]
                       dashboard_address=None) as cluster, Client(cluster) as client:
         client.run(lambda: __import__("dwave.preprocess"))  # imports count in the baseline
         (baseline, _), = client.run(rss_mb).values()
-        result = client.submit(process_track, TrackTask(source, "hour", None), store.url,
-                               store.storage_options, config).result()
+        (result,) = client.submit(process_part, PartTask("hour", (TrackTask(source, "hour", None),)),
+                                  store.url, store.storage_options, config).result()
         assert result["status"] == "written", result
         (_, peak), = client.run(rss_mb).values()
     return baseline, peak, result["duration"]
@@ -113,6 +117,21 @@ def throughput(song_dir: str, workers: int, scratch: str) -> tuple[float, int]:
                              overwrite=True, progress=False, log=lambda *_: None)
     assert not summary.failures, summary.failures
     return len(summary.written) / summary.wall_seconds, len(summary.written)
+
+
+def make_clips(songs: list[str], directory: str, count: int, seconds: float = 30.0) -> list[str]:
+    """`count` clips of `seconds`, cut from the songs at successive offsets, MP3 frames copied."""
+    os.makedirs(directory, exist_ok=True)
+    clips = []
+    for i in range(count):
+        song = songs[i % len(songs)]
+        offset = (i // len(songs)) * seconds % max(1.0, sf.info(song).duration - seconds)
+        clip = os.path.join(directory, f"{800000 + i:06d}.mp3")
+        subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-ss",
+                        str(offset), "-t", str(seconds), "-i", song, "-c", "copy", clip],
+                       check=True)
+        clips.append(clip)
+    return clips
 
 
 def plot_scaling(points: dict[int, float], path: str) -> None:
@@ -141,6 +160,7 @@ def main() -> int:
     parser.add_argument("song_dir")
     parser.add_argument("--out", default="bench-output")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clips", type=int, default=64, help="30-s clips for row (c) (64)")
     parser.add_argument("--copies", type=int, default=4,
                         help="each song is queued this many times (as links) for the Dask runs")
     args = parser.parse_args()
@@ -173,7 +193,23 @@ def main() -> int:
               f"decode {total_floor / len(sources):.3f} s -> ratio {figures['ratio']:.2f} "
               "(target <= 1.2)")
 
+        clips = make_clips([s.uri for s in sources], os.path.join(scratch, "clips"), args.clips)
+        clip_floor = sum(ffmpeg_decode_seconds(c, 1) for c in clips) / len(clips)
         os.sched_setaffinity(0, set(range(os.cpu_count())))
+        clip_runs = []
+        for _ in range(args.repeats):
+            summary = run_preprocess([os.path.join(scratch, "clips")],
+                                     os.path.join(scratch, "clip-store"),
+                                     cluster=ClusterConfig(workers=1), overwrite=True,
+                                     progress=False, log=lambda *_: None)
+            assert len(summary.written) == len(clips), summary.failures
+            clip_runs.append(summary.wall_seconds / len(clips))
+        figures.update(clip_ffmpeg_s=clip_floor, clip_dwave_s=min(clip_runs),
+                       clip_ratio=min(clip_runs) / clip_floor, clips=len(clips))
+        print(f"30-s clips, {len(clips)} through one Dask worker: {min(clip_runs) * 1000:.1f} ms "
+              f"per clip vs ffmpeg decode {clip_floor * 1000:.1f} ms -> ratio "
+              f"{figures['clip_ratio']:.2f} (target <= 1.2)")
+
         queue = os.path.join(scratch, "queue")
         os.makedirs(queue)
         for copy in range(args.copies):

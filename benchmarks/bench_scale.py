@@ -16,11 +16,12 @@ own request log):
 * rerun, nothing to do: `dwave preprocess SOURCES --out STORE` when every song is stored;
 * info: describe_store.
 
-And the input pipeline, stream mode, at the largest N: windows/s per rank for batches of 64
-windows of the `small` preset's span with 1, 16 and 64 byte-range reads in flight, bytes read
-per window against the window's own bytes, against Zarr's own reader of the same windows
-(the baseline); and memory mode: two processes ("ranks") mapping the same store, their
-private and proportional memory against a private copy each.
+And the input pipeline, stream mode, on a store of STREAM_TRACKS 30-s clips (random access:
+its speed does not depend on N): windows/s per rank for batches of 64
+windows of the `small` preset's span, 1, 4 and 16 (stream mode's default) windows a read, with
+1, 16 and 64 byte-range reads in flight, bytes and requests per window, against Zarr's own
+reader of the same windows (the baseline); and memory mode: two processes ("ranks") mapping the
+same store, their private and proportional memory against a private copy each.
 
 Real S3 answers a request in ~20-50 ms where moto on loopback takes ~1 ms: each operation's
 estimate at real S3 is its requests x --latency-ms when made one after another (an upper bound:
@@ -50,10 +51,13 @@ import numpy as np  # noqa: E402
 from machine import describe  # noqa: E402
 
 TRACK_SAMPLES = 8192  # 0.5 s at 16 kHz: enough for one `small` span; N = 100,000 is 820 MB
+# The input pipeline is measured on a store of fma_large's kind: STREAM_TRACKS clips of 30 s.
+STREAM_TRACKS, CLIP_SAMPLES = 1000, 30 * 16000
 TRACKS_PER_PART = 256  # preprocess.PART_MAX_SONGS: 30-s clips fill parts by count
 SPAN = 5023  # the `small` preset's receptive field (1023) + a 4000-sample window
 BATCH = 64
 CONCURRENCY = (1, 16, 64)
+WINDOWS_PER_READ = (1, 4, 16)  # one read per window, fewer, stream mode's default
 OPERATIONS = ("index_fold_all", "index_end_of_run", "open_for_training", "rerun_nothing_to_do",
               "info")
 
@@ -111,19 +115,20 @@ def make_sources(directory: str, n: int):
     return expand_sources([directory], {}, None).sources
 
 
-def build_store(url: str, sources, rng) -> float:
+def build_store(url: str, sources, rng, track_samples: int = TRACK_SAMPLES) -> float:
     """The store of len(sources) tracks; returns the seconds it took."""
     from dwave.store import TrackStore
 
     store = TrackStore(url)
     started = time.perf_counter()
     store.prepare(16000, 256, overwrite=True)
-    block = rng.integers(0, 256, TRACK_SAMPLES * TRACKS_PER_PART, dtype=np.uint8)
-    for first in range(0, len(sources), TRACKS_PER_PART):
-        batch = sources[first:first + TRACKS_PER_PART]
-        rows = [{"id": s.track_id, "sample_rate": 16000, "duration": TRACK_SAMPLES / 16000,
+    per_part = min(TRACKS_PER_PART, max(1, (64 << 20) // track_samples))  # <= 64 MB a part
+    block = rng.integers(0, 256, track_samples * per_part, dtype=np.uint8)
+    for first in range(0, len(sources), per_part):
+        batch = sources[first:first + per_part]
+        rows = [{"id": s.track_id, "sample_rate": 16000, "duration": track_samples / 16000,
                  "source": s.uri, "fingerprint": s.fingerprint, "genre": None} for s in batch]
-        codes = [block[i * TRACK_SAMPLES:(i + 1) * TRACK_SAMPLES] for i in range(len(batch))]
+        codes = [block[i * track_samples:(i + 1) * track_samples] for i in range(len(batch))]
         store.write_part(f"bench{first:08d}", rows, codes)
     store.write_index([])
     return time.perf_counter() - started
@@ -175,35 +180,39 @@ def bookkeeping(url: str, sources_dir: str, repeat: int, requests) -> dict:
 
 
 def streaming(url: str, requests, batches: int) -> dict:
-    """Windows/s of stream mode at each concurrency, bytes per window, and Zarr's own reader."""
+    """Windows/s of stream mode for each windows-per-read and concurrency, bytes and requests
+    per window, and Zarr's own reader of the same windows (the baseline)."""
     import zarr
 
     from dwave.data import open_samplers, scan_store
     from dwave.store import is_remote
 
-    data = open_samplers(scan_store(url), SPAN, BATCH, 0, validation_fraction=0.0,
-                         mode="stream", load=False)
-    sampler = data.train
+    scan = scan_store(url)
     out = {"window_bytes": SPAN, "batch": BATCH, "rows": {}}
-    for concurrency in CONCURRENCY if is_remote(url) else (1,):
-        sampler.concurrency = concurrency
-        sampler._local.reader = None
-        sampler.batch(0, 10_000)  # warm: the connection pool, the first files
-        reader = sampler._reader()
-        reader.requests = reader.bytes_read = 0
-        before = requests.count() if requests else 0
-        started = time.perf_counter()
-        for step in range(batches):
-            sampler.batch(0, step)
-        seconds = time.perf_counter() - started
-        windows = batches * BATCH
-        out["rows"][str(concurrency)] = {
-            "windows_per_s": windows / seconds,
-            "bytes_per_window": reader.bytes_read / windows,
-            "requests_per_window": ((requests.count() - before) / windows if requests
-                                    else reader.requests / windows)}
+    for per_read in WINDOWS_PER_READ:
+        for concurrency in CONCURRENCY if is_remote(url) else (1,):
+            sampler = open_samplers(scan, SPAN, BATCH, 0, validation_fraction=0.0, mode="stream",
+                                    load=False, windows_per_read=per_read).train
+            sampler.concurrency = concurrency
+            warm = 10_000 * sampler.steps_per_round
+            sampler.batch(0, warm)  # warm: the connection pool, the first files
+            reader = sampler._reader()
+            reader.requests = reader.bytes_read = 0
+            before = requests.count() if requests else 0
+            steps = -(-batches // sampler.steps_per_round) * sampler.steps_per_round  # rounds
+            started = time.perf_counter()
+            for step in range(steps):
+                sampler.batch(0, step)
+            seconds = time.perf_counter() - started
+            windows = steps * BATCH
+            out["rows"][f"{per_read}/{concurrency}"] = {
+                "windows_per_read": per_read, "in_flight": concurrency,
+                "windows_per_s": windows / seconds,
+                "bytes_per_window": reader.bytes_read / windows,
+                "requests_per_window": ((requests.count() - before) / windows if requests
+                                        else reader.requests / windows)}
     # Baseline: the same windows through Zarr's own reader of the part arrays.
-    kwargs = {"storage_options": sampler.store.storage_options} if is_remote(url) else {}
+    kwargs = {"storage_options": scan.store.storage_options} if is_remote(url) else {}
     arrays = {}
     windows = 0
     started = time.perf_counter()
@@ -226,9 +235,12 @@ from dwave.data import open_training_data
 data = open_training_data(sys.argv[1], %d, %d, 0, validation_fraction=0.0, mode=sys.argv[2])
 if sys.argv[2] == "memory":
     total = sum(int(c.sum(dtype=np.int64)) for c in data.train.code_chunks())
-else:  # a private copy of every track, as memory mode held them before
-    copy = np.concatenate([data.train.read([(i, 0, t.length)])[0]
-                           for i, t in enumerate(data.train.tracks)])
+else:  # a private copy of every track in one buffer, as memory mode held them before
+    copy = np.empty(sum(t.length for t in data.train.tracks), np.uint8)
+    at = 0
+    for i, t in enumerate(data.train.tracks):
+        copy[at:at + t.length] = data.train.read([(i, 0, t.length)])[0]
+        at += t.length
     total = int(copy.sum(dtype=np.int64))
 status = dict(l.split(":", 1) for l in open("/proc/self/status") if l.startswith("Rss"))
 rollup = dict(l.split(":", 1) for l in open("/proc/self/smaps_rollup") if ":" in l)
@@ -256,6 +268,18 @@ def memory_mode(url: str, ranks: int = 2) -> dict:
         assert len({r["checksum"] for r in reports}) == 1
         out[label] = reports
     return out
+
+
+def stream_rows(results: dict, backend: str, url: str, requests, batches: int) -> None:
+    results["stream"][backend] = s = streaming(url, requests, batches)
+    where = f"{STREAM_TRACKS} clips of 30 s, {backend}"
+    for row in s["rows"].values():
+        print(f"{where}: stream, {row['windows_per_read']} window(s) a read, "
+              f"{row['in_flight']:>2} in flight: {row['windows_per_s']:8.0f} windows/s, "
+              f"{row['bytes_per_window'] / SPAN:.2f}x the window's bytes, "
+              f"{row['requests_per_window']:.3f} requests/window", flush=True)
+    print(f"{where}: Zarr's own reader (baseline): {s['zarr_reader_windows_per_s']:8.0f} "
+          "windows/s", flush=True)
 
 
 def estimate(result: dict, latency_s: float) -> float | None:
@@ -331,28 +355,25 @@ def main() -> None:
                           + (f"  {r['requests']:>5} requests  ~{real:.1f} s at "
                              f"{args.latency_ms:.0f} ms" if r["requests"] is not None else ""),
                           flush=True)
-                if n == sizes[-1]:
-                    results["stream"][backend] = streaming(
-                        url, requests if backend == "s3" else None, args.batches)
-                    s = results["stream"][backend]
-                    for c, row in s["rows"].items():
-                        print(f"N={n:>7,} {backend:<5} stream, {c:>2} in flight: "
-                              f"{row['windows_per_s']:8.0f} windows/s, "
-                              f"{row['bytes_per_window'] / SPAN:.2f}x the window's bytes, "
-                              f"{row['requests_per_window']:.2f} requests/window", flush=True)
-                    print(f"N={n:>7,} {backend:<5} Zarr's own reader (baseline): "
-                          f"{s['zarr_reader_windows_per_s']:8.0f} windows/s", flush=True)
-                    if backend == "local":
-                        results["memory_mode"] = memory_mode(url)
-                        m = results["memory_mode"]
-                        for label in ("mapped", "private_copy"):
-                            print(f"memory mode, {m['ranks']} ranks, {m['data_mb']:.0f} MB of "
-                                  f"codes, {label}: " + "; ".join(
-                                      f"rank {i}: RssAnon {r['rss_anon_mb']:.0f} MB, RssFile "
-                                      f"{r['rss_file_mb']:.0f} MB, Pss {r['pss_mb']:.0f} MB"
-                                      for i, r in enumerate(m[label])), flush=True)
                 if backend == "local":
                     shutil.rmtree(url)
+        clips = make_sources(os.path.join(out, "scale-sources-clips"), STREAM_TRACKS)
+        for backend in backends:
+            url = (os.path.join(out, "scale-store-clips") if backend == "local"
+                   else "s3://scale/store-clips")
+            build_store(url, clips, rng, CLIP_SAMPLES)
+            stream_rows(results, backend, url, requests if backend == "s3" else None,
+                        args.batches)
+            if backend == "local":
+                results["memory_mode"] = memory_mode(url)
+                m = results["memory_mode"]
+                for label in ("mapped", "private_copy"):
+                    print(f"memory mode, {m['ranks']} ranks, {m['data_mb']:.0f} MB of codes, "
+                          f"{label}: " + "; ".join(
+                              f"rank {i}: RssAnon {r['rss_anon_mb']:.0f} MB, RssFile "
+                              f"{r['rss_file_mb']:.0f} MB, Pss {r['pss_mb']:.0f} MB"
+                              for i, r in enumerate(m[label])), flush=True)
+                shutil.rmtree(url)
     finally:
         if server:
             server.terminate()

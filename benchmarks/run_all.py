@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run the four benchmarks and gather every figure into one table.
 
-    python benchmarks/run_all.py [--out bench-output] [--only preprocess,train,learning,generate]
+    python benchmarks/run_all.py [--out bench-output] [--only preprocess,train,learning,generate,scale]
                                  [--publish benchmarks/results] [--reference-dir DIR]
 
 1. preprocess: full-length 44.1 kHz MP3s made from Debian's asc-music (benchmarks/make_songs.sh),
@@ -12,7 +12,9 @@
 3. learning: the same store, bench_learning.py (the `small` preset at its defaults for 800
    steps, validation bits/sample against the store's code histogram and bigram); with
    --reference-dir, bench_reference.py trains the reference WaveNet on the same batches;
-4. generate: bench_generate.py (naive vs cached, 1/16/64 songs).
+4. generate: bench_generate.py (naive vs cached, 1/16/64 songs);
+5. scale: bench_scale.py (stores of 1k, 10k and 100k tracks, local and on moto S3: bookkeeping
+   time and requests, stream windows/s, memory mode's one copy per node); ~30 minutes alone.
 
 Writes OUT/summary.md and OUT/summary.json (every figure, its target, and the machine it ran
 on) next to each benchmark's JSON and PNG; --publish copies them all into the given folder
@@ -38,7 +40,7 @@ sys.path.insert(0, ROOT)
 
 from bench_train import bf16_products_only, dwave_row  # noqa: E402
 from machine import cpu_model  # noqa: E402
-STAGES = ("preprocess", "train", "learning", "generate")
+STAGES = ("preprocess", "train", "learning", "generate", "scale")
 # bench_train's presets and per-rank batches: the issue-12 figures (base 1 x 4000, small 4 x 4000).
 TRAIN_BENCHMARKS = {"base": 1, "small": 4}
 
@@ -66,6 +68,9 @@ def rows(figures: dict) -> list[dict]:
     if p:
         add("preprocess", "dwave / ffmpeg decode time per song", p["ratio"], "x", "<= 1.2",
             p["ratio"] <= 1.2)
+        if "clip_ratio" in p:
+            add("preprocess", f"30-s clips through one Dask worker / ffmpeg decode per clip "
+                f"({p['clips']} clips)", p["clip_ratio"], "x", "<= 1.2", p["clip_ratio"] <= 1.2)
         for workers, rate in sorted(p["throughput_songs_per_s"].items()):
             add("preprocess", f"throughput, {workers} Dask worker(s)", rate, "songs/s")
         add("preprocess", "parallel efficiency 1 -> 2 workers", p["parallel_efficiency"], "",
@@ -121,6 +126,9 @@ def rows(figures: dict) -> list[dict]:
                 gap <= 0.1)
         add("learning", f"reference WaveNet's own loop, {ref['threads']} thread(s)",
             ref["reference_samples_per_second"], "samples/s")
+    sc = figures.get("scale")
+    if sc:
+        scale_rows(sc, add)
     g = figures.get("generate")
     if g:
         naive = g["naive"]
@@ -141,6 +149,46 @@ def rows(figures: dict) -> list[dict]:
         add("generate", f"step products, {products['rows']} songs, BLAS (one core)",
             products["blas_gflops"], "GFLOP/s")
     return out
+
+
+# bench_scale's targets at the largest N on loopback S3: (seconds, what the issue asks).
+SCALE_TARGETS = {"open_for_training": 10, "index_end_of_run": 30, "rerun_nothing_to_do": 60}
+
+
+def scale_rows(sc: dict, add) -> None:
+    latency = sc["latency_ms_assumed"] / 1000
+    for backend, by_size in sc["bookkeeping"].items():
+        sizes = sorted(by_size, key=int)
+        for op in by_size[sizes[0]]:
+            times = [by_size[n][op]["seconds"] for n in sizes]
+            growth = "; ".join(f"{int(n):,}: {t:.3f} s" for n, t in zip(sizes, times))
+            largest = by_size[sizes[-1]][op]
+            limit = SCALE_TARGETS.get(op) if backend == "s3" else None
+            add("scale", f"{op}, {backend} ({growth})", largest["seconds"], "s",
+                f"<= {limit} s" if limit else None,
+                largest["seconds"] <= limit if limit else None)
+            if largest["requests"] is not None:
+                real = largest["requests"] * latency
+                add("scale", f"{op}, S3 requests at {int(sizes[-1]):,} tracks (~{real:.1f} s at "
+                    f"{sc['latency_ms_assumed']:.0f} ms each)", largest["requests"], "requests",
+                    "<= 5 min at 30 ms", real <= 300)
+    for backend, st in sc["stream"].items():
+        for row in st["rows"].values():
+            name = (f"stream, {backend}, {row['windows_per_read']} window(s) a read, "
+                    f"{row['in_flight']} in flight")
+            target = (">= 2,000", row["windows_per_s"] >= 2000) if backend == "local" else \
+                (">= 1,000", row["windows_per_s"] >= 1000)
+            add("scale", name, row["windows_per_s"], "windows/s", *target)
+            ratio = row["bytes_per_window"] / st["window_bytes"]
+            add("scale", f"{name}: bytes read / window's bytes", ratio, "x", "<= 4", ratio <= 4)
+        add("scale", f"stream, {backend}: Zarr's own reader of the same windows (baseline)",
+            st["zarr_reader_windows_per_s"], "windows/s")
+    m = sc.get("memory_mode")
+    if m:
+        for label in ("mapped", "private_copy"):
+            pss = sum(r["pss_mb"] for r in m[label])
+            add("scale", f"memory mode, {m['ranks']} ranks, {m['data_mb']:.0f} MB of codes, "
+                f"{label}: proportional memory of all ranks", pss, "MB")
 
 
 def markdown(rows_: list[dict], host: dict) -> str:
@@ -182,7 +230,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench-output", help="working folder (bench-output)")
     parser.add_argument("--only", default=",".join(STAGES),
-                        help="comma-separated subset of preprocess,train,learning,generate")
+                        help="comma-separated subset of " + ",".join(STAGES))
     parser.add_argument("--publish", metavar="DIR",
                         help="copy the JSONs, PNGs and summary here (e.g. benchmarks/results)")
     parser.add_argument("--reference-dir", metavar="DIR",
@@ -222,6 +270,9 @@ def main() -> None:
     if "generate" in stages:
         run([py, os.path.join(HERE, "bench_generate.py"), "--out", out],
             os.path.join(out, "generate.log"))
+    if "scale" in stages:
+        run([py, os.path.join(HERE, "bench_scale.py"), "--out", out],
+            os.path.join(out, "scale.log"))
 
     figures = {}
     for stage in [s for s in STAGES if s != "train"] + ["reference"]:  # train: below

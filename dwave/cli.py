@@ -14,7 +14,7 @@ import sys
 
 from .cluster import CLUSTER_KINDS, ClusterConfig
 from .config import (DATA_MODES, DEFAULT_CACHE_BYTES, MODEL_FLAGS, PRECISIONS,
-                     PRESET_LEARNING_RATES, PRESETS)
+                     PRESET_LEARNING_RATES, PRESETS, STREAM_WINDOWS_PER_READ)
 from .audio import DEFAULT_MAX_SONG_MINUTES
 from .errors import DwaveError, printable
 from .demo import DemoConfig
@@ -318,6 +318,10 @@ def _add_train(sub) -> None:
     p.add_argument("--data-mode", choices=DATA_MODES,
                    help="hold the training tracks in memory, or read windows from the store "
                         f"(default: memory when they fit in {DEFAULT_CACHE_BYTES / 2**30:g} GiB)")
+    p.add_argument("--windows-per-read", type=_positive_int, metavar="K",
+                   help="training windows drawn together from one read of the store, shuffled "
+                        "across a round of steps: K times fewer requests (default: "
+                        f"{STREAM_WINDOWS_PER_READ} in stream mode, 1 in memory mode)")
     p.add_argument("--storage-options", type=_json_object, metavar="JSON", default={})
     p.set_defaults(func=_cmd_train)
 

@@ -43,6 +43,12 @@ PRECISIONS: dict[str, str] = {
 # flag: memory while the training tracks' codes fit in DEFAULT_CACHE_BYTES, else stream.
 DATA_MODES = ("memory", "stream")
 DEFAULT_CACHE_BYTES = 4 << 30
+# --windows-per-read: training windows that share one read of the store (dwave.data's grouped
+# draws). Stream mode reads 16 at a time by default: a request costs ~5 ms of CPU in s3fs (and
+# ~9 in moto), so one per window caps a rank near 100-200 windows/s, where 16 a read gave
+# 1,500 on loopback S3 (benchmarks/bench_scale.py); memory mode, where a read is a slice,
+# draws each window on its own.
+STREAM_WINDOWS_PER_READ = 16
 
 
 # The architecture fields a new run may set over its preset, with what each means: `dwave

@@ -34,11 +34,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import DATA_MODES, DEFAULT_CACHE_BYTES, DEFAULT_CONDITION
+from .config import DATA_MODES, DEFAULT_CACHE_BYTES, DEFAULT_CONDITION, STREAM_WINDOWS_PER_READ
 from .errors import DwaveError
 from .store import TrackStore
 
 UNKNOWN_VALUE = "unknown"  # the condition value of a track the store has none for
+# Grouped reads (WindowSampler): windows planned per round, and rounds kept in memory.
+ROUND_WINDOWS = 512
+ROUNDS_KEPT = 4
+_ROUND_TAG = 0x726F756E64  # keeps round streams apart from per-step ones ("round")
+
+
+class _Round:
+    """A round being read by one thread, waited for by the others."""
+
+    def __init__(self):
+        self.ready = threading.Event()
+        self.value = None
+        self.error: BaseException | None = None
 
 
 @dataclass(frozen=True)
@@ -69,12 +82,42 @@ def split_tracks(tracks: list[Track], fraction: float) -> tuple[list[Track], lis
     return train, val
 
 
+def grouped_starts(rng, cumulative_starts: np.ndarray, lengths: np.ndarray, span: int,
+                   windows: int, per_read: int):
+    """`windows` window (track, start) pairs drawn in groups of `per_read` that share one read:
+    each group's first window is uniform over every valid start (as ungrouped draws are), and
+    its block, `per_read` spans long (the whole track if shorter), is placed at a uniform offset
+    around it (clipped to the track); the rest of the group is uniform within the block. So
+    bytes read per window stay one span, and the marginal stays close to uniform. Returns
+    (track, start, block start, block end), one entry per window, groups consecutive."""
+    groups = -(-windows // per_read)
+    draws = rng.integers(0, int(cumulative_starts[-1]), groups)
+    track = np.searchsorted(cumulative_starts, draws, side="right")
+    anchor = draws - np.where(track > 0, cumulative_starts[track - 1], 0)
+    length = lengths[track]
+    extent = np.minimum(per_read * span, length)
+    block = np.clip(anchor - rng.integers(0, extent - span + 1), 0, length - extent)
+    others = block[:, None] + rng.integers(0, (extent - span + 1)[:, None],
+                                           (groups, per_read - 1))
+    starts = np.concatenate([anchor[:, None], others], axis=1).reshape(-1)[:windows]
+    rep = lambda a: np.repeat(a, per_read)[:windows]  # noqa: E731
+    return rep(track), starts, rep(block), rep(block + extent)
+
+
 class WindowSampler:
-    """Batches of windows from a list of tracks. `batch(rank, step)` is deterministic."""
+    """Batches of windows from a list of tracks. `batch(rank, step)` is deterministic.
+
+    `windows_per_read` > 1 (stream mode's default, STREAM_WINDOWS_PER_READ): the windows of a
+    round of steps (ROUND_WINDOWS windows) are drawn in groups that share one byte-range read
+    (grouped_starts) and then shuffled across the round's steps, so a batch's windows still
+    come from different places while the store sees `windows_per_read` times fewer requests
+    (what a rank on S3 needs: each request costs milliseconds of CPU on both ends). A round is
+    read once, when its first batch is asked for, and kept while its steps are served.
+    """
 
     def __init__(self, store: TrackStore, tracks: list[Track], values: list[str], span: int,
                  batch_size: int, seed: int, stream: int, mode: str, dtype=np.uint8,
-                 concurrency: int = 64):
+                 concurrency: int = 64, windows_per_read: int = 1):
         self.store, self.tracks, self.span = store, tracks, span
         self.dtype = np.dtype(dtype)  # the store's: codes above 255 must never wrap
         self.batch_size, self.seed, self.stream_id, self.mode = batch_size, seed, stream, mode
@@ -83,12 +126,16 @@ class WindowSampler:
                                         np.int32)
         # Window starts available in each track, and their running total: a uniform draw over
         # the total, located with searchsorted, is a uniform draw over every valid start.
-        starts = np.array([t.length - span + 1 for t in tracks], np.int64)
-        self.cumulative_starts = np.cumsum(starts)
+        self.lengths = np.array([t.length for t in tracks], np.int64)
+        self.cumulative_starts = np.cumsum(self.lengths - span + 1)
         self.total_starts = int(self.cumulative_starts[-1])
         self.concurrency = concurrency  # stream mode: byte-range reads in flight per batch
+        self.windows_per_read = windows_per_read
+        self.steps_per_round = max(1, ROUND_WINDOWS // batch_size)
         self.mapped = None  # memory mode: the mapped shards, once load() ran
         self._local = threading.local()  # stream mode: a reader per tf.data worker thread
+        self._rounds: dict = {}  # (rank, round) -> _Round, the last few
+        self._rounds_lock = threading.Lock()
 
     def load(self, log=None) -> None:
         """Memory mode: map the tracks' shards (a remote store's copied to the node cache
@@ -137,20 +184,74 @@ class WindowSampler:
 
     def locate(self, rank: int, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(track index, start within the track) of each window of this rank's batch."""
+        if self.windows_per_read > 1:
+            track, start, _, _ = self._round_plan(rank, step // self.steps_per_round)
+            rows = slice((step % self.steps_per_round) * self.batch_size,
+                         (step % self.steps_per_round + 1) * self.batch_size)
+            return track[rows], start[rows]
         rng = np.random.default_rng([self.seed, self.stream_id, rank, step])
         draws = rng.integers(0, self.total_starts, self.batch_size)
         track = np.searchsorted(self.cumulative_starts, draws, side="right")
         before = np.where(track > 0, self.cumulative_starts[track - 1], 0)
         return track, draws - before
 
+    def _round_plan(self, rank: int, round_: int):
+        """The round's windows in the order its steps take them: (track, start, block start,
+        block end) of each."""
+        rng = np.random.default_rng([self.seed, self.stream_id, rank, _ROUND_TAG, round_])
+        plan = grouped_starts(rng, self.cumulative_starts, self.lengths, self.span,
+                              self.steps_per_round * self.batch_size, self.windows_per_read)
+        order = rng.permutation(len(plan[0]))
+        return tuple(a[order] for a in plan)
+
     def batch(self, rank: int, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(codes (batch, span) of the store's dtype, condition int32 (batch,))."""
+        if self.windows_per_read > 1:
+            codes, track = self._round(rank, step // self.steps_per_round)
+            rows = slice((step % self.steps_per_round) * self.batch_size,
+                         (step % self.steps_per_round + 1) * self.batch_size)
+            return codes[rows], self.track_condition[track[rows]]
         track, start = self.locate(rank, step)
         codes = np.empty((self.batch_size, self.span), self.dtype)
         windows = self.read([(int(t), int(s), int(s) + self.span) for t, s in zip(track, start)])
         for row, window in enumerate(windows):
             codes[row] = window
         return codes, self.track_condition[track]
+
+    def _round(self, rank: int, round_: int) -> tuple[np.ndarray, np.ndarray]:
+        """A round's codes (its windows, in step order) and tracks: read once (the first
+        thread to ask reads; tf.data's others wait for it), kept for the next few rounds."""
+        key = (rank, round_)
+        with self._rounds_lock:
+            entry = self._rounds.get(key)
+            owner = entry is None
+            if owner:
+                entry = self._rounds[key] = _Round()
+                for old in sorted(self._rounds)[:-ROUNDS_KEPT]:
+                    del self._rounds[old]
+        if owner:
+            try:
+                entry.value = self._read_round(rank, round_)
+            except BaseException as exc:  # noqa: BLE001 - handed to every waiting thread
+                entry.error = exc
+            finally:
+                entry.ready.set()
+        entry.ready.wait()
+        if entry.error is not None:
+            raise entry.error
+        return entry.value
+
+    def _read_round(self, rank: int, round_: int):
+        track, start, block, end = self._round_plan(rank, round_)
+        blocks = {}  # (track, block start) -> block end: one read each
+        for t, b, e in zip(track.tolist(), block.tolist(), end.tolist()):
+            blocks[(t, b)] = e
+        keys = list(blocks)
+        read = dict(zip(keys, self.read([(t, b, blocks[(t, b)]) for t, b in keys])))
+        codes = np.empty((len(track), self.span), self.dtype)
+        for row, (t, s, b) in enumerate(zip(track.tolist(), start.tolist(), block.tolist())):
+            codes[row] = read[(t, b)][s - b:s - b + self.span]
+        return codes, track
 
     def dataset(self, rank: int, first_step: int, last_step: int, parallel: int = 4):
         """A tf.data pipeline of this rank's batches for steps [first_step, last_step)."""
@@ -243,7 +344,7 @@ def scan_store(store_url: str, storage_options: dict | None = None,
 def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
                   validation_fraction: float = 0.1, cache_bytes: int = DEFAULT_CACHE_BYTES,
                   mode: str | None = None, values: list[str] | None = None,
-                  load: bool = True) -> TrainingData:
+                  load: bool = True, windows_per_read: int | None = None) -> TrainingData:
     """The training and validation samplers of spans of `span` samples (ModelConfig.span: the
     receptive field + the predicted window), with a clear error for a store that cannot feed one.
     `load=False` leaves reading the tracks to TrainingData.load().
@@ -276,8 +377,11 @@ def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
         mode = "memory" if train_bytes <= cache_bytes else "stream"
     if mode not in DATA_MODES:
         raise DwaveError(f"data mode must be one of {', '.join(DATA_MODES)}, got {mode!r}")
+    if windows_per_read is None:
+        windows_per_read = STREAM_WINDOWS_PER_READ if mode == "stream" else 1
     make = lambda ts, stream: WindowSampler(  # noqa: E731
-        store, ts, values, span, batch_size, seed, stream, mode, scan.dtype)
+        store, ts, values, span, batch_size, seed, stream, mode, scan.dtype,
+        windows_per_read=windows_per_read)
     data = TrainingData(
         train=make(train, 0),
         validation=make(val, 1) if val else None,
@@ -295,7 +399,9 @@ def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
 def open_training_data(store_url: str, span: int, batch_size: int, seed: int,
                        validation_fraction: float = 0.1, storage_options: dict | None = None,
                        cache_bytes: int = DEFAULT_CACHE_BYTES, mode: str | None = None,
-                       values: list[str] | None = None, load: bool = True) -> TrainingData:
+                       values: list[str] | None = None, load: bool = True,
+                       windows_per_read: int | None = None) -> TrainingData:
     """scan_store then open_samplers, for callers that know the span already."""
     return open_samplers(scan_store(store_url, storage_options), span, batch_size, seed,
-                         validation_fraction, cache_bytes, mode, values, load)
+                         validation_fraction, cache_bytes, mode, values, load,
+                         windows_per_read)

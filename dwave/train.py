@@ -58,6 +58,7 @@ class TrainConfig:
     seed: int = 0
     validation_fraction: float = 0.1
     data_mode: str | None = None  # memory | stream; default: memory if it fits
+    windows_per_read: int | None = None  # windows sharing one read; default: by the data mode
     threads: int | None = None  # TF threads per rank; default: cores / local ranks
     listen_seconds: float = 1.0  # a sample of this length at each validation; 0: none
 
@@ -65,7 +66,8 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise DwaveError(f"--precision must be one of {', '.join(PRECISIONS)}, got "
                              f"{self.precision!r}")
-        for name in ("steps", "batch_size", "window", "val_every", "ckpt_every"):
+        for name in ("steps", "batch_size", "window", "val_every", "ckpt_every") + (
+                ("windows_per_read",) if self.windows_per_read is not None else ()):
             if getattr(self, name) < 1:
                 raise DwaveError(f"--{name.replace('_', '-')} must be positive")
         if self.warmup_steps < 0 or (self.lr is not None and not self.lr > 0):
@@ -288,7 +290,7 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     span = model_config.span(train.window)
     data = open_samplers(scan, span, train.batch_size, train.seed, train.validation_fraction,
                          mode=train.data_mode, values=model_config.condition_values or None,
-                         load=False)
+                         load=False, windows_per_read=train.windows_per_read)
     resuming = saved_model is not None
 
     from .ranks import start_horovod
@@ -315,7 +317,7 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
         f"{model_config.describe()}, {trainer.model.parameter_count:,} parameters")
     say(f"data: {len(data.train.tracks)} training tracks ({data.train_samples / data.sample_rate / 3600:.2f} h), "
         f"{len(data.validation.tracks) if data.validation else 0} validation tracks, "
-        f"{data.train.mode} mode; span {span} = receptive field {model_config.receptive_field}"
+        f"{data.train.mode} mode ({data.train.windows_per_read} window(s) a read); span {span} = receptive field {model_config.receptive_field}"
         f" + {train.window}; batch {train.batch_size} per rank, {train.batch_size * size} global")
     say("optimizer: Adam, " + (
         f"rate {train.lr:g}" if size == 1 else

@@ -55,18 +55,78 @@ def test_streams_differ_by_rank_and_step_and_repeat_exactly(ramp_store):
     assert not np.array_equal(a, other_seed.batch(0, 10)[0])
 
 
-def test_memory_and_stream_modes_give_the_same_batches_through_tf_data(ramp_store):
+@pytest.mark.parametrize("per_read", [1, 8])
+def test_memory_and_stream_modes_give_the_same_batches_through_tf_data(ramp_store, per_read):
     url, _ = ramp_store
-    memory = open_training_data(url, 1000, 4, seed=1, validation_fraction=0, mode="memory")
-    stream = open_training_data(url, 1000, 4, seed=1, validation_fraction=0, mode="stream")
+    memory = open_training_data(url, 1000, 4, seed=1, validation_fraction=0, mode="memory",
+                                windows_per_read=per_read)
+    stream = open_training_data(url, 1000, 4, seed=1, validation_fraction=0, mode="stream",
+                                windows_per_read=per_read)
     assert (memory.train.mode, stream.train.mode) == ("memory", "stream")
-    from_memory = list(memory.train.dataset(rank=1, first_step=3, last_step=8))
-    from_stream = list(stream.train.dataset(rank=1, first_step=3, last_step=8))
-    assert len(from_memory) == 5
-    for (c1, g1), (c2, g2), step in zip(from_memory, from_stream, range(3, 8)):
+    # Steps 125-133 cross a round's end (512 windows / 4 per batch = 128 steps a round).
+    from_memory = list(memory.train.dataset(rank=1, first_step=125, last_step=133))
+    from_stream = list(stream.train.dataset(rank=1, first_step=125, last_step=133))
+    assert len(from_memory) == 8
+    for (c1, g1), (c2, g2), step in zip(from_memory, from_stream, range(125, 133)):
         np.testing.assert_array_equal(c1.numpy(), c2.numpy())
         np.testing.assert_array_equal(g1.numpy(), g2.numpy())
         np.testing.assert_array_equal(c1.numpy(), memory.train.batch(1, step)[0])
+        track, start = memory.train.locate(1, step)
+        for row in range(4):  # each window is the codes at its located start
+            np.testing.assert_array_equal(c1.numpy()[row], (start[row] + np.arange(1000)) % 251)
+
+
+def test_defaults_stream_mode_reads_windows_in_groups_and_memory_mode_one_by_one(ramp_store):
+    url, _ = ramp_store
+    from dwave.config import STREAM_WINDOWS_PER_READ
+
+    stream = open_training_data(url, 1000, 4, seed=1, validation_fraction=0, mode="stream")
+    memory = open_training_data(url, 1000, 4, seed=1, validation_fraction=0, mode="memory")
+    assert (stream.train.windows_per_read, memory.train.windows_per_read) == (
+        STREAM_WINDOWS_PER_READ, 1)
+
+
+def test_grouped_windows_share_reads_yet_stay_spread_and_uniform(tmp_path):
+    """Windows drawn 8 to a read: 1/8 of the requests, one span of bytes per window, each
+    window the codes at its located start, each batch from different places."""
+    lengths = {"long": 200_000, "mid": 60_000, "short": 7_000}
+    url = make_store(str(tmp_path / "s"), {
+        tid: ((np.arange(n) % 251).astype(np.uint8), "g") for tid, n in lengths.items()})
+    span, batch = 1000, 4
+    sampler = open_training_data(url, span, batch, seed=3, validation_fraction=0,
+                                 mode="stream", windows_per_read=8).train
+    steps = 4 * sampler.steps_per_round  # four rounds
+    spread = []
+    for step in range(steps):
+        codes, _ = sampler.batch(0, step)
+        track, start = sampler.locate(0, step)
+        spread.append(len({(int(t), int(s) // 10_000) for t, s in zip(track, start)}))
+        for row, (t, s) in enumerate(zip(track, start)):
+            np.testing.assert_array_equal(codes[row], (s + np.arange(span)) % 251)
+    reader = sampler._reader()
+    windows = steps * batch
+    # One read of 8 spans a group (a shorter track: all of it, shared by its groups in a round).
+    assert windows / 10 < reader.requests <= windows / 8
+    assert windows * span * 0.8 < reader.bytes_read <= windows * span
+    assert np.mean(spread) > 3.5  # a batch's 4 windows come from 4 places, nearly always
+
+
+def test_grouped_draws_keep_tracks_in_proportion_and_positions_uniform():
+    """The grouped draw's marginal: each track in proportion to its valid starts, and every
+    region of a track (its edges included) drawn equally often, within sampling noise."""
+    from dwave.data import grouped_starts
+
+    lengths, span = np.array([200_000, 60_000, 7_000]), 1000
+    starts = lengths - span + 1
+    track, start, block, end = grouped_starts(np.random.default_rng(0), np.cumsum(starts),
+                                              lengths, span, 800_000, 8)
+    assert ((block <= start) & (start + span <= end) & (end <= lengths[track])).all()
+    assert ((end - block) == np.minimum(8 * span, lengths[track])).all()
+    share = np.bincount(track, minlength=3) / len(track)
+    np.testing.assert_allclose(share, starts / starts.sum(), rtol=0.02)
+    for t, bins in ((0, 20), (2, 6)):
+        density = np.histogram(start[track == t], bins=bins, range=(0, starts[t]))[0]
+        np.testing.assert_allclose(density / density.mean(), 1.0, atol=0.06)
 
 
 def test_genres_index_the_store_vocabulary(ramp_store):
