@@ -457,9 +457,14 @@ class TrackStore:
             fs.pipe_file(path, document)
         else:
             partial = f"{path}.{uuid.uuid4().hex}.partial"
-            with open(partial, "wb") as f:
-                f.write(document)
-            os.replace(partial, path)
+            try:
+                with open(partial, "wb") as f:
+                    f.write(document)
+                os.replace(partial, path)
+            except BaseException:
+                if os.path.exists(partial):  # ours, half written (a full disk): not left behind
+                    os.remove(partial)
+                raise
 
     def set_genres(self, genres: dict[str, str], table: TrackTable) -> None:
         """Relabel finished tracks (`table`: where they are) in their parts' tables; the index

@@ -100,9 +100,9 @@ def test_overwrite_replaces_only_what_the_store_wrote(tmp_path, song):
     # finish, and finishing works.
     import shutil
 
-    shutil.rmtree(store / "tracks")
+    shutil.rmtree(store / "parts")
     refused(song, "--out", store,
-            message="has no tracks group (an --overwrite that was interrupted?)")
+            message="has no parts group (an --overwrite that was interrupted?)")
     run_dwave("preprocess", song, "--out", store, "--overwrite", "--workers", "1", "--no-progress",
               check=0)
     assert (store / "README.txt").exists()
@@ -211,12 +211,15 @@ def test_a_full_disk_while_writing_the_index_is_one_line_and_keeps_the_tracks(sm
         pass
     finally:
         os.close(fd)
-    # A rerun has nothing to process: only the index is rewritten, and the disk is full.
+    # A rerun whose only song is a bad file: no part to write, only the index (its failure),
+    # and the disk is full. (A rerun with nothing new writes nothing at all.)
+    (songs / "000004.wav").write_text("not audio")
     proc = run_dwave("preprocess", songs, "--out", store, "--workers", "1", "--no-progress")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith(f"dwave: error: cannot write the index of {store} (") and \
         "No space left on device" in line and "rerun the same command" in line, line
+    assert not [p for p in tree(store) if p.endswith(".partial")]  # no half-written index left
     filler.unlink()
     info = json.loads(run_dwave("info", store, "--json", check=0).stdout)
     assert sorted(t["id"] for t in info["tracks"]) == ["1", "2", "3"]
