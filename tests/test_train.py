@@ -273,7 +273,7 @@ def test_a_job_on_a_busy_run_dir_is_refused_before_it_reads_the_store(tone_store
 
     store, run = tmp_path / "store", tmp_path / "run"
     shutil.copytree(tone_store, store)
-    chunks = sorted(store.glob("tracks/*/c/0"))
+    chunks = sorted(store.glob("parts/*/codes/c/0"))
     assert chunks
     for chunk in chunks:
         chunk.write_bytes(b"\x00")  # no longer a track's codes
