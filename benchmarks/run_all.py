@@ -40,6 +40,8 @@ sys.path.insert(0, ROOT)
 
 from bench_train import bf16_products_only, dwave_row  # noqa: E402
 from machine import cpu_model  # noqa: E402
+
+from dwave.config import STREAM_WINDOWS_PER_READ  # noqa: E402
 STAGES = ("preprocess", "train", "learning", "generate", "scale")
 # bench_train's presets and per-rank batches: the issue-12 figures (base 1 x 4000, small 4 x 4000).
 TRAIN_BENCHMARKS = {"base": 1, "small": 4}
@@ -176,8 +178,10 @@ def scale_rows(sc: dict, add) -> None:
         for row in st["rows"].values():
             name = (f"stream, {backend}, {row['windows_per_read']} window(s) a read, "
                     f"{row['in_flight']} in flight")
-            target = (">= 2,000", row["windows_per_s"] >= 2000) if backend == "local" else \
-                (">= 1,000", row["windows_per_s"] >= 1000)
+            # The targets are the default's (other rows show what grouping the reads buys).
+            target = (None, None) if row["windows_per_read"] != STREAM_WINDOWS_PER_READ else (
+                (">= 2,000", row["windows_per_s"] >= 2000) if backend == "local" else
+                (">= 1,000", row["windows_per_s"] >= 1000))
             add("scale", name, row["windows_per_s"], "windows/s", *target)
             ratio = row["bytes_per_window"] / st["window_bytes"]
             add("scale", f"{name}: bytes read / window's bytes", ratio, "x", "<= 4", ratio <= 4)
