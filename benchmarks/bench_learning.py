@@ -54,8 +54,8 @@ def independent_baselines(store: str, run_dir: str) -> dict:
     levels = data.levels
     unigram = np.zeros(levels)
     pairs = np.zeros((levels, levels))
-    for track in data.train.tracks:
-        codes = data.train.store.read_codes(track.id).astype(np.int64)
+    for i, track in enumerate(data.train.tracks):
+        codes = data.train.read([(i, 0, track.length)])[0].astype(np.int64)
         unigram += np.bincount(codes, minlength=levels)
         np.add.at(pairs, (codes[:-1], codes[1:]), 1)
     windows = np.concatenate([data.validation.batch(0, i)[0] for i in range(train["val_batches"])])
