@@ -48,6 +48,7 @@ def version1(tmp_path):
     return path, tracks
 
 
+@pytest.mark.filterwarnings("ignore:Consolidated metadata")  # the version-1 writer consolidates
 def test_a_version1_store_is_upgraded_in_place_with_its_codes_and_attributes(version1):
     path, tracks = version1
     for args in (["info", path], ["train", path, "--run-dir", f"{path}-run", "--steps", "1"]):
@@ -77,6 +78,7 @@ def test_a_version1_store_is_upgraded_in_place_with_its_codes_and_attributes(ver
     assert "already version 2: nothing to do" in again.stderr
 
 
+@pytest.mark.filterwarnings("ignore:Consolidated metadata")
 def test_an_interrupted_upgrade_finishes_when_run_again(version1, monkeypatch):
     from dwave import upgrade
 
