@@ -74,28 +74,13 @@ class RequestLog:
 
 
 def start_s3(out: str):
-    """A moto S3 server on loopback with its request log in a file: (process, endpoint, log)."""
-    import socket
+    """A moto S3 server on loopback with its request log in a file: (process, log)."""
+    from conftest import start_moto_server
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log_path = os.path.join(out, "scale-moto.log")
-    server = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1", "-p",
-         str(port)], stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
-    endpoint = f"http://127.0.0.1:{port}"
+    server, endpoint = start_moto_server(log_path)
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                       AWS_ENDPOINT_URL=endpoint, AWS_DEFAULT_REGION="us-east-1")
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.time() > deadline:
-                raise RuntimeError("moto_server did not start")
-            time.sleep(0.2)
     import boto3
 
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="scale")
@@ -152,13 +137,12 @@ def bookkeeping(url: str, sources_dir: str, repeat: int, requests) -> dict:
     from dwave.data import open_samplers, scan_store
     from dwave.info import describe_store
     from dwave.preprocess import run_preprocess
-    from dwave.store import ZARR_JSON, TrackStore
+    from dwave.store import Index, TrackStore
 
     store = TrackStore(url)
 
     def fold_all(_):
-        store._write_node(f"index/{ZARR_JSON}", {})
-        store.write_index([])
+        store.write_index([], base=Index())
 
     def end_of_run(i):
         store.write_part(f"extra{i:04d}", [{"id": f"extra{i}", "source": "bench",

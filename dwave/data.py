@@ -143,7 +143,8 @@ class WindowSampler:
         if self.mode == "memory" and self.mapped is None:
             from .node_cache import local_copy
 
-            self.mapped = self.store.mapped_reader(local_copy(self.store, self.tracks, log))
+            self.mapped = self.store.mapped_reader(self.dtype,
+                                                   local_copy(self.store, self.tracks, log))
             # Every track mapped whole (views, nothing copied): a shard missing or cut short is
             # an error now, naming its track, not a failed batch later.
             self.read([(i, 0, t.length) for i, t in enumerate(self.tracks)])
@@ -152,7 +153,7 @@ class WindowSampler:
         if self.mode == "memory":
             return self.mapped
         if getattr(self._local, "reader", None) is None:
-            self._local.reader = self.store.range_reader(self.concurrency)
+            self._local.reader = self.store.range_reader(self.dtype, self.concurrency)
         return self._local.reader
 
     def read(self, windows: list[tuple[int, int, int]]) -> list[np.ndarray]:

@@ -223,14 +223,15 @@ def run_preprocess(
     expansion = expand_sources(specs, resolve_storage_options("s3://", source_storage_options),
                                cache_dir)
     config = store.prepare(sample_rate, quantization_channels, overwrite)
-    index, _ = store.current_index()  # the index and the parts present: no read of every track
+    stored = store.read_index()  # read once: folded now and again at the end of the run
+    index, _ = store.current_index(base=stored)  # the parts present, no read of every track
     if index.gone:
         log(f"{len(index.gone)} part(s) the index lists are no longer in the store: their "
             "tracks count as not done")
     done = index.tracks.by_id()
     tasks, skipped, failures, relabel = plan_tasks(expansion.sources, genres, done)
+    relabelled = store.set_genres(relabel, index.tracks) if relabel else set()
     if relabel:
-        store.set_genres(relabel, index.tracks)
         log(f"--metadata: genre set on {len(relabel)} finished track(s) whose genre it changes")
     unmatched = sorted(set(genres) - {s.track_id for s in expansion.sources} - set(done))
     if unmatched:
@@ -255,10 +256,9 @@ def run_preprocess(
     # Keep earlier runs' failures for sources this run did not touch; drop those now handled.
     touched = {s.uri for s in expansion.sources}
     kept = [f for f in index.failures if f["source"] not in touched]
-    relabelled = {row["part"] for row in index.tracks.rows() if row["id"] in relabel}
     try:
         index = store.write_index(kept + [{"source": f["source"], "reason": f["reason"]}
-                                          for f in failures], refresh=relabelled)
+                                          for f in failures], refresh=relabelled, base=stored)
     except OSError as exc:
         raise DwaveError(
             f"cannot write the index of {store.url} ({type(exc).__name__}: "

@@ -28,6 +28,7 @@ converted in place by ``dwave store upgrade`` (dwave.upgrade) without decoding a
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
 import hashlib
@@ -404,12 +405,13 @@ class TrackStore:
         return Index(list(attrs.get("parts", [])), table, list(attrs.get("failures", [])),
                      attrs.get("updated"))
 
-    def current_index(self, refresh=()) -> tuple["Index", bool]:
+    def current_index(self, refresh=(), base: "Index | None" = None) -> tuple["Index", bool]:
         """The index brought up to date with the parts present now: parts written since it was
         written (a killed run's, another run's) folded in, parts removed since dropped; the parts
-        in `refresh` read again. (index, whether it changed). Requests: the index, one listing
-        per 1,000 parts, one per new part."""
-        index = self.read_index()
+        in `refresh` read again. (index, whether it differs from the stored one). Requests: the
+        index (none when the caller read it already: `base`, read_index()'s), one listing per
+        1,000 parts, one per new part. `base=Index()` folds every part afresh."""
+        index = self.read_index() if base is None else base
         present = self.list_parts()
         indexed = set(index.parts)
         gone = indexed - present
@@ -419,7 +421,7 @@ class TrackStore:
         drop = gone | set(tables)
         changed = bool(gone or added or (set(refresh) & indexed))
         if not changed:
-            return index, False
+            return dataclasses.replace(index), False
         table = index.tracks.select([p not in drop for p in index.tracks.columns["part"]])
         seen = set(table.columns["id"])
         for part in sorted(added):
@@ -432,10 +434,11 @@ class TrackStore:
         parts = sorted((indexed - drop) | set(added))
         return Index(parts, table, index.failures, index.updated, gone=sorted(gone)), True
 
-    def write_index(self, failures: list[dict] | None = None, refresh=()) -> "Index":
-        """Bring the index up to date (current_index) with `failures` recorded (None: keep the
-        index's), and write it in one atomic write."""
-        index, changed = self.current_index(refresh)
+    def write_index(self, failures: list[dict] | None = None, refresh=(),
+                    base: "Index | None" = None) -> "Index":
+        """Bring the index up to date (current_index, from `base` if given) with `failures`
+        recorded (None: keep the index's), and write it in one atomic write if it changed."""
+        index, changed = self.current_index(refresh, base)
         if failures is not None:
             failures = sorted(failures, key=lambda f: f["source"])
             changed = changed or failures != index.failures
@@ -466,10 +469,11 @@ class TrackStore:
                     os.remove(partial)
                 raise
 
-    def set_genres(self, genres: dict[str, str], table: TrackTable) -> None:
-        """Relabel finished tracks (`table`: where they are) in their parts' tables; the index
-        picks the parts up again when it is next written (write_index(refresh=...))."""
-        parts = {row["part"] for row in table.rows() if row["id"] in genres}
+    def set_genres(self, genres: dict[str, str], table: TrackTable) -> set[str]:
+        """Relabel finished tracks (`table`: where they are) in their parts' tables. Returns the
+        parts rewritten, for the index to read again (write_index(refresh=...))."""
+        parts = {part for tid, part in zip(table.columns["id"], table.columns["part"])
+                 if tid in genres}
         for part, old in self.read_part_tables(parts).items():
             if old is None:
                 continue
@@ -478,16 +482,18 @@ class TrackStore:
             samples = max(o + n for o, n in zip(old.columns["offset"], old.columns["length"]))
             self._write_node(f"parts/{part}/{ZARR_JSON}", {
                 "tracks": old.to_json(), "samples": samples, "complete": True})
+        return parts
 
     # -- reading codes ----------------------------------------------------------------------------
 
-    def range_reader(self, concurrency: int = 64) -> RangeReader:
+    def range_reader(self, dtype: np.dtype, concurrency: int = 64) -> RangeReader:
+        """Byte-range reads of codes of `dtype` (the store's: StoreConfig.dtype)."""
         fs, root = self._filesystem()
-        return RangeReader(fs, root, self.config().dtype, is_remote(self.url), concurrency)
+        return RangeReader(fs, root, dtype, is_remote(self.url), concurrency)
 
-    def mapped_reader(self, local_root: str | None = None) -> MappedReader:
+    def mapped_reader(self, dtype: np.dtype, local_root: str | None = None) -> MappedReader:
         """Memory-mapped reads of a local store (or of a node cache's copy at `local_root`)."""
-        return MappedReader(local_root or self._filesystem()[1], self.config().dtype)
+        return MappedReader(local_root or self._filesystem()[1], dtype)
 
     def read_codes(self, track_id: str) -> np.ndarray:
         """One whole track's codes (for tests, baselines and tools; training reads windows)."""
@@ -496,7 +502,7 @@ class TrackStore:
             raise DwaveError(f"store {self.url} has no track {track_id}")
         row = rows[track_id]
         try:
-            return self.range_reader().read(
+            return self.range_reader(self.config().dtype).read(
                 [(row["part"], row["offset"], row["offset"] + row["length"])])[0]
         except OSError as exc:
             raise self.unreadable(track_id, row["part"], exc) from None

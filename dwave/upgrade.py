@@ -17,7 +17,7 @@ import numpy as np
 from .errors import DwaveError
 from .part_codes import SHARD_SAMPLES
 from .preprocess import PART_MAX_SONGS
-from .store import STORE_FORMAT_VERSION, ZARR_JSON, StoreConfig, TrackStore, part_id_for
+from .store import STORE_FORMAT_VERSION, ZARR_JSON, Index, StoreConfig, TrackStore, part_id_for
 
 # Samples per part when converting (the songs are decoded already, so a part is sized by its
 # codes: 4 shards, a few hundred MB of memory at most while it is written).
@@ -61,9 +61,8 @@ def upgrade_store(url: str, storage_options: dict | None = None, log=print) -> d
         store.write_part(part_id, rows, codes)
         written += 1
     v1_index = dict(root["index"].attrs) if "index" in root else {}
-    # A new index, folded from every part (version 1's listed tracks as rows of dicts).
-    store._write_node(f"index/{ZARR_JSON}", {})
-    index = store.write_index(list(v1_index.get("failures", [])))
+    # A new index folded from every part (version 1's lists its tracks as rows of dicts).
+    index = store.write_index(list(v1_index.get("failures", [])), base=Index())
     # The switch: the root rewritten whole, without the consolidated metadata of version 1.
     store._write_node(ZARR_JSON, {**attrs, "dwave_store_version": STORE_FORMAT_VERSION,
                                   "store_id": attrs.get("store_id") or uuid.uuid4().hex})

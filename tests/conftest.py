@@ -77,13 +77,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_moto_server() -> tuple[subprocess.Popen, str]:
-    """A moto S3 server on a free loopback port, once it accepts connections: (process, URL)."""
+def start_moto_server(log_path: str | None = None) -> tuple[subprocess.Popen, str]:
+    """A moto S3 server on a free loopback port, once it accepts connections: (process, URL).
+    `log_path`: where its request log (one line a request) goes; default nowhere."""
     port = _free_port()
     server = subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
          "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log_path, "w") if log_path else subprocess.DEVNULL,
     )
     deadline = time.time() + 30
     while True:
