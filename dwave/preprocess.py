@@ -18,7 +18,8 @@ from .audio import (DEFAULT_MAX_SONG_MINUTES, AudioError, decode_to_mono, encode
 from .cluster import ClusterConfig
 from .errors import DwaveError, printable
 from .sources import Source, check_out_apart_from_sources, expand_sources
-from .store import StoreConfig, TrackStore, part_id_for, resolve_storage_options
+from .store import Index, IndexDamaged, StoreConfig, TrackStore, part_id_for, \
+    resolve_storage_options
 
 # A part holds at most this many songs and this much source data: enough songs that a Dask
 # task's fixed cost (20-40 ms) is nothing beside their decoding (a 30-s clip: ~30 ms), few
@@ -223,7 +224,12 @@ def run_preprocess(
     expansion = expand_sources(specs, resolve_storage_options("s3://", source_storage_options),
                                cache_dir)
     config = store.prepare(sample_rate, quantization_channels, overwrite)
-    stored = store.read_index()  # read once: folded now and again at the end of the run
+    try:
+        stored = store.read_index()  # read once: folded now and again at the end of the run
+    except IndexDamaged:
+        log(f"store {store.url}: its index is damaged; rebuilding it from the parts (the "
+            "failures it recorded are forgotten)")
+        stored = Index()
     index, _ = store.current_index(base=stored)  # the parts present, no read of every track
     if index.gone:
         log(f"{len(index.gone)} part(s) the index lists are no longer in the store: their "

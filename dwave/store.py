@@ -400,8 +400,8 @@ class TrackStore:
             table = (TrackTable.from_json(attrs["tracks"], f"{self.url}/index")
                      if "tracks" in attrs else TrackTable())
         except (ValueError, KeyError, TypeError):
-            raise DwaveError(f"store {self.url}: index/{ZARR_JSON} is damaged: rerun `dwave "
-                             "preprocess` on the store to rebuild it") from None
+            raise IndexDamaged(f"store {self.url}: index/{ZARR_JSON} is damaged: rerun `dwave "
+                               "preprocess` on the store to rebuild it from its parts") from None
         return Index(list(attrs.get("parts", [])), table, list(attrs.get("failures", [])),
                      attrs.get("updated"))
 
@@ -514,6 +514,10 @@ class TrackStore:
             "if the store is damaged, rebuild it (`dwave preprocess SOURCE --out STORE "
             f"--overwrite`), or remove parts/{part} from it and rerun `dwave preprocess SOURCE "
             "--out STORE` to write its tracks again")
+
+
+class IndexDamaged(DwaveError):
+    """The index document cannot be parsed; the parts it was folded from can rebuild it."""
 
 
 @dataclass

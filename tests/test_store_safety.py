@@ -369,3 +369,23 @@ def test_a_store_created_meanwhile_with_other_settings_is_not_relabelled(tmp_pat
         late._create({"dwave_store_version": 1, "sample_rate": 16000,
                        "quantization_channels": 256})
     assert TrackStore(url).config().sample_rate == 8000
+
+
+def test_a_damaged_index_is_an_error_for_readers_and_rebuilt_from_the_parts_by_preprocess(
+        tmp_path, song):
+    """The parts are the truth: a cut-short index/zarr.json stops `info` with one line saying
+    what to do, and the rerun it names rebuilds the index without decoding anything."""
+    store = tmp_path / "store"
+    run_dwave("preprocess", song, "--out", store, "--workers", "1", "--no-progress", check=0)
+    before = json.loads(run_dwave("info", store, "--json", check=0).stdout)["tracks"]
+    index = store / "index" / "zarr.json"
+    index.write_bytes(index.read_bytes()[:40])
+    info = run_dwave("info", store)
+    assert info.returncode == 2 and info.stderr.strip().splitlines()[-1] == (
+        f"dwave: error: store {store}: index/zarr.json is damaged: rerun `dwave preprocess` on "
+        "the store to rebuild it from its parts")
+    rerun = run_dwave("preprocess", song, "--out", store, "--workers", "1", "--no-progress",
+                      check=0)
+    assert "its index is damaged; rebuilding it from the parts" in rerun.stderr
+    assert "0 to process, 1 already in the store" in rerun.stderr
+    assert json.loads(run_dwave("info", store, "--json", check=0).stdout)["tracks"] == before
