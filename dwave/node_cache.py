@@ -35,7 +35,7 @@ def cache_root() -> str:
     return os.path.join(tempfile.gettempdir(), f"dwave-node-cache-{os.getuid()}")
 
 
-def shards_of(tracks, itemsize: int = 1) -> list[str]:
+def shards_of(tracks) -> list[str]:
     """The shard keys (relative to the store's root) that hold `tracks`' codes."""
     keys = set()
     for t in tracks:
@@ -49,8 +49,7 @@ def local_copy(store: TrackStore, tracks, log=None) -> str | None:
     this node's cache of the store, filled with the shards it lacks."""
     if not is_remote(store.url):
         return None
-    store.config()  # sets store.store_id
-    root = os.path.join(cache_root(), store.store_id or "unnamed")
+    root = os.path.join(cache_root(), store.root_attributes().get("store_id") or "unnamed")
     try:
         os.makedirs(root, exist_ok=True)
         with open(os.path.join(root, ".lock"), "w") as lock:

@@ -121,9 +121,6 @@ class RangeReader:
         self._fds[path] = fd
         return os.pread(fd, hi - lo, lo)
 
-    def close(self) -> None:
-        while self._fds:
-            os.close(self._fds.popitem()[1])
 
 
 class MappedReader:
@@ -154,6 +151,3 @@ class MappedReader:
                 pieces.append(mapped)
             out.append(pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
         return out
-
-    def close(self) -> None:
-        self._maps.clear()

@@ -267,7 +267,6 @@ class TrackStore:
                     f"anything again, with `dwave store upgrade {self.url}`"
                     if version < STORE_FORMAT_VERSION else
                     f"; this dwave reads version {STORE_FORMAT_VERSION}: upgrade dwave"))
-        self.store_id = attrs.get("store_id", "")
         return StoreConfig(int(attrs["sample_rate"]), int(attrs["quantization_channels"]))
 
     def prepare(
