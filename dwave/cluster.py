@@ -19,6 +19,14 @@ from .errors import DwaveError
 
 CLUSTER_KINDS = ("local", "slurm", "ec2")
 
+# Dask's nanny starts each worker with MALLOC_TRIM_THRESHOLD_=65536 so that its RSS drops after
+# large frees. Setting it switches off glibc's dynamic mmap threshold: every decode buffer is
+# then a fresh mmap faulted in page by page, a fifth of a 30-s clip's cost (bench_preprocess,
+# row c). dwave's workers reuse bounded buffers, so they run without it; a value the user
+# exports is kept. The environment variable reaches SLURM worker jobs (sbatch exports the
+# submitter's environment); slurm/preprocess.sbatch exports it for its own workers.
+NO_MALLOC_TRIM = "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_"
+
 
 @dataclasses.dataclass
 class ClusterConfig:
@@ -114,6 +122,21 @@ def _connect(options: ClusterConfig):
                          "and is the address right?") from None
 
 
+@contextlib.contextmanager
+def _without_malloc_trim() -> Iterator[None]:
+    import dask
+
+    if NO_MALLOC_TRIM in os.environ:
+        yield
+        return
+    os.environ[NO_MALLOC_TRIM] = "None"
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+            yield
+    finally:
+        os.environ.pop(NO_MALLOC_TRIM, None)
+
+
 def slurm_cluster_kwargs(options: ClusterConfig) -> dict:
     """dask_jobqueue.SLURMCluster arguments: one single-threaded worker process per job, the
     workers running this same Python (a shared filesystem, as on every SLURM cluster)."""
@@ -172,6 +195,7 @@ def dask_client(options: ClusterConfig | None = None, log=print) -> Iterator:
 
     options = options or ClusterConfig()
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_without_malloc_trim())
         if options.scheduler:
             client = stack.enter_context(_connect(options))
             what = f"Dask scheduler {client.scheduler.address}"

@@ -146,3 +146,29 @@ def test_the_local_dashboard_listens_on_loopback_only():
         bound = client.run_on_scheduler(lambda dask_scheduler: [
             sock.getsockname()[0] for sock in dask_scheduler.http_server._sockets.values()])
         assert bound and set(bound) <= {"127.0.0.1"}, bound
+
+
+def test_local_workers_run_without_dasks_malloc_trimming_unless_the_user_sets_it(monkeypatch):
+    import os
+
+    from dwave.cluster import NO_MALLOC_TRIM, ClusterConfig, dask_client
+
+    def worker_trim(client):
+        (value,) = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")).values()
+        return value
+
+    monkeypatch.delenv(NO_MALLOC_TRIM, raising=False)
+    with dask_client(ClusterConfig(workers=1), log=lambda *_: None) as client:
+        assert worker_trim(client) is None
+        # Also in the driver's environment while the cluster runs: sbatch passes it on to
+        # SLURM worker jobs.
+        assert os.environ[NO_MALLOC_TRIM] == "None"
+    assert NO_MALLOC_TRIM not in os.environ  # put back as it was
+
+    # A user's export: Dask reads it into its configuration when it is imported.
+    monkeypatch.setenv(NO_MALLOC_TRIM, "131072")
+    import dask
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 131072}):
+        with dask_client(ClusterConfig(workers=1), log=lambda *_: None) as client:
+            assert worker_trim(client) == "131072"
