@@ -31,6 +31,15 @@ def test_mu_law_known_values():
     assert mu_law_encode(np.zeros(3)).dtype == np.uint8
 
 
+def test_mu_law_gain_is_the_same_as_scaling_the_audio_first():
+    x = np.random.default_rng(1).uniform(-1.3, 1.3, 20000).astype(np.float32)
+    gain = np.float32(1 / 0.77)
+    assert np.array_equal(mu_law_encode(x, 256, gain), mu_law_encode(x * gain, 256))
+    # 16-bit codes are computed in float64, the gain included
+    wide = x.astype(np.float64) * np.float64(gain)
+    assert np.array_equal(mu_law_encode(x, 65536, gain), mu_law_encode(wide, 65536))
+
+
 def test_mu_law_matches_formula_computed_independently():
     x = np.random.default_rng(0).uniform(-1, 1, 20000).astype(np.float32)
     ours = mu_law_encode(x).astype(int)
