@@ -9,10 +9,11 @@ Prints, for the songs in SONG_DIR (full-length 44.1 kHz stereo MP3s are the refe
   (a) `ffmpeg -i SONG -f null -` per song: decoding alone, the floor;
   (b) dwave's whole per-track processing (decode, mono, resample, normalise, mu-law, Zarr write)
       on one core, and the ratio (b)/(a)  [target <= 1.2; the replaced system's chain ~10];
-  (c) 30-s clips (fma_large's kind, cut from the songs without re-encoding): a whole
-      `run_preprocess` of --clips clips through one Dask worker, wall time per clip, against
-      one ffmpeg process decoding the same clips  [target <= 1.2: the per-task cost shared by a
-      part's songs];
+  (c) 30-s clips (fma_large's kind, cut from the songs without re-encoding): the marginal
+      wall time per clip of `run_preprocess` through one Dask worker (runs of --clips and
+      4x--clips clips), against one ffmpeg process decoding the same clips  [target <= 1.2:
+      the per-task cost shared by a part's songs]; and, in-process on one core, libsndfile's
+      decode alone and dwave's chain, against the same floor;
   throughput with 1 and 2 Dask workers and the parallel efficiency  [target >= 90 %];
   peak memory of a Dask worker processing a 1-hour song  [target < 400 MB];
 and writes OUT/preprocess_scaling.png (workers vs songs/s, with the ideal line) and
@@ -101,12 +102,11 @@ def worker_peak_memory_mb(path: str, scratch: str) -> tuple[float, float, float]
     from distributed import Client, LocalCluster
 
     def rss_mb():
-        import resource
-
-        import psutil
-
-        return (psutil.Process().memory_info().rss / 2**20,
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        # VmHWM, the peak of this process's own memory map: getrusage's ru_maxrss survives
+        # exec, so a spawned worker would report the RSS of the driver it was forked from.
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024)
 
     store = TrackStore(os.path.join(scratch, "hour-store"))
     config = store.prepare(16000, 256, overwrite=True)
@@ -166,6 +166,63 @@ def plot_scaling(points: dict[int, float], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def clip_row(songs: list[str], scratch: str, count: int, repeats: int) -> dict:
+    """Row (c): 30-s clips. The Dask figure is the marginal cost of a clip, the slope between
+    runs of `count` and 4x`count` clips: a run's fixed cost (the worker's first imports, the
+    first part's start, ~1 s) is not a per-clip cost, and at 64 clips it alone adds ~15 ms a clip.
+    Beside it, on one core in this process: libsndfile's decode alone and dwave's whole chain
+    without the store write, which split the ratio into what the decoder costs and what
+    dwave adds (mono, resample, normalise, mu-law)."""
+    from dwave.preprocess import decode_track
+    from dwave.store import DEFAULT_QUANTIZATION_CHANNELS, DEFAULT_SAMPLE_RATE, StoreConfig
+
+    clips = make_clips(songs, os.path.join(scratch, "clips"), 4 * count)
+    few = os.path.join(scratch, "clips-few")
+    os.makedirs(few)
+    for clip in clips[:count]:
+        shutil.copy(clip, few)
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    # Every per-clip figure is taken over the same clips: those the larger run adds.
+    extra = clips[count:]
+    floor = ffmpeg_decode_all_seconds(extra, repeats) / len(extra)
+
+    def each(fn, items):
+        for item in items:
+            fn(item)  # the result dropped at once: held, 4x`count` decoded clips are ~2 GB
+
+    decode = best_of(repeats, lambda: each(lambda c: sf.read(c, dtype="float32"), extra))
+    decode /= len(extra)
+    config = StoreConfig(DEFAULT_SAMPLE_RATE, DEFAULT_QUANTIZATION_CHANNELS)
+    tasks = [TrackTask(s, s.track_id, None) for s in expand_sources(extra).sources]
+    chain = best_of(repeats, lambda: each(lambda t: decode_track(t, config, 3600.0), tasks))
+    chain /= len(extra)
+    os.sched_setaffinity(0, set(range(os.cpu_count())))
+
+    def run_seconds(directory: str, n: int) -> float:
+        summary = run_preprocess([directory], os.path.join(scratch, "clip-store"),
+                                 cluster=ClusterConfig(workers=1), overwrite=True,
+                                 progress=False, log=lambda *_: None)
+        assert len(summary.written) == n, summary.failures
+        return summary.wall_seconds
+
+    slopes, fixed = [], []
+    for _ in range(repeats):
+        small, large = run_seconds(few, count), run_seconds(os.path.join(scratch, "clips"),
+                                                            len(clips))
+        slopes.append((large - small) / len(extra))
+        fixed.append(small - count * slopes[-1])
+    slope = sorted(slopes)[len(slopes) // 2]  # the median: a difference of two noisy runs
+    print(f"30-s clips, one core in-process: libsndfile decode {decode * 1000:.1f} ms "
+          f"({decode / floor:.2f}x ffmpeg's {floor * 1000:.1f} ms), dwave's chain without the "
+          f"store write {chain * 1000:.1f} ms ({chain / floor:.2f}x)")
+    print(f"30-s clips through one Dask worker ({count} and {len(clips)} clips): marginal "
+          f"{slope * 1000:.1f} ms per clip -> ratio {slope / floor:.2f} (target <= 1.2); "
+          f"fixed cost of a run {sorted(fixed)[len(fixed) // 2]:.2f} s")
+    return {"clips": len(clips), "clip_ffmpeg_s": floor, "clip_decode_s": decode,
+            "clip_chain_s": chain, "clip_dwave_s": slope, "clip_ratio": slope / floor,
+            "clip_run_fixed_s": sorted(fixed)[len(fixed) // 2]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("song_dir")
@@ -204,22 +261,8 @@ def main() -> int:
               f"decode {total_floor / len(sources):.3f} s -> ratio {figures['ratio']:.2f} "
               "(target <= 1.2)")
 
-        clips = make_clips([s.uri for s in sources], os.path.join(scratch, "clips"), args.clips)
-        clip_floor = ffmpeg_decode_all_seconds(clips, args.repeats) / len(clips)
+        figures.update(clip_row([s.uri for s in sources], scratch, args.clips, args.repeats))
         os.sched_setaffinity(0, set(range(os.cpu_count())))
-        clip_runs = []
-        for _ in range(args.repeats):
-            summary = run_preprocess([os.path.join(scratch, "clips")],
-                                     os.path.join(scratch, "clip-store"),
-                                     cluster=ClusterConfig(workers=1), overwrite=True,
-                                     progress=False, log=lambda *_: None)
-            assert len(summary.written) == len(clips), summary.failures
-            clip_runs.append(summary.wall_seconds / len(clips))
-        figures.update(clip_ffmpeg_s=clip_floor, clip_dwave_s=min(clip_runs),
-                       clip_ratio=min(clip_runs) / clip_floor, clips=len(clips))
-        print(f"30-s clips, {len(clips)} through one Dask worker: {min(clip_runs) * 1000:.1f} ms "
-              f"per clip vs ffmpeg decode {clip_floor * 1000:.1f} ms -> ratio "
-              f"{figures['clip_ratio']:.2f} (target <= 1.2)")
 
         queue = os.path.join(scratch, "queue")
         os.makedirs(queue)
