@@ -345,10 +345,13 @@ def scan_store(store_url: str, storage_options: dict | None = None,
 def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
                   validation_fraction: float = 0.1, cache_bytes: int = DEFAULT_CACHE_BYTES,
                   mode: str | None = None, values: list[str] | None = None,
-                  load: bool = True, windows_per_read: int | None = None) -> TrainingData:
+                  load: bool = True, windows_per_read: int | None = None,
+                  validation_windows: tuple[int, int, int] | None = None) -> TrainingData:
     """The training and validation samplers of spans of `span` samples (ModelConfig.span: the
     receptive field + the predicted window), with a clear error for a store that cannot feed one.
-    `load=False` leaves reading the tracks to TrainingData.load().
+    `load=False` leaves reading the tracks to TrainingData.load(). `validation_windows`:
+    (span, batch size, seed) of the validation windows, where they differ from training's (a
+    resumed run scores the windows it started with).
 
     `values`: the condition's vocabulary (a resumed run's, from its config); default: the
     store's. Tracks of a value outside a given vocabulary are left out and counted (a
@@ -380,12 +383,14 @@ def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
         raise DwaveError(f"data mode must be one of {', '.join(DATA_MODES)}, got {mode!r}")
     if windows_per_read is None:
         windows_per_read = STREAM_WINDOWS_PER_READ if mode == "stream" else 1
-    make = lambda ts, stream: WindowSampler(  # noqa: E731
+    make = lambda ts, stream, span, batch_size, seed: WindowSampler(  # noqa: E731
         store, ts, values, span, batch_size, seed, stream, mode, scan.dtype,
         windows_per_read=windows_per_read)
+    val_span, val_batch, val_seed = validation_windows or (span, batch_size, seed)
+    val = [t for t in val if t.length >= val_span]
     data = TrainingData(
-        train=make(train, 0),
-        validation=make(val, 1) if val else None,
+        train=make(train, 0, span, batch_size, seed),
+        validation=make(val, 1, val_span, val_batch, val_seed) if val else None,
         condition_values=values,
         sample_rate=scan.sample_rate,
         levels=scan.levels,

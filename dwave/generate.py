@@ -55,7 +55,7 @@ class GenerateConfig:
 
 def load_model(run_dir: str, checkpoint: str | None = None):
     """(model, config, checkpoint path) of a training run; clear errors for what is missing."""
-    from .rundir import latest_checkpoint, read_run_config
+    from .rundir import check_checkpoint_model, latest_checkpoint, read_run_config
 
     if not os.path.isdir(run_dir):
         raise DwaveError(f"run dir {run_dir} does not exist")
@@ -66,6 +66,7 @@ def load_model(run_dir: str, checkpoint: str | None = None):
     path = checkpoint or latest_checkpoint(run_dir)
     if path is None:
         raise DwaveError(f"{run_dir} has no checkpoint yet: train first (or pass --checkpoint)")
+    check_checkpoint_model(path, config, run_dir)
     import tensorflow as tf
 
     from .model import WaveNet

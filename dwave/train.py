@@ -33,8 +33,9 @@ from .config import (DEFAULT_PRESET, MODEL_FLAGS, PRECISIONS, PRESET_LEARNING_RA
                      ModelConfig)
 from .cores import cores_per_rank
 from .errors import DwaveError
-from .rundir import (TENSORBOARD, RunDirLock, ValidationLog, checkpoint_manager,
-                     read_run_config, restore_latest, write_run_config)
+from .rundir import (TENSORBOARD, RunDirLock, ValidationLog, check_checkpoints_folder,
+                     checkpoint_manager, read_run_config, restore_latest, validation_windows,
+                     write_run_config)
 
 LN2 = math.log(2.0)
 
@@ -194,6 +195,33 @@ def default_learning_rate(lr: float | None, preset: str | None, saved) -> float:
     return PRESET_LEARNING_RATES.get(preset or DEFAULT_PRESET, PRESET_LEARNING_RATES["base"])
 
 
+# Training flags a resume may change, said when it does. The rest: steps and schedules of
+# validation, checkpoints and listening samples change nothing a user would miss.
+RESUME_FLAGS = ("store", "window", "batch_size", "seed", "precision", "lr", "warmup_steps",
+                "data_mode", "windows_per_read", "val_batches")
+
+
+def resume_changes(saved: dict, train: TrainConfig) -> list[str]:
+    """What a resume changes in the flags the run was last started with, as `--flag new
+    (was old)`; an error for the two changes a resume cannot make."""
+    now = dataclasses.asdict(train)
+    was_fraction = saved.get("validation_fraction", train.validation_fraction)
+    if was_fraction != train.validation_fraction:
+        raise DwaveError(
+            f"--validation-fraction {train.validation_fraction:g}: this run holds out "
+            f"{was_fraction:g} of the tracks, and another split would train on its validation "
+            f"tracks; resume with --validation-fraction {was_fraction:g} or use a new --run-dir")
+    was_precision = saved.get("precision", train.precision)
+    if (was_precision == "mixed") != (train.precision == "mixed"):
+        raise DwaveError(
+            f"--precision {train.precision}: this run was trained with --precision "
+            f"{was_precision}, and its optimizer state is saved in that form (mixed "
+            "precision keeps a loss scale); resume with --precision "
+            f"{was_precision} or use a new --run-dir")
+    return [f"--{key.replace('_', '-')} {now[key]} (was {saved[key]})" for key in RESUME_FLAGS
+            if key in saved and saved[key] != now[key]]
+
+
 def resolve_model_config(saved: ModelConfig | None, preset: str | None, overrides: dict,
                          conditioning: bool | None, store_values: list[str],
                          sample_rate: int, run_dir: str = "", levels: int = 256) -> ModelConfig:
@@ -287,11 +315,17 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
                                         train.genre_conditioning, scan.condition_values,
                                         scan.sample_rate,
                                         run_dir, scan.levels)
+    resuming = saved_model is not None
+    if not resuming:
+        check_checkpoints_folder(run_dir)
+    changes = resume_changes(saved[1], train) if resuming else []
     span = model_config.span(train.window)
+    windows = validation_windows(run_dir, resuming, dataclasses.asdict(train))
     data = open_samplers(scan, span, train.batch_size, train.seed, train.validation_fraction,
                          mode=train.data_mode, values=model_config.condition_values or None,
-                         load=False, windows_per_read=train.windows_per_read)
-    resuming = saved_model is not None
+                         load=False, windows_per_read=train.windows_per_read,
+                         validation_windows=(model_config.span(windows["window"]),
+                                             windows["batch_size"], windows["seed"]))
 
     from .ranks import start_horovod
 
@@ -306,10 +340,10 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
 
     trainer = Trainer(model_config, train.lr, train.warmup_steps, size, train.precision,
                       hvd if size > 1 else None, seed=train.seed)
-    checkpoint, manager = checkpoint_manager(run_dir, train.keep_checkpoints,
+    checkpoint, manager = checkpoint_manager(run_dir, train.keep_checkpoints, model_config,
                                              model=trainer.model, optimizer=trainer.optimizer,
                                              step=trainer.step)
-    restored = restore_latest(checkpoint, manager)
+    restored = restore_latest(checkpoint, manager, model_config, run_dir, resuming)
     trainer.broadcast_from_rank0()
     start_step = int(trainer.step.numpy())
 
@@ -328,13 +362,18 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
         "GPU")), trainer.model.fused_ops is not None))
     if restored:
         say(f"resuming from {restored} at step {start_step}")
+    if changes:
+        say("flags changed since the run's last start: " + "; ".join(changes) + ". Validation "
+            f"keeps the run's windows (window {windows['window']}, batch {windows['batch_size']}"
+            f", seed {windows['seed']}, {windows['val_batches']} batches): its log stays "
+            "comparable")
     if data.left_out["tracks"]:
         say(f"left out {data.left_out['tracks']} track(s) of {model_config.condition}s this run "
             f"was not started with ({', '.join(data.left_out['values'])}): a new --run-dir can "
             "condition on them")
-    history = ValidationLog(run_dir, resuming) if rank == 0 else None
+    history = ValidationLog(run_dir, resuming, windows) if rank == 0 else None
     if history is not None and data.validation:
-        history.baselines = _baselines(data, model_config, train.val_batches).to_dict()
+        history.baselines = _baselines(data, model_config, windows["val_batches"]).to_dict()
         b = history.baselines
         say(f"baselines on the validation windows: code histogram {b['unigram_bits']:.3f} "
             f"bits/sample, bigram p(x_t | x_t-1) {b['bigram_bits']:.3f}: a WaveNet that learns "
@@ -407,7 +446,8 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
             window_started, window_steps = time.perf_counter(), 0
         if data.validation and (step % train.val_every == 0 or step == train.steps):
             started = time.perf_counter()
-            val_bits = _validate(trainer, data.validation, rank, size, train.val_batches, hvd)
+            val_bits = _validate(trainer, data.validation, rank, size, windows["val_batches"],
+                                 hvd)
             val_seconds = time.perf_counter() - started
             if rank == 0:
                 say(f"step {step}: validation loss {val_bits:.3f} bits/sample"

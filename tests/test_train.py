@@ -402,8 +402,9 @@ def test_bad_runs_are_one_line_errors(tone_store, tmp_path):
 
     data_file = next((run / "checkpoints").glob("ckpt-2.data-*"))
     data_file.write_bytes(b"\0garbage" * 10)
-    assert "cannot restore checkpoint" in error_of(tone_store, "--run-dir", run, "--steps", "4",
-                                                   *FAST)
+    line = error_of(tone_store, "--run-dir", run, "--steps", "4", *FAST)
+    assert "cannot restore checkpoint" in line and "its data is damaged" in line
+    assert 'write `model_checkpoint_path: "ckpt-0"`' in line  # the one before, by name
     proc = run_dwave("train", tone_store, "--run-dir", run, "--lr", "-1")
     assert proc.returncode == 2 and "expected a positive number" in proc.stderr
 
