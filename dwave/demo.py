@@ -67,7 +67,7 @@ def run_demo(config: DemoConfig, log=print) -> int:
     songs_dir = os.path.join(out, "songs")
     log(f"\n[4/4] generating 2 songs of {generate_seconds:g} s -> {songs_dir}")
     run_generate(GenerateConfig(run_dir=run_dir, out=songs_dir, seconds=generate_seconds,
-                                 num_songs=2, temperature=1.0), log=log)
+                                 num_songs=2, temperature=1.0, overwrite=True), log=log)
     log(f"\ndemo done:\n  store        {store}  (`dwave info {store}`)\n"
         f"  model        {run_dir}  (`tensorboard --logdir {run_dir}/tensorboard`)\n"
         f"  learning     {learning_summary(run_dir)}\n"

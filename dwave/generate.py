@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DwaveError
+from .song_files import check_song_targets, remove_stale_temporaries, write_song
 
 CHUNK = 2000  # samples per compiled call: the progress bar's granularity
 
@@ -36,6 +37,7 @@ class GenerateConfig:
     genre: str | None = None
     checkpoint: str | None = None
     batch_size: int = 64  # songs per step on one rank
+    overwrite: bool = False  # replace dwave's own songs in --out (never anything else)
     threads: int | None = None  # per rank; None: the rank's cores (dwave.cores.cores_per_rank)
 
     def __post_init__(self):
@@ -120,32 +122,6 @@ def song_uniforms(seed: int, song: int, samples: int) -> np.ndarray:
     return song_stream(seed, song).random(samples, dtype=np.float32)
 
 
-def write_song(path_stem: str, codes: np.ndarray, sample_rate: int, channels: int) -> None:
-    from .audio import mu_law_decode, write_wav
-
-    audio = mu_law_decode(codes, channels)
-    write_wav(path_stem + ".wav", audio, sample_rate)
-    write_spectrogram(path_stem + ".png", audio, sample_rate, os.path.basename(path_stem))
-
-
-def write_spectrogram(path: str, audio: np.ndarray, sample_rate: int, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from scipy.signal import spectrogram
-
-    freqs, times, power = spectrogram(audio, fs=sample_rate, nperseg=512, noverlap=384)
-    fig, ax = plt.subplots(figsize=(8, 3))
-    ax.pcolormesh(times, freqs, 10 * np.log10(power + 1e-12), shading="auto", cmap="magma")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("Hz")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
 def run_generate(options: GenerateConfig, log=print) -> dict:
     from .ranks import world
 
@@ -153,6 +129,10 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
     rank, size = ranks.rank, ranks.size
     say = log if rank == 0 else (lambda *_: None)
     _check_writable(options.out)  # before minutes of generating, not after
+    if rank == 0:
+        remove_stale_temporaries(options.out)
+    check_song_targets(options.out, [song_stem(i) for i in range(options.num_songs)],
+                       options.overwrite)
     model, config, checkpoint = load_model(options.run_dir, options.checkpoint)
     gid = condition_index(config, options.genre)
     rate, q = config.sample_rate, config.quantization_channels
@@ -196,7 +176,7 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
             progress.update(step)
         body = np.concatenate(parts, axis=0).T  # (songs, samples)
         for row, song in enumerate(songs):
-            write_song(os.path.join(options.out, f"song-{song:03d}"),
+            write_song(os.path.join(options.out, song_stem(song)),
                        np.concatenate([head[row], body[row]]), rate, q)
     progress.close()
     wall = time.perf_counter() - started
@@ -210,6 +190,10 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
         f"{rate_s / rate:.2f}x real time")
     return {"samples": generated, "seconds": wall, "samples_per_s": rate_s,
             "real_time_factor": rate_s / rate, "songs": mine}
+
+
+def song_stem(song: int) -> str:
+    return f"song-{song:03d}"
 
 
 def _check_writable(directory: str) -> None:

@@ -70,7 +70,7 @@ class Listener:
 
     def _make(self, generator, step: int, blocking: float) -> str:
         from .audio import mu_law_decode
-        from .generate import write_song
+        from .song_files import write_song
 
         started = time.perf_counter()
         codes = sample_codes(generator, self.samples, seed=step)

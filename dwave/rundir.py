@@ -338,8 +338,12 @@ class RunDirLock:
         """Take the lock or raise a one-line DwaveError naming the holder."""
         try:
             os.makedirs(self.run_dir, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a symlink at RUN_DIR/lock is not ours to truncate the target of.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise DwaveError(f"{self.path} is a symlink; dwave does not follow it (it would "
+                                 "write over its target): move it away and rerun") from None
             raise DwaveError(f"cannot create {self.path} ({exc.strerror}): check that the run "
                              "dir is writable") from None
         try:

@@ -210,3 +210,72 @@ def test_bad_generate_inputs_are_one_line_errors(trained_run, tmp_path):
     no_ckpt.mkdir()
     (no_ckpt / "config.json").write_text((trained_run / "config.json").read_text())
     assert "no checkpoint yet" in error_of(no_ckpt, *out, "--genre", "tone")
+
+
+@pytest.mark.slow
+def test_generate_never_writes_over_what_it_did_not_write(trained_run, tmp_path):
+    out = tmp_path / "out"
+    flags = ["--out", out, "--num-songs", "2", "--seconds", "0.1", "--genre", "tone"]
+
+    def error_of(*extra):
+        proc = run_dwave("generate", trained_run, *flags, *extra)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        return proc.stderr.strip().splitlines()[-1]
+
+    out.mkdir()
+    (out / "song-001.wav").write_bytes(b"the user's own recording")
+    target = tmp_path / "precious.txt"
+    target.write_text("not a song")
+    (out / "song-000.png").symlink_to(target)
+    line = error_of()
+    assert "already holds song-000.png (a symlink), which dwave did not write" in line
+    (out / "song-000.png").unlink()
+    line = error_of("--overwrite")  # --overwrite replaces dwave's songs, never a user's file
+    assert "already holds song-001.wav (not marked as dwave's)" in line
+    assert (out / "song-001.wav").read_bytes() == b"the user's own recording"
+    assert target.read_text() == "not a song"
+    (out / "song-001.wav").unlink()
+
+    run_dwave("generate", trained_run, *flags, check=0)
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(first) == ["song-000.png", "song-000.wav", "song-001.png", "song-001.wav"]
+    assert "already holds dwave's song-000.wav: pass --overwrite" in error_of()
+    # dwave's own songs are replaced with --overwrite, a symlink in their place is not followed
+    (out / "song-001.wav").unlink()
+    (out / "song-001.wav").symlink_to(target)
+    assert "song-001.wav (a symlink)" in error_of("--overwrite")
+    (out / "song-001.wav").unlink()
+    run_dwave("generate", trained_run, *flags, "--overwrite", check=0)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # same seed, same songs
+    assert target.read_text() == "not a song"
+
+
+def test_song_files_are_complete_or_absent_and_stale_temporaries_go(tmp_path):
+    import socket
+
+    import soundfile as sf
+
+    from dwave.song_files import check_song_targets, remove_stale_temporaries, write_song
+
+    codes = np.random.default_rng(0).integers(0, 256, 4000)
+    write_song(str(tmp_path / "song-000"), codes, 16000, 256)
+    assert sf.info(str(tmp_path / "song-000.wav")).frames == 4000
+    # A run killed between the PNG's rename and the WAV's leaves dwave's PNG alone: a
+    # leftover, replaced without --overwrite; the WAV alone is not.
+    (tmp_path / "song-000.wav").unlink()
+    check_song_targets(str(tmp_path), ["song-000"], overwrite=False)
+    # Temporaries of a dead dwave process on this host go; a live one's and others stay.
+    host = socket.gethostname()
+    dead = _dead_pid()
+    names = [f".dwave-tmp-{dead}-{host}-song-001.wav", f".dwave-tmp-{os.getpid()}-{host}-x.wav",
+             f".dwave-tmp-{dead}-otherhost-song-002.wav", "notes.txt"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    assert remove_stale_temporaries(str(tmp_path)) == [names[0]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:] + ["song-000.png"])
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid

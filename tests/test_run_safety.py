@@ -115,3 +115,16 @@ def test_a_resume_with_other_flags_says_so_and_scores_the_same_validation_window
     run_dwave("train", tone_store, "--run-dir", fresh, "--steps", "2", "--window", "512",
               "--seed", "5", *common, check=0)
     assert json.loads((fresh / "validation.json").read_text())["baselines"] != first["baselines"]
+
+
+@pytest.mark.slow
+def test_a_symlink_at_the_run_dirs_lock_is_not_followed(tone_store, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    target = tmp_path / "thesis.tex"
+    target.write_text("three years of work")
+    (run / "lock").symlink_to(target)
+    line = error_of("train", tone_store, "--run-dir", run, "--steps", "2", "--window", "256",
+                    *FAST)
+    assert "lock is a symlink; dwave does not follow it" in line
+    assert target.read_text() == "three years of work"
