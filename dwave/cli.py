@@ -139,7 +139,8 @@ def _add_cluster_flags(p) -> None:
                    help="start once N workers have joined (default: 1 on a cluster, 0 locally)")
     g.add_argument("--dashboard-address", metavar="HOST:PORT",
                    default=_default(C, "dashboard_address"),
-                   help="where a local cluster's Dask dashboard listens (default "
+                   help="where the Dask dashboard of a cluster dwave starts (local, slurm) "
+                        "listens (default "
                         "%(default)s, this machine only; 0.0.0.0:8787 opens it to others)")
     g.add_argument("--partition", metavar="NAME", help="SLURM partition of the worker jobs")
     g.add_argument("--walltime", metavar="HH:MM:SS", help="SLURM time limit of each worker job")

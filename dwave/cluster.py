@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 from typing import Iterator
@@ -114,12 +115,46 @@ def _connect(options: ClusterConfig):
         kwargs["scheduler_file"] = target
     else:
         kwargs["address"] = target
+    _check_tls_credentials(target)
     try:
         return Client(**kwargs)
     except (OSError, TimeoutError, ValueError) as exc:
         raise DwaveError(f"--scheduler {target}: cannot reach the Dask scheduler within "
                          f"{options.connect_timeout:.0f} s ({type(exc).__name__}): is it running, "
                          "and is the address right?") from None
+
+
+def _check_tls_credentials(target: str) -> None:
+    """A TLS scheduler (slurm/preprocess.sbatch starts one) needs the job's key on this side:
+    say so instead of Dask's traceback."""
+    import dask
+
+    address = target
+    if target.endswith(".json"):
+        try:
+            with open(target) as f:
+                address = json.load(f).get("address", "")
+        except (OSError, ValueError):
+            return  # Dask's own error follows
+    if address.startswith("tls://") and not dask.config.get("distributed.comm.tls.ca-file"):
+        raise DwaveError(
+            f"--scheduler {target}: the scheduler speaks TLS and this process has no "
+            "credentials: run `eval \"$(python -m dwave.tls DIR)\"` with the job's DIR first "
+            "(slurm/preprocess.sbatch does), or connect from inside the job")
+
+
+@contextlib.contextmanager
+def _private_directory(parent: str) -> Iterator[str]:
+    """A directory only this user can read (for a job's TLS key), removed at the end."""
+    import shutil
+    import tempfile
+
+    os.makedirs(parent, exist_ok=True)
+    path = tempfile.mkdtemp(prefix=".dwave-tls-", dir=parent)  # mode 0700
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)  # made above: only the job's key files
 
 
 @contextlib.contextmanager
@@ -140,10 +175,16 @@ def _without_malloc_trim() -> Iterator[None]:
 def slurm_cluster_kwargs(options: ClusterConfig) -> dict:
     """dask_jobqueue.SLURMCluster arguments: one single-threaded worker process per job, the
     workers running this same Python (a shared filesystem, as on every SLURM cluster)."""
+    import dask
+
     kwargs = {
         "cores": 1, "processes": 1, "memory": options.worker_memory or "4GiB",
         "python": sys.executable, "job_name": "dwave-dask-worker",
         "log_directory": options.log_directory or "dask-worker-logs",
+        # The site's scheduler options, with the dashboard where --dashboard-address says
+        # (dask-jobqueue's default is every interface, and the dashboard has no login).
+        "scheduler_options": {**dask.config.get("jobqueue.slurm.scheduler-options", {}),
+                              "dashboard_address": options.dashboard_address},
     }
     for key, value in (("queue", options.partition), ("walltime", options.walltime),
                        ("account", options.account)):
@@ -155,7 +196,10 @@ def slurm_cluster_kwargs(options: ClusterConfig) -> dict:
 def ec2_cluster_kwargs(options: ClusterConfig) -> dict:
     """dask_cloudprovider.aws.EC2Cluster arguments: `workers` instances, each running one Dask
     worker per core from the Docker image (the image must hold dwave and its dependencies)."""
-    kwargs = {"n_workers": options.workers or 2}
+    # security=True: TLS with certificates dask-cloudprovider makes for this cluster (its
+    # default, stated here so that a site's cloudprovider.yaml cannot turn it off unnoticed):
+    # the scheduler's instance has a public address.
+    kwargs = {"n_workers": options.workers or 2, "security": True}
     for key, value in (("region", options.region), ("instance_type", options.instance_type),
                        ("ami", options.ami), ("docker_image", options.docker_image)):
         if value:
@@ -209,7 +253,15 @@ def dask_client(options: ClusterConfig | None = None, log=print) -> Iterator:
             what = f"Dask LocalCluster of {n_workers} worker processes"
         elif options.kind == "slurm":
             _check_slurm_answers()
+            from .tls import security, write_credentials
+
             kwargs = slurm_cluster_kwargs(options)
+            # The scheduler listens on this host's network for the worker jobs: TLS with a key
+            # made for this run (dwave/tls.py says why), in a private directory beside the
+            # worker logs (a shared file system: the worker jobs read it there).
+            credentials = write_credentials(stack.enter_context(
+                _private_directory(kwargs["log_directory"])))
+            kwargs.update(security=security(credentials), protocol="tls://")
             cluster = stack.enter_context(_started("slurm", kwargs))
             jobs = options.workers or 2
             cluster.scale(jobs=jobs)

@@ -55,8 +55,8 @@ def test_preprocess_on_ec2_builds_the_cluster_dask_cloudprovider_expects(tmp_pat
                              instance_type="c6i.large", docker_image="ghcr.io/example/dwave:0.1")
     summary = run_preprocess([songs], str(tmp_path / "store"), cluster=options, progress=False,
                              log=lines.append)
-    assert received == [{"n_workers": 2, "region": "eu-west-1", "instance_type": "c6i.large",
-                         "docker_image": "ghcr.io/example/dwave:0.1"}]
+    assert received == [{"n_workers": 2, "security": True, "region": "eu-west-1",
+                         "instance_type": "c6i.large", "docker_image": "ghcr.io/example/dwave:0.1"}]
     assert len(summary.written) == 6 and not summary.failures
     assert describe_store(str(tmp_path / "store"))["num_tracks"] == 6
     assert any("Dask on EC2: 2 worker instances" in line for line in lines)
@@ -65,7 +65,7 @@ def test_preprocess_on_ec2_builds_the_cluster_dask_cloudprovider_expects(tmp_pat
 def test_unset_ec2_values_are_left_to_dask_config():
     from dwave.cluster import ClusterConfig, ec2_cluster_kwargs
 
-    assert ec2_cluster_kwargs(ClusterConfig(kind="ec2")) == {"n_workers": 2}
+    assert ec2_cluster_kwargs(ClusterConfig(kind="ec2")) == {"n_workers": 2, "security": True}
 
 
 def test_slurm_job_script_runs_one_single_threaded_worker_of_this_python(tmp_path):

@@ -95,6 +95,93 @@ def test_preprocess_job_runs_a_dask_cluster_inside_the_allocation(tmp_path, corp
     assert description["genres"] == {"tonal": 2, "chiptune": 2, "percussive": 2}
 
 
+def strangers_are_refused(address: str, job_security) -> None:
+    """Nobody without the job's key gets in: plain TCP and TLS with a stranger's own
+    certificate (a key pair not signed by the job's) both fail; the job's credentials get in (so the
+    refusals are the credentials', not an unreachable address)."""
+    from distributed import Client
+    from distributed.security import Security
+
+    assert address.startswith("tls://"), address
+    strangers = {"plain tcp": (address.replace("tls://", "tcp://"), Security()),
+                 "a stranger's certificate": (address, Security.temporary())}
+    for who, (where, security) in strangers.items():
+        with pytest.raises((OSError, TimeoutError, ValueError)):
+            Client(where, security=security, timeout=5).close()
+            pytest.fail(f"{who} got in")
+    with Client(address, security=job_security, timeout=20) as client:
+        assert client.run_on_scheduler(lambda: 42) == 42
+
+
+def job_credentials(tls_dir):
+    from distributed.security import Security
+
+    files = {name: str(tls_dir / f"{name}.pem") for name in ("ca", "cert", "key")}
+    return Security(tls_ca_file=files["ca"], tls_client_cert=files["cert"],
+                    tls_client_key=files["key"], require_encryption=True)
+
+
+@pytest.mark.slow
+def test_the_preprocess_jobs_scheduler_speaks_tls_with_a_key_only_the_job_has(tmp_path,
+                                                                               corpus):
+    songs, _ = corpus
+    log = tmp_path / "job.out"
+    # --wait-workers 3 with 2 tasks: the job waits, its scheduler up, until it is cancelled.
+    job = sbatch("preprocess.sbatch", tmp_path / "store", songs, "--wait-workers", "3",
+                 output=log, options=["--ntasks=2"], env={"DWAVE_SCRATCH": str(tmp_path)})
+    scheduler_file = tmp_path / f".dwave-dask-{job}.json"
+    tls_dir = tmp_path / f".dwave-dask-{job}.tls"
+    try:
+        deadline = time.time() + 120
+        while not (scheduler_file.exists() and scheduler_file.stat().st_size) \
+                and time.time() < deadline:
+            time.sleep(0.5)
+        assert scheduler_file.exists(), output_tail(log)
+        import json
+        import stat
+
+        assert stat.S_IMODE(tls_dir.stat().st_mode) == 0o700
+        assert stat.S_IMODE((tls_dir / "key.pem").stat().st_mode) == 0o600
+        address = json.loads(scheduler_file.read_text())["address"]
+        strangers_are_refused(address, job_credentials(tls_dir))
+        # The dashboard: on the node's loopback only.
+        from distributed import Client
+
+        with Client(address, security=job_credentials(tls_dir), timeout=20) as client:
+            bound = client.run_on_scheduler(lambda dask_scheduler: [
+                sock.getsockname()[0] for sock in dask_scheduler.http_server._sockets.values()])
+        assert bound and set(bound) <= {"127.0.0.1"}, bound
+    finally:
+        subprocess.run(["scancel", job])
+        wait_for(job, log)
+    assert not tls_dir.exists() and not scheduler_file.exists()  # the job's key goes with it
+
+
+@pytest.mark.slow
+def test_cluster_slurm_scheduler_speaks_tls_and_keeps_its_dashboard_local(tmp_path):
+    from dwave.cluster import ClusterConfig, dask_client
+
+    logs = tmp_path / "logs"
+    options = ClusterConfig(kind="slurm", workers=1, log_directory=str(logs))
+    with dask_client(options, log=lambda *_: None) as client:
+        address = client.scheduler.address
+        assert address.startswith("tls://"), address
+        (private,) = [p for p in logs.iterdir() if p.name.startswith(".dwave-tls-")]
+        assert oct(private.stat().st_mode & 0o777) == "0o700"
+        from distributed import Client
+        from distributed.security import Security
+
+        with pytest.raises((OSError, TimeoutError, ValueError)):
+            Client(address, security=Security.temporary(), timeout=5).close()
+        with pytest.raises((OSError, TimeoutError, ValueError)):
+            Client(address.replace("tls://", "tcp://"), timeout=5).close()
+        assert client.run_on_scheduler(lambda: 42) == 42  # the run's own client gets in
+        bound = client.run_on_scheduler(lambda dask_scheduler: [
+            sock.getsockname()[0] for sock in dask_scheduler.http_server._sockets.values()])
+        assert bound and set(bound) <= {"127.0.0.1"}, bound
+    assert not any(p.name.startswith(".dwave-tls-") for p in logs.iterdir())
+
+
 @pytest.mark.slow
 def test_cluster_slurm_submits_dask_worker_jobs(tmp_path, corpus):
     songs, _ = corpus
