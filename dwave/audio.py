@@ -179,8 +179,8 @@ def _check_not_truncated(declared: int, decoded: int, rate: int) -> None:
         )
 
 
-def _size_of(file: BinaryIO | str) -> int | None:
-    if isinstance(file, str):
+def _size_of(file: BinaryIO | str | bytes) -> int | None:
+    if isinstance(file, (str, bytes)):
         return os.path.getsize(file)
     try:
         size = file.seek(0, os.SEEK_END)

@@ -51,7 +51,8 @@ def download(spec: str, cache_dir: str | None = None, attempts: int = 5) -> str:
     url, sha256 = split_checksum(spec)
     cache_dir = cache_dir or default_cache_dir()
     os.makedirs(cache_dir, exist_ok=True)
-    base = os.path.basename(url.split("?")[0]) or "download"
+    # The URL's file name, shortened: a name may be at most 255 bytes (a long URL is not).
+    base = (os.path.basename(url.split("?")[0]) or "download")[-100:]
     target = os.path.join(cache_dir, f"{hashlib.sha1(url.encode()).hexdigest()[:12]}-{base}")
     # One fetch of a URL at a time, across processes (Dask workers, two runs): the second
     # waits for the first, then finds the finished file.

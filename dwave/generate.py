@@ -140,6 +140,9 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
     if options.prime:
         prime = prime_codes(options.prime, options.prime_seconds, rate, q)
     total = int(round(options.seconds * rate))
+    if total < 1:
+        raise DwaveError(f"--seconds {options.seconds:g} is less than one sample at {rate} Hz: "
+                         f"ask for at least {1 / rate:.6f}")
     mine = list(range(rank, options.num_songs, size))
 
     from .cores import cores_per_rank
@@ -197,12 +200,10 @@ def song_stem(song: int) -> str:
 
 
 def _check_writable(directory: str) -> None:
+    from .rundir import ensure_writable
+
     try:
-        os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".dwave-write-test-{os.getpid()}")
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
+        ensure_writable(directory)
     except OSError as exc:
         raise DwaveError(f"--out {directory}: cannot write there ({exc.strerror or exc}); "
                          "choose another directory") from None

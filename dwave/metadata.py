@@ -10,7 +10,8 @@ from .errors import DwaveError
 
 def _normalise_id(track_id: str) -> str:
     track_id = track_id.strip()
-    return str(int(track_id)) if track_id.isdigit() else track_id
+    # isascii: '²'.isdigit() is true, and int('²') an error
+    return str(int(track_id)) if track_id.isascii() and track_id.isdigit() else track_id
 
 
 def load_genres(path: str) -> dict[str, str]:

@@ -48,6 +48,17 @@ LOCK = "lock"
 # -- config.json and progress -----------------------------------------------------------------
 
 
+def ensure_writable(directory: str) -> None:
+    """Make `directory` and prove it writable now (an OSError if not): TensorFlow's writers and
+    a long generation would otherwise fail minutes later."""
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, f".dwave-write-test-{os.getpid()}")
+    with open(probe, "wb"):
+        pass
+    os.remove(probe)
+
+
+
 def atomic_write_json(path: str, data: dict) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     try:

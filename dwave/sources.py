@@ -27,7 +27,7 @@ AUDIO_EXTENSIONS = frozenset(
     ".mp3 .wav .wave .flac .ogg .oga .opus .aif .aiff .aifc .au .snd .caf .w64 .rf64".split()
 )
 
-_FMA_NAME = re.compile(r"^(\d+)$")  # FMA names its songs 000002.mp3, 155320.mp3, ...
+_FMA_NAME = re.compile(r"^([0-9]+)$")  # FMA names its songs 000002.mp3, 155320.mp3, ...
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,27 @@ def track_id_for(uri: str) -> str:
     if _FMA_NAME.match(stem):
         return str(int(stem))
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._")[:40] or "track"
-    return f"{slug}-{hashlib.sha1(uri.encode()).hexdigest()[:10]}"
+    # surrogateescape: a file name that is not UTF-8 (Python keeps its bytes as surrogates)
+    return f"{slug}-{hashlib.sha1(uri.encode('utf-8', 'surrogateescape')).hexdigest()[:10]}"
+
+
+ZIP_MEMBER = "::"  # ARCHIVE.zip::MEMBER
+
+
+def zip_member(uri: str) -> tuple[str, str] | None:
+    """(archive, member) of a zip member's URI, else None. The archive part ends in .zip and,
+    locally, is a file: a real directory named `live::2024/` is a directory."""
+    at = uri.lower().find(".zip" + ZIP_MEMBER)
+    if at < 0:
+        return None
+    archive, member = uri[:at + 4], uri[at + 4 + len(ZIP_MEMBER):]
+    if "://" not in archive and not os.path.isfile(archive):
+        return None
+    return archive, member
+
+
+def is_local_file(uri: str) -> bool:
+    return "://" not in uri and zip_member(uri) is None
 
 
 def is_audio_name(name: str) -> bool:
@@ -97,7 +117,7 @@ def expand_sources(
     # paths (a symlink beside its target, two overlapping specs), keeps its first path.
     unique, real_paths = [], set()
     for source in dict.fromkeys(sources):
-        if "://" not in source.uri and "::" not in source.uri:
+        if is_local_file(source.uri):
             real = os.path.realpath(source.uri)
             if real in real_paths:
                 continue
@@ -215,20 +235,23 @@ def _glob_regex(pattern: str) -> str:
     return "".join(out)
 
 
-def _expand_zip(path: str, ignored: list[str]) -> list[Source]:
+def _expand_zip(path: str, ignored: list[str], opener=None, fingerprint: str = "",
+                storage_options: dict | None = None) -> list[Source]:
+    """The audio members of the zip archive at `path` (a local path, or one `opener()` opens:
+    an S3 object, read by range for its central directory only)."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with (opener() if opener else open(path, "rb")) as f, zipfile.ZipFile(f) as archive:
             members = [m for m in archive.infolist() if not m.is_dir()]
     except (zipfile.BadZipFile, OSError) as exc:
         raise DwaveError(f"cannot read zip archive {path}: {exc}") from None
     found = []
     for member in sorted(members, key=lambda m: m.filename):
-        uri = f"{path}::{member.filename}"
+        uri = f"{path}{ZIP_MEMBER}{member.filename}"
         if not is_audio_name(member.filename):
             ignored.append(uri)
             continue
-        found.append(Source(uri, f"crc32={member.CRC:08x},size={member.file_size}",
-                            member.file_size))
+        found.append(Source(uri, f"{fingerprint}crc32={member.CRC:08x},size={member.file_size}",
+                            member.file_size, storage_options or {}))
     return found
 
 
@@ -250,6 +273,12 @@ def _expand_s3(spec: str, storage_options: dict, ignored: list[str]) -> list[Sou
     for key in sorted(listing):
         meta = listing[key]
         if meta.get("type") == "directory":
+            continue
+        if key.lower().endswith(".zip"):  # its members, as for a local or downloaded archive
+            etag = str(meta.get("ETag", meta.get("etag", ""))).strip('"')
+            found.extend(_expand_zip(
+                f"s3://{key}", ignored, lambda key=key: fs.open(key, "rb", block_size=1 << 20),
+                f"etag={etag},", storage_options))
             continue
         if not is_audio_name(key):
             ignored.append(f"s3://{key}")
@@ -276,7 +305,15 @@ def _expand_http(spec: str, cache_dir: str | None) -> list[Source] | None:
 @contextlib.contextmanager
 def _open_source(source: Source) -> Iterator[BinaryIO | str]:
     uri = source.uri
-    if uri.startswith("s3://"):
+    in_zip = zip_member(uri)
+    if in_zip and in_zip[0].startswith("s3://"):
+        import fsspec
+
+        fs = fsspec.filesystem("s3", **source.storage_options)
+        with fs.open(in_zip[0], "rb", block_size=4 << 20) as archive_file, \
+                zipfile.ZipFile(archive_file) as archive, archive.open(in_zip[1]) as f:
+            yield f
+    elif uri.startswith("s3://"):
         import fsspec
 
         fs = fsspec.filesystem("s3", **source.storage_options)
@@ -286,14 +323,18 @@ def _open_source(source: Source) -> Iterator[BinaryIO | str]:
     elif uri.startswith(("http://", "https://")):
         with open(download(uri, source.storage_options.get("cache_dir")), "rb") as f:
             yield f
-    elif "::" in uri:
-        archive_path, member = uri.split("::", 1)
-        with zipfile.ZipFile(archive_path) as archive, archive.open(member) as f:
+    elif in_zip:
+        with zipfile.ZipFile(in_zip[0]) as archive, archive.open(in_zip[1]) as f:
             yield f
     else:
         # A local path goes to libsndfile as a path: it then reads the file itself, without
-        # a Python callback per read (~40,000 of them for a 7-minute MP3).
-        yield uri
+        # a Python callback per read (~40,000 of them for a 7-minute MP3). As bytes where the
+        # name is not UTF-8 (soundfile would encode it strictly).
+        try:
+            uri.encode()
+            yield uri
+        except UnicodeEncodeError:
+            yield os.fsencode(uri)
 
 
 _GLOB_CHARS = re.compile(r"[*?\[]")

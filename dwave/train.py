@@ -34,8 +34,8 @@ from .config import (DEFAULT_PRESET, MODEL_FLAGS, PRECISIONS, PRESET_LEARNING_RA
 from .cores import cores_per_rank
 from .errors import DwaveError
 from .rundir import (TENSORBOARD, RunDirLock, ValidationLog, check_checkpoints_folder,
-                     checkpoint_manager, read_run_config, restore_latest, validation_windows,
-                     write_run_config)
+                     checkpoint_manager, ensure_writable, read_run_config, restore_latest,
+                     validation_windows, write_run_config)
 
 LN2 = math.log(2.0)
 
@@ -407,9 +407,8 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
 
     writers = None
     if rank == 0:
-        tb = os.path.join(run_dir, TENSORBOARD)
-        writers = {"train": tf.summary.create_file_writer(os.path.join(tb, "train")),
-                   "validation": tf.summary.create_file_writer(os.path.join(tb, "validation"))}
+        writers = {name: tf.summary.create_file_writer(_writable_directory(
+            os.path.join(run_dir, TENSORBOARD, name))) for name in ("train", "validation")}
 
     batches = data.train.batches(rank, start_step, train.steps)
     predicted_per_step = train.batch_size * train.window * size
@@ -490,6 +489,17 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
            if val_bits is not None and history is not None else "")
         + f"; checkpoint {summary['checkpoint']}")
     return summary
+
+
+def _writable_directory(path: str) -> str:
+    """`path`, made and checked writable now: TensorFlow's writers fail later, in a traceback."""
+    try:
+        ensure_writable(path)
+    except OSError as exc:
+        raise DwaveError(f"cannot write TensorBoard logs in {path} ({exc.strerror or exc}): "
+                         "make it writable (or move it away) and rerun; the run resumes from "
+                         "its checkpoint") from None
+    return path
 
 
 def _baselines(data, model_config: ModelConfig, val_batches: int):

@@ -55,6 +55,7 @@ def run_dwave(*args, env=None, timeout=300, check=None, cwd=None) -> subprocess.
     proc = subprocess.run(
         [sys.executable, "-m", "dwave.cli", *map(str, args)],
         capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or ROOT,
+        errors="backslashreplace",  # a file name that is not UTF-8 is printed as its bytes
     )
     if check is not None:
         assert proc.returncode == check, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"

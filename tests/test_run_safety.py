@@ -128,3 +128,31 @@ def test_a_symlink_at_the_run_dirs_lock_is_not_followed(tone_store, tmp_path):
                     *FAST)
     assert "lock is a symlink; dwave does not follow it" in line
     assert target.read_text() == "three years of work"
+
+
+@pytest.mark.slow
+def test_an_unwritable_tensorboard_folder_is_one_line_and_the_run_resumes(tone_store,
+                                                                          tmp_path):
+    import subprocess
+
+    run = tmp_path / "run"
+    tensorboard = run / "tensorboard"
+    tensorboard.mkdir(parents=True)
+    subprocess.run(["chattr", "+i", str(tensorboard)], check=True)  # immutable, even for root
+    try:
+        line = error_of("train", tone_store, "--run-dir", run, "--steps", "2", "--window",
+                        "256", *FAST)
+    finally:
+        subprocess.run(["chattr", "-i", str(tensorboard)], check=True)
+    assert f"cannot write TensorBoard logs in {tensorboard}/train" in line
+    assert "the run resumes from its checkpoint" in line
+    proc = run_dwave("train", tone_store, "--run-dir", run, "--steps", "2", "--window", "256",
+                     *FAST, check=0)
+    assert "resuming from" in proc.stderr
+
+
+@pytest.mark.slow
+def test_generate_seconds_shorter_than_a_sample_is_one_line(trained_run, tmp_path):
+    line = error_of("generate", trained_run, "--out", tmp_path / "o", "--seconds", "1e-5",
+                    "--genre", "tone")
+    assert "--seconds 1e-05 is less than one sample at 16000 Hz" in line

@@ -117,6 +117,13 @@ def test_http_download_resumes_with_a_range_request(tmp_path, flaky_server):
     assert download(url, str(tmp_path / "cache")) == path and len(handler.requests) == 2
 
 
+def test_a_url_longer_than_a_file_name_downloads(tmp_path, flaky_server):
+    url, payload, _ = flaky_server
+    long_url = url.replace("/000042.flac", "/" + "x" * 300 + ".flac")
+    path = download(long_url, str(tmp_path / "cache"))
+    assert open(path, "rb").read() == payload and len(os.path.basename(path)) < 120
+
+
 def test_http_checksum_mismatch_is_an_error_and_keeps_nothing(tmp_path, flaky_server):
     url, _, _ = flaky_server
     with pytest.raises(DwaveError, match="checksum mismatch"):
@@ -151,8 +158,8 @@ def test_fma_tracks_csv_with_three_header_rows(tmp_path):
 
 def test_plain_metadata_csv_and_bad_ones(tmp_path):
     plain = tmp_path / "genres.csv"
-    plain.write_text("track_id,genre\n000002,Rock\n3,\nmy-song-abc,Jazz\n")
-    assert load_genres(str(plain)) == {"2": "Rock", "my-song-abc": "Jazz"}
+    plain.write_text("track_id,genre\n000002,Rock\n3,\nmy-song-abc,Jazz\n²,Folk\n")
+    assert load_genres(str(plain)) == {"2": "Rock", "my-song-abc": "Jazz", "²": "Folk"}
     bad = tmp_path / "bad.csv"
     bad.write_text("id,style\n1,Rock\n")
     with pytest.raises(DwaveError, match="track_id"):
@@ -300,3 +307,58 @@ def test_a_trickling_server_stalls_with_a_clear_error(tmp_path):
     finally:
         server.shutdown()
     assert time.monotonic() - started < 10 and len(handler.requests) == 2
+
+
+def test_a_directory_named_with_a_double_colon_is_a_directory(tmp_path):
+    live = tmp_path / "live::2024"
+    live.mkdir()
+    song = write_tone(live / "encore.mp3", 0.5)
+    (source,) = expand_sources([str(tmp_path)]).sources
+    assert source.uri == str(song)
+    with source.open() as opened:
+        assert opened == str(song)  # a path, not a zip member
+    assert len(decode_to_mono(str(song), 16000).samples) == 8000
+
+
+@pytest.mark.slow
+def test_a_file_name_that_is_not_utf8_is_a_song_like_any_other(tmp_path):
+    from conftest import run_dwave
+
+    songs = tmp_path / "songs"
+    songs.mkdir()
+    write_tone(songs / "plain.mp3", 0.5)
+    song = write_tone(songs / "other.mp3", 0.5, freq=440.0)
+    odd = os.path.join(os.fsencode(songs), b"caf\xe9-latin1.mp3")  # not UTF-8
+    os.rename(os.fsencode(song), odd)
+    ids = sorted(s.track_id for s in expand_sources([str(songs)]).sources)
+    assert ids[0].startswith("caf-") and ids[1].startswith("plain-")  # readable, then a hash
+    proc = run_dwave("preprocess", songs, "--out", tmp_path / "store", "--no-progress",
+                     "--workers", "1", check=0)
+    assert "2 written, 0 already done, 0 failed" in proc.stderr, proc.stderr[-2000:]
+    info = run_dwave("info", tmp_path / "store", check=0)
+    assert "tracks     2 " in info.stdout and "caf\\xe9-latin1.mp3" in info.stdout
+
+
+@pytest.mark.slow
+def test_an_s3_zip_is_expanded_and_its_members_read_by_range(tmp_path, s3_bucket):
+    import boto3
+
+    from conftest import run_dwave
+
+    songs = [write_tone(tmp_path / f"00000{i}.mp3", 0.5, freq=300.0 * i) for i in (1, 2)]
+    archive = tmp_path / "fma_tiny.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for song in songs:
+            z.write(song, f"fma_tiny/000/{os.path.basename(song)}")
+        z.writestr("fma_tiny/README.txt", "hello")
+    boto3.client("s3").upload_file(str(archive), s3_bucket, "music/fma_tiny.zip")
+    run_dwave("preprocess", f"s3://{s3_bucket}/music/fma_tiny.zip", "--out", tmp_path / "s3",
+              "--no-progress", "--workers", "1", check=0)
+    run_dwave("preprocess", archive, "--out", tmp_path / "local", "--no-progress",
+              "--workers", "1", check=0)
+    from dwave.store import TrackStore
+
+    stores = [TrackStore(str(tmp_path / name)) for name in ("s3", "local")]
+    tables = [{t: s.read_codes(t).tobytes() for t in s.read_index().tracks.columns["id"]}
+              for s in stores]
+    assert sorted(tables[0]) == ["1", "2"] and tables[0] == tables[1]
