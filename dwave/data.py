@@ -117,8 +117,10 @@ class WindowSampler:
 
     def __init__(self, store: TrackStore, tracks: list[Track], values: list[str], span: int,
                  batch_size: int, seed: int, stream: int, mode: str, dtype=np.uint8,
-                 concurrency: int = 64, windows_per_read: int = 1):
+                 concurrency: int = 64, windows_per_read: int = 1,
+                 store_id: str | None = None):
         self.store, self.tracks, self.span = store, tracks, span
+        self.store_id = store_id  # what a failed read compares the store with
         self.dtype = np.dtype(dtype)  # the store's: codes above 255 must never wrap
         self.batch_size, self.seed, self.stream_id, self.mode = batch_size, seed, stream, mode
         value_index = {v: i for i, v in enumerate(values)}
@@ -169,7 +171,7 @@ class WindowSampler:
                     self._reader().read([one])
                 except Exception as exc:  # noqa: BLE001
                     raise self.store.unreadable(self.tracks[t].id, self.tracks[t].part,
-                                                exc) from None
+                                                exc, self.store_id) from None
             raise
 
     def code_chunks(self, max_stream_batches: int = 64):
@@ -326,6 +328,7 @@ class StoreScan:
     sample_rate: int
     levels: int  # quantization channels of the store's codes
     dtype: np.dtype
+    store_id: str | None = None  # the store's identity when scanned: a replaced store is not it
 
 
 def scan_store(store_url: str, storage_options: dict | None = None,
@@ -338,8 +341,8 @@ def scan_store(store_url: str, storage_options: dict | None = None,
         raise DwaveError(f"store {store.url} holds no tracks: run `dwave preprocess` into it "
                          "first")
     return StoreScan(store, tracks, condition, sorted({t.condition for t in tracks}),
-                     config.sample_rate,
-                     config.quantization_channels, config.dtype)
+                     config.sample_rate, config.quantization_channels, config.dtype,
+                     store.identity())
 
 
 def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
@@ -385,7 +388,7 @@ def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
         windows_per_read = STREAM_WINDOWS_PER_READ if mode == "stream" else 1
     make = lambda ts, stream, span, batch_size, seed: WindowSampler(  # noqa: E731
         store, ts, values, span, batch_size, seed, stream, mode, scan.dtype,
-        windows_per_read=windows_per_read)
+        windows_per_read=windows_per_read, store_id=scan.store_id)
     val_span, val_batch, val_seed = validation_windows or (span, batch_size, seed)
     val = [t for t in val if t.length >= val_span]
     data = TrainingData(

@@ -257,6 +257,10 @@ class TrackStore:
             raise DwaveError(f"{self.url} is a Zarr group but not a dwave store")
         return attrs
 
+    def identity(self) -> str | None:
+        """The store's random store_id (set when it was made; --overwrite makes a new one)."""
+        return self.root_attributes().get("store_id")
+
     def config(self) -> StoreConfig:
         attrs = self.root_attributes()
         version = int(attrs["dwave_store_version"])
@@ -506,8 +510,24 @@ class TrackStore:
         except OSError as exc:
             raise self.unreadable(track_id, row["part"], exc) from None
 
-    def unreadable(self, track_id: str, part: str, exc: Exception) -> DwaveError:
-        """The one-line error for a track whose codes cannot be read."""
+    def unreadable(self, track_id: str, part: str, exc: Exception,
+                   started_id: str | None = None) -> DwaveError:
+        """The one-line error for a track whose codes cannot be read. The store is looked at
+        again first (`started_id`: its store_id when the reader started): one deleted or
+        replaced under a running job says so, rather than blaming the track."""
+        try:
+            now_id = self.root_attributes().get("store_id")
+        except DwaveError:
+            return DwaveError(
+                f"store {self.url} is gone (deleted or moved while this job read it): track "
+                f"{track_id} cannot be read; put the store back and rerun (training resumes "
+                "from its last checkpoint)")
+        if started_id is not None and now_id != started_id:
+            return DwaveError(
+                f"store {self.url} was replaced while this job read it (its store_id changed: a "
+                "`dwave preprocess --overwrite`?): its tracks are not the ones the job started "
+                "on; the job stops, its last checkpoint kept; start a new --run-dir on the new "
+                "store")
         return DwaveError(
             f"store {self.url}: track {track_id} cannot be read ({type(exc).__name__}: {exc}): "
             "if the store is damaged, rebuild it (`dwave preprocess SOURCE --out STORE "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from conftest import run_dwave, start_moto_server, tone, write_audio
@@ -389,3 +390,46 @@ def test_a_damaged_index_is_an_error_for_readers_and_rebuilt_from_the_parts_by_p
     assert "its index is damaged; rebuilding it from the parts" in rerun.stderr
     assert "0 to process, 1 already in the store" in rerun.stderr
     assert json.loads(run_dwave("info", store, "--json", check=0).stdout)["tracks"] == before
+
+
+@pytest.mark.slow
+def test_a_store_deleted_or_replaced_under_a_stream_reader_says_so(tmp_path):
+    import shutil
+
+    from dwave.cluster import ClusterConfig
+    from dwave.data import open_samplers, scan_store
+    from dwave.errors import DwaveError
+    from dwave.preprocess import run_preprocess
+
+    songs = tmp_path / "songs"
+    songs.mkdir()
+    for i in range(4):
+        write_audio(songs / f"{i}.wav", tone(1.0, 16000, freq=300.0 * (i + 1)), 16000)
+    url = str(tmp_path / "store")
+
+    def preprocess(**flags):
+        run_preprocess([str(songs)], url, cluster=ClusterConfig(workers=1), progress=False,
+                       log=lambda *_: None, **flags)
+
+    preprocess()
+    data = open_samplers(scan_store(url), 1000, 2, 0, mode="stream")
+    assert len(data.train.read([(0, 0, 1000)])[0]) == 1000  # it reads
+    # The same songs again, at another rate, over the store: a new store under the reader.
+    first = data.train.read([(0, 0, 1000)])[0].copy()
+    preprocess(overwrite=True, sample_rate=8000)
+    # A local reader keeps its files open: it goes on reading what it started on (the old
+    # files' codes, whole: never zeros, never the new rate's) ...
+    np.testing.assert_array_equal(data.train.read([(0, 0, 1000)])[0], first)
+
+    def read_in_a_new_thread():  # ... and a file opened anew (another thread's) says why not
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(data.train.read, [(0, 0, 1000)]).result()
+
+    with pytest.raises(DwaveError, match="was replaced while this job read it .its store_id "
+                                         "changed"):
+        read_in_a_new_thread()
+    shutil.rmtree(url)
+    with pytest.raises(DwaveError, match="is gone .deleted or moved while this job read it"):
+        read_in_a_new_thread()
