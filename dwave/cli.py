@@ -206,7 +206,7 @@ def _cmd_info(args) -> int:
 
 
 def _add_store(sub) -> None:
-    p = sub.add_parser("store", help="manage a store (upgrade)",
+    p = sub.add_parser("store", help="manage a store (upgrade, verify)",
                        description="Operations on a whole store.")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     up = actions.add_parser(
@@ -218,6 +218,24 @@ def _add_store(sub) -> None:
     up.add_argument("store", metavar="STORE")
     up.add_argument("--storage-options", type=_json_object, metavar="JSON", default={})
     up.set_defaults(func=_cmd_store_upgrade)
+    check = actions.add_parser(
+        "verify", help="check that every track's shards are there and whole",
+        description="Check every part of a store: its shard objects there at the size its "
+                    "track table says (one listing per part; no codes read). Exit 1 if a part "
+                    "is damaged. --repair moves damaged parts aside (to STORE/damaged/, kept) "
+                    "and drops their tracks from the index, so that `dwave preprocess` writes "
+                    "them again.")
+    check.add_argument("store", metavar="STORE")
+    check.add_argument("--repair", action="store_true",
+                       help="move damaged parts aside so a preprocess rerun redoes their tracks")
+    check.add_argument("--storage-options", type=_json_object, metavar="JSON", default={})
+    check.set_defaults(func=_cmd_store_verify)
+
+
+def _cmd_store_verify(args) -> int:
+    from .verify import verify_store
+
+    return 0 if verify_store(args.store, args.storage_options, args.repair, log=_log) else 1
 
 
 def _cmd_store_upgrade(args) -> int:
@@ -323,6 +341,10 @@ def _add_train(sub) -> None:
                    help="training windows drawn together from one read of the store, shuffled "
                         "across a round of steps: K times fewer requests (default: "
                         f"{STREAM_WINDOWS_PER_READ} in stream mode, 1 in memory mode)")
+    p.add_argument("--on-bad-track", choices=("stop", "skip"), default=_default(T, "on_bad_track"),
+                   help="a track whose shards are missing or cut short (checked at the start: "
+                        "one listing per part): stop the run (default), or leave it out and "
+                        "say how many")
     p.add_argument("--storage-options", type=_json_object, metavar="JSON", default={})
     p.set_defaults(func=_cmd_train)
 

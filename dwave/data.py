@@ -297,7 +297,8 @@ class TrainingData:
     sample_rate: int
     levels: int  # quantization channels of the store's codes
     train_samples: int
-    left_out: dict  # {"tracks": N, "values": [...]}: tracks of values the run does not know
+    left_out: dict  # {"tracks": N, "values": [...]}: tracks of values the run does not know;
+    #                 "damaged": [Track]: tracks --on-bad-track skip left out
 
     def load(self, log=None) -> None:
         """Map the tracks (memory mode; a remote store is copied to the node cache first): the
@@ -349,7 +350,8 @@ def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
                   validation_fraction: float = 0.1, cache_bytes: int = DEFAULT_CACHE_BYTES,
                   mode: str | None = None, values: list[str] | None = None,
                   load: bool = True, windows_per_read: int | None = None,
-                  validation_windows: tuple[int, int, int] | None = None) -> TrainingData:
+                  validation_windows: tuple[int, int, int] | None = None,
+                  on_bad_track: str = "stop") -> TrainingData:
     """The training and validation samplers of spans of `span` samples (ModelConfig.span: the
     receptive field + the predicted window), with a clear error for a store that cannot feed one.
     `load=False` leaves reading the tracks to TrainingData.load(). `validation_windows`:
@@ -359,6 +361,10 @@ def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
     `values`: the condition's vocabulary (a resumed run's, from its config); default: the
     store's. Tracks of a value outside a given vocabulary are left out and counted (a
     conditioned model has no embedding for them: relabelling them would teach it wrong).
+
+    Every track used is checked to be all there first (its part's shards present and whole:
+    one listing per part, no codes read): a damaged one stops the run (`on_bad_track` "stop")
+    or is left out and counted ("skip").
     """
     store, tracks = scan.store, scan.tracks
     usable = [t for t in tracks if t.length >= span]
@@ -378,6 +384,7 @@ def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
         raise DwaveError(f"store {store.url}: no track has a {scan.condition} this run knows "
                          f"({', '.join(values)}); the store has {', '.join(unknown)}: start a "
                          "new --run-dir to condition on them")
+    usable, damaged = _whole_tracks(store, usable, tracks, scan.dtype.itemsize, on_bad_track)
     train, val = split_tracks(usable, validation_fraction)
     train_bytes = sum(t.length for t in train) * scan.dtype.itemsize
     if mode is None:
@@ -398,11 +405,36 @@ def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
         sample_rate=scan.sample_rate,
         levels=scan.levels,
         train_samples=sum(t.length for t in train),
-        left_out={"tracks": len(left_out), "values": unknown},
+        left_out={"tracks": len(left_out), "values": unknown, "damaged": damaged},
     )
     if load:
         data.load()
     return data
+
+
+ON_BAD_TRACK = ("stop", "skip")
+
+
+def _whole_tracks(store: TrackStore, tracks: list[Track], every_track: list[Track],
+                  itemsize: int, on_bad_track: str) -> tuple[list[Track], list[Track]]:
+    """(tracks all there, tracks in damaged parts); a DwaveError for any damaged under "stop".
+    `every_track`: the store's, for the full size of each part (a part's tracks this run
+    leaves out still fill its shards)."""
+    if on_bad_track not in ON_BAD_TRACK:
+        raise DwaveError(f"--on-bad-track must be one of {', '.join(ON_BAD_TRACK)}, got "
+                         f"{on_bad_track!r}")
+    used = {t.part for t in tracks}
+    damaged = store.damaged_parts([(t.part, t.offset, t.length) for t in every_track
+                                   if t.part in used], itemsize)
+    bad = [t for t in tracks if t.part in damaged]
+    if bad and on_bad_track == "stop":
+        part, why = next(iter(damaged.items()))
+        raise DwaveError(
+            f"store {store.url}: {len(bad)} track(s) in {len(damaged)} damaged part(s) (e.g. "
+            f"parts/{part}: {why}; track {next(t.id for t in bad if t.part == part)}): "
+            f"`dwave store verify {store.url} --repair` sets them aside so that a preprocess "
+            "rerun writes them again, or train without them: --on-bad-track skip")
+    return [t for t in tracks if t.part not in damaged], bad
 
 
 def open_training_data(store_url: str, span: int, batch_size: int, seed: int,

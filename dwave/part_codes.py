@@ -64,6 +64,17 @@ def encode_shards(codes: np.ndarray) -> list[bytes]:
     return shards
 
 
+def shard_sizes(samples: int, itemsize: int) -> list[int]:
+    """The byte size of each shard object of a part of `samples` codes, as encode_shards makes
+    them: what a part whose shards are all there and whole has, checked without reading them."""
+    index_bytes = (SHARD_SAMPLES // CHUNK_SAMPLES) * 16 + 4
+    sizes = []
+    for start in range(0, samples, SHARD_SAMPLES):
+        chunks = -(-min(SHARD_SAMPLES, samples - start) // CHUNK_SAMPLES)
+        sizes.append(chunks * CHUNK_SAMPLES * itemsize + index_bytes)
+    return sizes
+
+
 def byte_ranges(start: int, stop: int, itemsize: int) -> list[tuple[int, int, int]]:
     """Samples [start, stop) of a part's codes as (shard, first byte, end byte) reads."""
     out = []

@@ -11,6 +11,8 @@ opens every piece)::
                                 tracks, one after another; sharded (see dwave.part_codes)
       index/                    attrs: parts (the parts folded in), tracks (their track table),
                                 failures [{source, reason}], updated
+      damaged/<part_id>/        parts `dwave store verify --repair` set aside (shards missing or
+                                cut short): kept as they were, never read
 
 The track table (dwave.track_table) stores columns: id, part, offset, length, duration, genre,
 source, fingerprint, ... Track t's codes are parts/<part>/codes[offset:offset + length].
@@ -42,8 +44,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import DwaveError
-from .part_codes import MappedReader, RangeReader, create_codes_array, encode_shards, \
-    shard_key
+from .part_codes import (MappedReader, RangeReader, create_codes_array, encode_shards,
+                         shard_key, shard_sizes)
 from .track_table import TrackTable
 
 STORE_FORMAT_VERSION = 2
@@ -389,6 +391,46 @@ class TrackStore:
                          if attrs.get("complete") is True else None)
         return out
 
+    def damaged_parts(self, extents, itemsize: int, concurrency: int = 16) -> dict[str, str]:
+        """{part id: what is wrong} for the parts of the tracks at `extents` ((part, offset,
+        length) each) whose shard objects are not all there at their full size: one listing
+        per part, no codes read."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        samples: dict[str, int] = {}
+        for part, offset, length in extents:
+            samples[part] = max(samples.get(part, 0), int(offset) + int(length))
+        fs, _ = self._filesystem()
+
+        def check(part: str) -> str | None:
+            folder = self._path(shard_key(part, 0)).rsplit("/", 1)[0]
+            try:
+                found = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size")
+                         for e in fs.ls(folder, detail=True)}
+            except FileNotFoundError:
+                found = {}
+            for shard, size in enumerate(shard_sizes(samples[part], itemsize)):
+                if str(shard) not in found:
+                    return f"shard {shard} is missing"
+                if found[str(shard)] != size:
+                    return f"shard {shard} holds {found[str(shard)]} bytes, not {size}"
+            return None
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            verdicts = dict(zip(samples, pool.map(check, samples)))
+        return {part: why for part, why in sorted(verdicts.items()) if why}
+
+    def set_aside(self, part_id: str) -> str:
+        """Move a damaged part out of parts/ to damaged/ (kept, not deleted: its good shards
+        may still matter to someone); the next index fold drops its tracks, so a preprocess rerun
+        writes them again. Returns where it went."""
+        fs, _ = self._filesystem()
+        source, target = self._path(f"parts/{part_id}"), self._path(f"damaged/{part_id}")
+        if not is_remote(self.url):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+        fs.mv(source, target, recursive=True)
+        return f"{self.url}/damaged/{part_id}"
+
     # -- index ----------------------------------------------------------------------------------
 
     def read_index(self) -> "Index":
@@ -529,10 +571,10 @@ class TrackStore:
                 "on; the job stops, its last checkpoint kept; start a new --run-dir on the new "
                 "store")
         return DwaveError(
-            f"store {self.url}: track {track_id} cannot be read ({type(exc).__name__}: {exc}): "
-            "if the store is damaged, rebuild it (`dwave preprocess SOURCE --out STORE "
-            f"--overwrite`), or remove parts/{part} from it and rerun `dwave preprocess SOURCE "
-            "--out STORE` to write its tracks again")
+            f"store {self.url}: track {track_id} (parts/{part}) cannot be read "
+            f"({type(exc).__name__}: {exc}): `dwave store verify {self.url} --repair` sets "
+            "damaged parts aside, and a rerun of `dwave preprocess SOURCE --out STORE` writes "
+            "their tracks again")
 
 
 class IndexDamaged(DwaveError):

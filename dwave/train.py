@@ -60,6 +60,7 @@ class TrainConfig:
     validation_fraction: float = 0.1
     data_mode: str | None = None  # memory | stream; default: memory if it fits
     windows_per_read: int | None = None  # windows sharing one read; default: by the data mode
+    on_bad_track: str = "stop"  # a track not all there: stop, or skip it (counted)
     threads: int | None = None  # TF threads per rank; default: cores / local ranks
     listen_seconds: float = 1.0  # a sample of this length at each validation; 0: none
 
@@ -325,7 +326,8 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
                          mode=train.data_mode, values=model_config.condition_values or None,
                          load=False, windows_per_read=train.windows_per_read,
                          validation_windows=(model_config.span(windows["window"]),
-                                             windows["batch_size"], windows["seed"]))
+                                             windows["batch_size"], windows["seed"]),
+                         on_bad_track=train.on_bad_track)
 
     from .ranks import start_horovod
 
@@ -367,6 +369,11 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
             f"keeps the run's windows (window {windows['window']}, batch {windows['batch_size']}"
             f", seed {windows['seed']}, {windows['val_batches']} batches): its log stays "
             "comparable")
+    if data.left_out["damaged"]:
+        say(f"warning: left out {len(data.left_out['damaged'])} track(s) whose shards are "
+            f"missing or cut short (--on-bad-track skip; e.g. {data.left_out['damaged'][0].id} "
+            f"in parts/{data.left_out['damaged'][0].part}): `dwave store verify --repair` and "
+            "a preprocess rerun bring them back")
     if data.left_out["tracks"]:
         say(f"left out {data.left_out['tracks']} track(s) of {model_config.condition}s this run "
             f"was not started with ({', '.join(data.left_out['values'])}): a new --run-dir can "

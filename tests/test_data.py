@@ -172,7 +172,7 @@ def test_tracks_of_a_genre_the_run_does_not_know_are_left_out_not_relabelled(tmp
         "c": (synthetic_codes(1.0, seed=3), "rock"), "d": (synthetic_codes(1.0, seed=4), "jazz")})
     data = open_training_data(url, 100, 2, 0, validation_fraction=0.0, values=["pop", "rock"])
     assert sorted(t.id for t in data.train.tracks) == ["a", "b", "c"]
-    assert data.left_out == {"tracks": 1, "values": ["jazz"]}
+    assert data.left_out == {"tracks": 1, "values": ["jazz"], "damaged": []}
     assert sorted(set(data.train.track_condition.tolist())) == [0, 1]  # pop, rock: their own ids
     assert data.train.track_condition.tolist() == [1, 0, 1]  # a rock, b pop, c rock
     with pytest.raises(DwaveError, match="no track has a genre this run knows"):
@@ -190,18 +190,22 @@ def test_a_track_that_cannot_be_read_is_a_one_line_error_in_both_modes(tmp_path)
     url = make_store(str(tmp_path / "s"), {
         tid: ((np.arange(n) % 251).astype(np.uint8), "g") for tid, n in lengths.items()},
         tracks_per_part=1)
-    (tmp_path / "s" / "parts" / "p000001" / "codes" / "c" / "0").write_bytes(b"\x00")
-    said = (rf"store {url}: track b cannot be read \(OSError: parts/p000001/codes/c/0 bytes "
-            r"\d+-\d+: only \d+ bytes there \(the shard is cut short\)\): if the store is "
-            r"damaged, rebuild it .* or remove parts/p000001 from it")
+    # Samplers opened while the store was whole (each start checks it: see the end), then a
+    # shard cut short under them.
     unloaded = open_training_data(url, 100, 2, 0, validation_fraction=0.0, load=False)
+    stream = open_training_data(url, 100, 2, 0, validation_fraction=0.0, mode="stream")
+    (tmp_path / "s" / "parts" / "p000001" / "codes" / "c" / "0").write_bytes(b"\x00")
+    said = (rf"store {url}: track b \(parts/p000001\) cannot be read \(OSError: "
+            r"parts/p000001/codes/c/0 bytes \d+-\d+: only \d+ bytes there \(the shard is cut "
+            rf"short\)\): `dwave store verify {url} --repair` sets damaged parts aside")
     assert unloaded.train.mapped is None  # the damaged shard was not touched
     with pytest.raises(DwaveError, match=said):
         unloaded.load()
-    with pytest.raises(DwaveError, match=said):
-        open_training_data(url, 100, 2, 0, validation_fraction=0.0, mode="memory")
-    stream = open_training_data(url, 100, 2, 0, validation_fraction=0.0, mode="stream")
     with pytest.raises(DwaveError, match=said) as raised:
         for _ in stream.train.batches(rank=0, first_step=0, last_step=50):
             pass
+    # A start after the damage is stopped by the check, before any codes are read.
+    with pytest.raises(DwaveError, match=r"1 track\(s\) in 1 damaged part\(s\) \(e.g. "
+                                         r"parts/p000001: shard 0 holds 1 bytes"):
+        open_training_data(url, 100, 2, 0, validation_fraction=0.0, mode="memory")
     assert "\n" not in str(raised.value)

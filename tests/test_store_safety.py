@@ -433,3 +433,60 @@ def test_a_store_deleted_or_replaced_under_a_stream_reader_says_so(tmp_path):
     shutil.rmtree(url)
     with pytest.raises(DwaveError, match="is gone .deleted or moved while this job read it"):
         read_in_a_new_thread()
+
+
+@pytest.mark.slow
+def test_a_damaged_part_stops_training_or_is_skipped_and_verify_repair_lets_a_rerun_redo_it(
+        tmp_path):
+    from dwave.cluster import ClusterConfig
+    from dwave.data import open_samplers, scan_store
+    from dwave.errors import DwaveError
+    from dwave.info import describe_store
+    from dwave.preprocess import run_preprocess
+
+    songs = tmp_path / "songs"
+    songs.mkdir()
+    for i in range(6):
+        write_audio(songs / f"{i}.wav", tone(1.0, 16000, freq=200.0 * (i + 1)), 16000)
+    url = str(tmp_path / "store")
+
+    def preprocess():
+        return run_preprocess([str(songs)], url, cluster=ClusterConfig(workers=2),
+                              progress=False, log=lambda *_: None)
+
+    preprocess()
+    assert run_dwave("store", "verify", url).returncode == 0
+    scan = scan_store(url)
+    victim = scan.tracks[0]
+    shard = tmp_path / "store" / "parts" / victim.part / "codes" / "c" / "0"
+    original = shard.read_bytes()
+    shard.write_bytes(original[:1000])  # cut short, as a full disk or a killed copy leaves it
+    in_part = sorted(t.id for t in scan.tracks if t.part == victim.part)
+
+    with pytest.raises(DwaveError, match=rf"{len(in_part)} track\(s\) in 1 damaged part\(s\) "
+                                         rf"\(e.g. parts/{victim.part}: shard 0 holds 1000 bytes"):
+        open_samplers(scan, 1000, 2, 0, mode="stream")
+    data = open_samplers(scan, 1000, 2, 0, mode="stream", on_bad_track="skip")
+    assert sorted(t.id for t in data.left_out["damaged"]) == in_part
+    kept = data.train.tracks + (data.validation.tracks if data.validation else [])
+    assert {t.id for t in kept} == {t.id for t in scan.tracks} - set(in_part)
+
+    train = ["train", url, "--steps", "2", "--window", "256", "--batch-size", "2",
+             "--listen-seconds", "0"]
+    proc = run_dwave(*train, "--run-dir", tmp_path / "stopped")
+    assert proc.returncode == 2 and "damaged part(s)" in proc.stderr.strip().splitlines()[-1]
+    proc = run_dwave(*train, "--run-dir", tmp_path / "skipped", "--on-bad-track", "skip",
+                     check=0)
+    assert f"warning: left out {len(in_part)} track(s) whose shards are missing" in proc.stderr
+
+    proc = run_dwave("store", "verify", url)
+    assert proc.returncode == 1, proc.stderr
+    assert f"parts/{victim.part}: shard 0 holds 1000 bytes" in proc.stderr
+    proc = run_dwave("store", "verify", url, "--repair", check=0)
+    assert f"moved parts/{victim.part} to {url}/damaged/{victim.part}" in proc.stderr
+    assert (tmp_path / "store" / "damaged" / victim.part / "codes" / "c" / "0").exists()
+    assert describe_store(url)["num_tracks"] == 6 - len(in_part)  # info agrees with what is there
+    summary = preprocess()  # the rerun writes them again
+    assert sorted(r["track_id"] for r in summary.written) == in_part
+    assert run_dwave("store", "verify", url).returncode == 0
+    assert describe_store(url)["num_tracks"] == 6
