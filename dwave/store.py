@@ -253,8 +253,16 @@ class TrackStore:
         """The root's attributes (any store version); a clear error if this is not a store."""
         try:
             attrs = dict(self._open("r").attrs)
-        except (FileNotFoundError, KeyError, ValueError, OSError) as exc:
+        except PermissionError:
+            raise DwaveError(
+                f"{self.url}: access denied: check the credentials (AWS_PROFILE, "
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, --storage-options) and the bucket's "
+                "policy") from None
+        except (FileNotFoundError, KeyError, ValueError) as exc:
             raise DwaveError(f"{self.url} is not a dwave store ({exc.__class__.__name__})") from None
+        except OSError as exc:  # a dead mount, an unreachable endpoint: not "not a store"
+            raise DwaveError(f"{self.url}: cannot read it ({type(exc).__name__}: "
+                             f"{str(exc)[:160]}); check the location and retry") from None
         if "dwave_store_version" not in attrs:
             raise DwaveError(f"{self.url} is a Zarr group but not a dwave store")
         return attrs

@@ -78,15 +78,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_moto_server(log_path: str | None = None) -> tuple[subprocess.Popen, str]:
+def start_moto_server(log_path: str | None = None,
+                      check_credentials: bool = False) -> tuple[subprocess.Popen, str]:
     """A moto S3 server on a free loopback port, once it accepts connections: (process, URL).
-    `log_path`: where its request log (one line a request) goes; default nowhere."""
+    `log_path`: where its request log (one line a request) goes; default nowhere.
+    `check_credentials`: refuse (403) keys its IAM does not know, as real S3 does."""
     port = _free_port()
     server = subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
          "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=open(log_path, "w") if log_path else subprocess.DEVNULL,
+        env={**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if check_credentials
+                              else {})},
     )
     deadline = time.time() + 30
     while True:

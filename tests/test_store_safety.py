@@ -490,3 +490,17 @@ def test_a_damaged_part_stops_training_or_is_skipped_and_verify_repair_lets_a_re
     assert sorted(r["track_id"] for r in summary.written) == in_part
     assert run_dwave("store", "verify", url).returncode == 0
     assert describe_store(url)["num_tracks"] == 6
+
+
+def test_wrong_s3_keys_are_access_denied_not_a_missing_store(tmp_path):
+    server, endpoint = start_moto_server(check_credentials=True)
+    try:
+        env = {"AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "wrong",
+               "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+        proc = run_dwave("info", "s3://music/store", env=env)
+        line = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and "access denied: check the credentials" in line, line
+        assert "not a dwave store" not in line
+    finally:
+        server.terminate()
+        server.wait(10)
