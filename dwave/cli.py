@@ -221,7 +221,7 @@ def _add_store(sub) -> None:
     check = actions.add_parser(
         "verify", help="check that every track's shards are there and whole",
         description="Check every part of a store: its shard objects there at the size its "
-                    "track table says (one listing per part; no codes read). Exit 1 if a part "
+                    "track table says (one listing of parts/; no codes read). Exit 1 if a part "
                     "is damaged. --repair moves damaged parts aside (to STORE/damaged/, kept) "
                     "and drops their tracks from the index, so that `dwave preprocess` writes "
                     "them again.")
@@ -343,7 +343,7 @@ def _add_train(sub) -> None:
                         f"{STREAM_WINDOWS_PER_READ} in stream mode, 1 in memory mode)")
     p.add_argument("--on-bad-track", choices=("stop", "skip"), default=_default(T, "on_bad_track"),
                    help="a track whose shards are missing or cut short (checked at the start: "
-                        "one listing per part): stop the run (default), or leave it out and "
+                        "one listing of the parts): stop the run (default), or leave it out and "
                         "say how many")
     p.add_argument("--storage-options", type=_json_object, metavar="JSON", default={})
     p.set_defaults(func=_cmd_train)

@@ -363,7 +363,7 @@ def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
     conditioned model has no embedding for them: relabelling them would teach it wrong).
 
     Every track used is checked to be all there first (its part's shards present and whole:
-    one listing per part, no codes read): a damaged one stops the run (`on_bad_track` "stop")
+    one listing of parts/, no codes read): a damaged one stops the run (`on_bad_track` "stop")
     or is left out and counted ("skip").
     """
     store, tracks = scan.store, scan.tracks

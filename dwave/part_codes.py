@@ -18,6 +18,7 @@ encode_shards writes the shards in exactly that form (see there why dwave writes
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
 
 import numpy as np
@@ -30,6 +31,10 @@ CODES_ARRAY = "codes"
 def shard_key(part_id: str, shard: int) -> str:
     """Where shard `shard` of a part lives, relative to the store's root."""
     return f"parts/{part_id}/{CODES_ARRAY}/c/{shard}"
+
+
+#: shard_key's form, found in a path: (part id, shard number)
+SHARD_KEY = re.compile(rf"parts/([^/]+)/{CODES_ARRAY}/c/(\d+)$")
 
 
 def create_codes_array(group, samples: int, dtype: np.dtype):

@@ -1,4 +1,4 @@
-"""`dwave store verify`: is every track of a store all there? One listing per part (the shard
+"""`dwave store verify`: is every track of a store all there? One listing of parts/ (the shard
 objects' names and sizes against what the track table says they hold), no codes read; with
 --repair, damaged parts are moved aside (to STORE/damaged/, kept) and the index drops their
 tracks, so that a preprocess rerun writes them again."""
@@ -22,7 +22,7 @@ def verify_store(url: str, storage_options: dict | None = None, repair: bool = F
         if part in damaged:
             holds.setdefault(part, []).append(track_id)
     log(f"store {store.url}: {len(index.parts)} parts, {len(index.tracks)} tracks checked (one "
-        "listing per part, no codes read): " + (
+        "listing of parts/, no codes read): " + (
             "every shard there, whole" if not damaged else
             f"{len(damaged)} damaged part(s) holding {sum(map(len, holds.values()))} track(s)"))
     for part, why in damaged.items():
