@@ -341,6 +341,10 @@ def _add_train(sub) -> None:
                    help="training windows drawn together from one read of the store, shuffled "
                         "across a round of steps: K times fewer requests (default: "
                         f"{STREAM_WINDOWS_PER_READ} in stream mode, 1 in memory mode)")
+    p.add_argument("--stall-minutes", type=float, default=_default(T, "stall_minutes"),
+                   help="with several ranks: end the job when no step completes for this long "
+                        "(a rank stopped or hung would otherwise hold the others forever; "
+                        "0: never) (%(default)g)")
     p.add_argument("--on-bad-track", choices=("stop", "skip"), default=_default(T, "on_bad_track"),
                    help="a track whose shards are missing or cut short (checked at the start: "
                         "one listing of the parts): stop the run (default), or leave it out and "

@@ -61,6 +61,7 @@ class TrainConfig:
     data_mode: str | None = None  # memory | stream; default: memory if it fits
     windows_per_read: int | None = None  # windows sharing one read; default: by the data mode
     on_bad_track: str = "stop"  # a track not all there: stop, or skip it (counted)
+    stall_minutes: float = 15.0  # several ranks: end the job when no step completes this long
     threads: int | None = None  # TF threads per rank; default: cores / local ranks
     listen_seconds: float = 1.0  # a sample of this length at each validation; 0: none
 
@@ -74,6 +75,8 @@ class TrainConfig:
                 raise DwaveError(f"--{name.replace('_', '-')} must be positive")
         if self.warmup_steps < 0 or (self.lr is not None and not self.lr > 0):
             raise DwaveError("--lr must be positive and --warmup-steps not negative")
+        if not (self.stall_minutes >= 0 and math.isfinite(self.stall_minutes)):
+            raise DwaveError(f"--stall-minutes must be a number >= 0, got {self.stall_minutes:g}")
         if not 0 <= self.listen_seconds <= 60:
             raise DwaveError(f"--listen-seconds must be between 0 and 60, got "
                              f"{self.listen_seconds:g}")
@@ -429,10 +432,14 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
 
         listener = Listener(run_dir, train.listen_seconds, model_config.sample_rate,
                             model_config.quantization_channels, writers["validation"])
+    from .watchdog import Watchdog
+
+    watchdog = Watchdog(train.stall_minutes * 60 if size > 1 else 0, rank)
     loop_started = time.perf_counter()
     while step < train.steps:
         codes, condition = next(batches)
         loss, stop_all = trainer.train_step(codes, condition, tf.constant(stop.requested))
+        watchdog.beat()
         step += 1
         window_steps += 1
         loss_bits = float(loss) / LN2
@@ -455,6 +462,7 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
             val_bits = _validate(trainer, data.validation, rank, size, windows["val_batches"],
                                  hvd)
             val_seconds = time.perf_counter() - started
+            watchdog.beat()
             if rank == 0:
                 say(f"step {step}: validation loss {val_bits:.3f} bits/sample"
                     + history.versus_baselines(val_bits) + f" ({val_seconds:.1f} s)")
@@ -475,6 +483,8 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
             break
         if step % train.ckpt_every == 0 and step < train.steps:
             save(step)
+            watchdog.beat()
+    watchdog.stop()
     save(step)
     progress.finish()
     digests = _check_ranks_in_sync(trainer, hvd, size)

@@ -428,3 +428,32 @@ def test_bf16_trains_and_says_what_the_products_run_in(tone_store, tmp_path):
         # Parity at 0.05 bit is for benchmarks/bench_learning.py on real music: two float32 runs
         # already differ by 0.1-0.4 bit at this step (threads sum in varying order).
         assert validation < bigram - 1.0, finals
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_job_instead_of_hanging_it(tone_store, tmp_path):
+    run = tmp_path / "run"
+    cmd = ["mpirun", "-np", "2", "--bind-to", "none", "-x", "PATH", sys.executable, "-m",
+           "dwave.cli", "train", str(tone_store), "--run-dir", str(run), "--steps", "100000",
+           "--ckpt-every", "20", "--stall-minutes", "0.2", *FAST]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           cwd=ROOT, env={**os.environ, **MPI_ENV}, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while (latest_step(run) or 0) < 20 and time.time() < deadline and job.poll() is None:
+            time.sleep(0.2)
+        assert (latest_step(run) or 0) >= 20, "training never reached step 20"
+        ranks = subprocess.run(["pgrep", "-f", f"dwave.cli train {tone_store} --run-dir {run}"],
+                               capture_output=True, text=True).stdout.split()
+        ranks = [int(p) for p in ranks if int(p) != job.pid]
+        assert len(ranks) == 2, ranks
+        os.kill(max(ranks), signal.SIGSTOP)  # one rank stops: the other waits in its allreduce
+        stopped_at = time.time()
+        _, err = job.communicate(timeout=120)
+        assert job.returncode != 0
+        assert "no training step completed in 12 s" in err, err[-3000:]
+        assert time.time() - stopped_at < 90  # 12 s of stall, then the launcher's teardown
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", f"--run-dir {run}"])
