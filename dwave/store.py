@@ -56,6 +56,7 @@ ZARR_JSON = "zarr.json"  # a Zarr 3 node's metadata: the store's root attributes
 _PARTIAL_ZARR_JSON = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
 GROUPS = ("parts", "index")
 DEFAULT_SAMPLE_RATE = 16000
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 192000
 DEFAULT_QUANTIZATION_CHANNELS = 256
 
 
@@ -319,6 +320,10 @@ class TrackStore:
             config.dtype  # validates the channel count before anything is written
         except ValueError as exc:
             raise DwaveError(f"--quantization-channels: {exc}") from None
+        if not MIN_SAMPLE_RATE <= config.sample_rate <= MAX_SAMPLE_RATE:
+            # Above it, one song's decode buffer (4 bytes a sample) outgrows any worker.
+            raise DwaveError(f"--sample-rate {config.sample_rate}: must be between "
+                             f"{MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE} Hz")
         try:
             if state == "store":
                 self._remove_store()

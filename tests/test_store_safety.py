@@ -504,3 +504,11 @@ def test_wrong_s3_keys_are_access_denied_not_a_missing_store(tmp_path):
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_a_sample_rate_out_of_range_is_one_line_before_anything_is_written(tmp_path, song):
+    for rate in ("10000000", "10"):
+        proc = run_dwave("preprocess", song, "--out", tmp_path / "store", "--sample-rate", rate)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert f"--sample-rate {rate}: must be between 1000 and 192000 Hz" in proc.stderr
+    assert not (tmp_path / "store").exists()
