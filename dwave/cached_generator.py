@@ -155,21 +155,27 @@ class FastGenerator:
         self.next_code = np.full(self.batch, c.quantization_channels // 2, np.int64)
 
     def prime(self, codes: np.ndarray) -> None:
-        """Start every song from `codes` (batch, N), N >= 1: one full-network pass over all but
-        the last code fills the caches; the last code is the next input."""
+        """Start every song from `codes` (batch, N), N >= 1: one full-network pass over the
+        codes before the last fills the caches; the last code is the next input.
+
+        Only the last receptive field of codes is run: a cached input of layer l (one of its
+        last d_l) depends on the d_1 + ... + d_l codes before it, at most receptive field - 1,
+        so the codes before `first` change nothing (tested against the full network); memory
+        and time do not grow with a long prime."""
         codes = np.asarray(codes)
         n, C = codes.shape[1], self.config.residual_channels
         self.reset()
         if n > 1:
+            first = max(0, n - self.config.receptive_field)
             inputs: list = []
-            self.model(codes[:, :-1], condition=self.condition_ids, causal=True,
+            self.model(codes[:, first:-1], condition=self.condition_ids, causal=True,
                        layer_inputs=inputs)
             for h, d, offset in zip(inputs, self.dilations, self.offsets):
                 h = h.numpy()
-                for k in range(max(0, n - 1 - d), n - 1):  # the last d inputs, by slot
+                for k in range(max(first, n - 1 - d), n - 1):  # the last d inputs, by slot
                     for lane, copies in zip(self.lanes, self.caches):
                         for caches in copies:
-                            caches[offset + k % d, :, :C] = h[lane, k]
+                            caches[offset + k % d, :, :C] = h[lane, k - first]
         self.t = n - 1
         self.next_code = codes[:, -1].astype(np.int64)
 
