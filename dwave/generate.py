@@ -144,6 +144,11 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
         raise DwaveError(f"--seconds {options.seconds:g} is less than one sample at {rate} Hz: "
                          f"ask for at least {1 / rate:.6f}")
     mine = list(range(rank, options.num_songs, size))
+    from .audio import code_dtype
+
+    dtype = code_dtype(q)  # the songs' codes as stored, not int64: 8x less held per sample
+    _check_fits(min(options.batch_size, max(1, len(mine))), total + (len(prime) if prime is not
+                None else 0), dtype.itemsize, ranks.ranks_on_node)
 
     from .cores import cores_per_rank
     from .cached_generator import FastGenerator
@@ -164,16 +169,17 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
         songs = mine[first:first + options.batch_size]
         generator = FastGenerator(model, len(songs),
                                   None if gid is None else [gid] * len(songs), threads, cores)
-        head = np.zeros((len(songs), 0), np.int64)
+        head = np.zeros((len(songs), 0), dtype)
         if prime is not None:
-            head = np.tile(prime, (len(songs), 1))
-            generator.prime(head)
+            tiled = np.tile(prime, (len(songs), 1))  # int64: the model's embedding indices
+            generator.prime(tiled)
+            head = tiled.astype(dtype)
         streams = [song_stream(options.seed, s) for s in songs]
         parts = []
         for begin in range(0, total, CHUNK):
             steps = min(CHUNK, total - begin)
             uniforms = np.stack([r.random(steps, dtype=np.float32) for r in streams], axis=1)
-            parts.append(generator.generate(uniforms, options.temperature))
+            parts.append(generator.generate(uniforms, options.temperature).astype(dtype))
             step = parts[-1].shape[0] * len(songs)
             generated += step
             progress.update(step)
@@ -193,6 +199,25 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
         f"{rate_s / rate:.2f}x real time")
     return {"samples": generated, "seconds": wall, "samples_per_s": rate_s,
             "real_time_factor": rate_s / rate, "songs": mine}
+
+
+# What writing one song holds per sample besides its codes: the decoded float32 audio, the
+# 16-bit WAV frames, and the spectrogram (257 float64 bins every 128 samples, and its copy).
+WRITE_BYTES_PER_SAMPLE = 4 + 2 + 2 * 257 * 8 // 128
+
+
+def _check_fits(batch: int, samples: int, itemsize: int, ranks_on_node: int) -> None:
+    """A one-line error, before any work, for a request this node's memory cannot hold: a
+    batch's codes (held until its songs are written) plus one song being written, per rank."""
+    import psutil
+
+    need = (batch * samples * itemsize + samples * WRITE_BYTES_PER_SAMPLE) * ranks_on_node
+    available = psutil.virtual_memory().available
+    if need > 0.8 * available:
+        raise DwaveError(
+            f"{batch} song(s) of {samples:,} samples per rank x {ranks_on_node} rank(s) on this "
+            f"node need ~{need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB "
+            "available: ask for fewer --seconds or a smaller --batch-size")
 
 
 def song_stem(song: int) -> str:

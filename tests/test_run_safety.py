@@ -156,3 +156,12 @@ def test_generate_seconds_shorter_than_a_sample_is_one_line(trained_run, tmp_pat
     line = error_of("generate", trained_run, "--out", tmp_path / "o", "--seconds", "1e-5",
                     "--genre", "tone")
     assert "--seconds 1e-05 is less than one sample at 16000 Hz" in line
+
+
+@pytest.mark.slow
+def test_generate_asking_for_more_than_memory_holds_is_one_line_before_any_work(trained_run,
+                                                                                tmp_path):
+    line = error_of("generate", trained_run, "--out", tmp_path / "o", "--seconds", "1e7",
+                    "--genre", "tone")
+    assert "need ~" in line and "GiB available: ask for fewer --seconds" in line
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
