@@ -13,7 +13,11 @@ def describe_store(url: str, storage_options: dict | None = None) -> dict:
     store = TrackStore(url, storage_options)
     config = store.config()
     index, _ = store.current_index()
-    tracks = sorted(index.tracks.rows(), key=lambda t: _id_order(t["id"]))
+    table = index.tracks.columns
+    damaged = store.damaged_parts(zip(table["part"], table["offset"], table["length"]),
+                                  config.dtype.itemsize)  # one listing: what is really there
+    tracks = sorted((t for t in index.tracks.rows() if t["part"] not in damaged),
+                    key=lambda t: _id_order(t["id"]))
     seconds = sum(t["duration"] for t in tracks)
     return {
         "store": store.url,
@@ -26,6 +30,8 @@ def describe_store(url: str, storage_options: dict | None = None) -> dict:
         "tracks": tracks,
         "failures": index.failures,
         "index_updated": index.updated,
+        "damaged": {"parts": damaged,
+                    "tracks": sum(1 for p in table["part"] if p in damaged)},
     }
 
 
@@ -43,6 +49,10 @@ def format_description(d: dict, max_rows: int = 50) -> str:
         f"failures   {len(d['failures'])}",
         f"indexed    {d['index_updated'] or 'never (no run has finished)'}",
     ]
+    if d["damaged"]["tracks"]:
+        lines.append(f"damaged    {d['damaged']['tracks']} track(s) in "
+                     f"{len(d['damaged']['parts'])} part(s), not counted above: `dwave store "
+                     "verify STORE` says which; a preprocess rerun writes them again")
     if d["tracks"]:
         lines += ["", f"{'id':<24} {'seconds':>9} {'genre':<16} source"]
         for t in d["tracks"][:max_rows]:

@@ -230,6 +230,7 @@ def run_preprocess(
         log(f"store {store.url}: its index is damaged; rebuilding it from the parts (the "
             "failures it recorded are forgotten)")
         stored = Index()
+    _set_aside_damaged(store, stored, config, log)
     index, _ = store.current_index(base=stored)  # the parts present, no read of every track
     if index.gone:
         log(f"{len(index.gone)} part(s) the index lists are no longer in the store: their "
@@ -274,6 +275,17 @@ def run_preprocess(
     summary.store_tracks = len(index.tracks)
     summary.store_hours = sum(index.tracks.columns["duration"]) / 3600
     return summary
+
+
+def _set_aside_damaged(store: TrackStore, index: Index, config: StoreConfig, log) -> None:
+    """Parts whose shards are missing or cut short (one listing) are moved to STORE/damaged/
+    (kept), so that their songs count as not done and this run writes them again."""
+    table = index.tracks.columns
+    damaged = store.damaged_parts(zip(table["part"], table["offset"], table["length"]),
+                                  config.dtype.itemsize)
+    for part, why in damaged.items():
+        log(f"store {store.url}: parts/{part} is damaged ({why}): moved to "
+            f"{store.set_aside(part)}; its songs are written again")
 
 
 def _compute(client, parts: list[PartTask], store, config, progress,

@@ -11,8 +11,8 @@ opens every piece)::
                                 tracks, one after another; sharded (see dwave.part_codes)
       index/                    attrs: parts (the parts folded in), tracks (their track table),
                                 failures [{source, reason}], updated
-      damaged/<part_id>/        parts `dwave store verify --repair` set aside (shards missing or
-                                cut short): kept as they were, never read
+      damaged/<part_id>-<time>/ parts set aside by `dwave store verify --repair` or preprocess
+                                (shards missing or cut short): kept as they were, never read
 
 The track table (dwave.track_table) stores columns: id, part, offset, length, duration, genre,
 source, fingerprint, ... Track t's codes are parts/<part>/codes[offset:offset + length].
@@ -441,11 +441,13 @@ class TrackStore:
         may still matter to someone); the next index fold drops its tracks, so a preprocess rerun
         writes them again. Returns where it went."""
         fs, _ = self._filesystem()
-        source, target = self._path(f"parts/{part_id}"), self._path(f"damaged/{part_id}")
+        # Stamped: a rerun writes the same part id again, which may one day be set aside too.
+        name = f"{part_id}-{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%S%fZ}"
+        source, target = self._path(f"parts/{part_id}"), self._path(f"damaged/{name}")
         if not is_remote(self.url):
             os.makedirs(os.path.dirname(target), exist_ok=True)
         fs.mv(source, target, recursive=True)
-        return f"{self.url}/damaged/{part_id}"
+        return f"{self.url}/damaged/{name}"
 
     # -- index ----------------------------------------------------------------------------------
 

@@ -482,14 +482,32 @@ def test_a_damaged_part_stops_training_or_is_skipped_and_verify_repair_lets_a_re
     proc = run_dwave("store", "verify", url)
     assert proc.returncode == 1, proc.stderr
     assert f"parts/{victim.part}: shard 0 holds 1000 bytes" in proc.stderr
+    described = describe_store(url)  # dwave info counts what is really there
+    assert described["num_tracks"] == 6 - len(in_part)
+    assert described["damaged"] == {"parts": {victim.part: "shard 0 holds 1000 bytes, not "
+                                              f"{len(original)}"}, "tracks": len(in_part)}
     proc = run_dwave("store", "verify", url, "--repair", check=0)
-    assert f"moved parts/{victim.part} to {url}/damaged/{victim.part}" in proc.stderr
-    assert (tmp_path / "store" / "damaged" / victim.part / "codes" / "c" / "0").exists()
+    assert f"moved parts/{victim.part} to {url}/damaged/{victim.part}-" in proc.stderr
+    (aside,) = (tmp_path / "store" / "damaged").iterdir()
+    assert (aside / "codes" / "c" / "0").read_bytes() == original[:1000]  # kept as it was
     assert describe_store(url)["num_tracks"] == 6 - len(in_part)  # info agrees with what is there
     summary = preprocess()  # the rerun writes them again
     assert sorted(r["track_id"] for r in summary.written) == in_part
     assert run_dwave("store", "verify", url).returncode == 0
     assert describe_store(url)["num_tracks"] == 6
+
+    # Without --repair: a preprocess rerun finds the damage itself, sets the part aside and
+    # writes its songs again.
+    redone = scan_store(url).tracks[-1]
+    shard = tmp_path / "store" / "parts" / redone.part / "codes" / "c" / "0"
+    shard.unlink()
+    lines = []
+    summary = run_preprocess([str(songs)], url, cluster=ClusterConfig(workers=2),
+                             progress=False, log=lines.append)
+    assert any(f"parts/{redone.part} is damaged (shard 0 is missing): moved to" in line
+               for line in lines), lines
+    assert redone.id in [r["track_id"] for r in summary.written]
+    assert run_dwave("store", "verify", url).returncode == 0
 
 
 def test_wrong_s3_keys_are_access_denied_not_a_missing_store(tmp_path):
