@@ -351,7 +351,7 @@ def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
                   mode: str | None = None, values: list[str] | None = None,
                   load: bool = True, windows_per_read: int | None = None,
                   validation_windows: tuple[int, int, int] | None = None,
-                  on_bad_track: str = "stop") -> TrainingData:
+                  on_bad_track: str | None = "stop") -> TrainingData:
     """The training and validation samplers of spans of `span` samples (ModelConfig.span: the
     receptive field + the predicted window), with a clear error for a store that cannot feed one.
     `load=False` leaves reading the tracks to TrainingData.load(). `validation_windows`:
@@ -364,7 +364,7 @@ def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
 
     Every track used is checked to be all there first (its part's shards present and whole:
     one listing of parts/, no codes read): a damaged one stops the run (`on_bad_track` "stop")
-    or is left out and counted ("skip").
+    or is left out and counted ("skip"); None leaves the check to a later call.
     """
     store, tracks = scan.store, scan.tracks
     usable = [t for t in tracks if t.length >= span]
@@ -416,10 +416,12 @@ ON_BAD_TRACK = ("stop", "skip")
 
 
 def _whole_tracks(store: TrackStore, tracks: list[Track], every_track: list[Track],
-                  itemsize: int, on_bad_track: str) -> tuple[list[Track], list[Track]]:
+                  itemsize: int, on_bad_track: str | None) -> tuple[list[Track], list[Track]]:
     """(tracks all there, tracks in damaged parts); a DwaveError for any damaged under "stop".
     `every_track`: the store's, for the full size of each part (a part's tracks this run
     leaves out still fill its shards)."""
+    if on_bad_track is None:
+        return tracks, []
     if on_bad_track not in ON_BAD_TRACK:
         raise DwaveError(f"--on-bad-track must be one of {', '.join(ON_BAD_TRACK)}, got "
                          f"{on_bad_track!r}")

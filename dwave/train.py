@@ -21,6 +21,7 @@ ranks stop after the current step, write a checkpoint and exit 0.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -325,12 +326,13 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     changes = resume_changes(saved[1], train) if resuming else []
     span = model_config.span(train.window)
     windows = validation_windows(run_dir, resuming, dataclasses.asdict(train))
-    data = open_samplers(scan, span, train.batch_size, train.seed, train.validation_fraction,
-                         mode=train.data_mode, values=model_config.condition_values or None,
-                         load=False, windows_per_read=train.windows_per_read,
-                         validation_windows=(model_config.span(windows["window"]),
-                                             windows["batch_size"], windows["seed"]),
-                         on_bad_track=train.on_bad_track)
+    open_data = functools.partial(
+        open_samplers, scan, span, train.batch_size, train.seed, train.validation_fraction,
+        mode=train.data_mode, values=model_config.condition_values or None, load=False,
+        windows_per_read=train.windows_per_read,
+        validation_windows=(model_config.span(windows["window"]), windows["batch_size"],
+                            windows["seed"]))
+    data = open_data(on_bad_track=None)  # every other check now; the tracks' after the lock
 
     from .ranks import start_horovod
 
@@ -339,7 +341,9 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     say = log if rank == 0 else (lambda *_: None)
     threads = configure_devices(hvd, train.threads)  # before any TensorFlow op runs
     _lock_run_dir(run_dir, rank, size, hvd)
-    data.load(say)  # only once the run dir is ours: a refused second job never reads the store
+    # Only once the run dir is ours: a refused second job never looks at the store's tracks.
+    data = open_data(on_bad_track=train.on_bad_track)
+    data.load(say)
 
     import tensorflow as tf
 
