@@ -135,6 +135,7 @@ class WindowSampler:
         self.windows_per_read = windows_per_read
         self.steps_per_round = max(1, ROUND_WINDOWS // batch_size)
         self.mapped = None  # memory mode: the mapped shards, once load() ran
+        self.failure: DwaveError | None = None  # a read that failed inside tf.data (dataset())
         self._local = threading.local()  # stream mode: a reader per tf.data worker thread
         self._rounds: dict = {}  # (rank, round) -> _Round, the last few
         self._rounds_lock = threading.Lock()
@@ -261,7 +262,15 @@ class WindowSampler:
         import tensorflow as tf
 
         def assemble(step):
-            return self.batch(rank, int(step))
+            # A failed read is kept, not raised: TensorFlow would print each parallel call's
+            # traceback. The placeholder returned is never used: batches() raises the kept
+            # error before it yields anything that came after it.
+            try:
+                return self.batch(rank, int(step))
+            except DwaveError as exc:
+                self.failure = self.failure or exc
+                return (np.zeros((self.batch_size, self.span), self.dtype),
+                        np.zeros(self.batch_size, np.int32))
 
         steps = tf.data.Dataset.range(first_step, last_step)
         batches = steps.map(
@@ -279,8 +288,12 @@ class WindowSampler:
         it is raised again as that one-line DwaveError."""
         import tensorflow as tf
 
+        self.failure = None
         try:
-            yield from self.dataset(rank, first_step, last_step, parallel)
+            for batch in self.dataset(rank, first_step, last_step, parallel):
+                if self.failure is not None:  # set before any batch after it is made
+                    raise self.failure
+                yield batch
         except tf.errors.OpError as exc:
             said = re.search(r"DwaveError: (.*)", exc.message)
             raise DwaveError(said.group(1) if said else "reading a training batch failed: "

@@ -579,7 +579,8 @@ class TrackStore:
             now_id = self.root_attributes().get("store_id")
         except DwaveError:
             return DwaveError(
-                f"store {self.url} is gone (deleted or moved while this job read it): track "
+                f"store {self.url} is gone (deleted, moved or being rewritten while this job "
+                f"read it): track "
                 f"{track_id} cannot be read; put the store back and rerun (training resumes "
                 "from its last checkpoint)")
         if started_id is not None and now_id != started_id:

@@ -431,7 +431,8 @@ def test_a_store_deleted_or_replaced_under_a_stream_reader_says_so(tmp_path):
                                          "changed"):
         read_in_a_new_thread()
     shutil.rmtree(url)
-    with pytest.raises(DwaveError, match="is gone .deleted or moved while this job read it"):
+    with pytest.raises(DwaveError, match="is gone .deleted, moved or being rewritten while this "
+                                         "job read it"):
         read_in_a_new_thread()
 
 
