@@ -280,9 +280,7 @@ def run_preprocess(
 def _set_aside_damaged(store: TrackStore, index: Index, config: StoreConfig, log) -> None:
     """Parts whose shards are missing or cut short (one listing) are moved to STORE/damaged/
     (kept), so that their songs count as not done and this run writes them again."""
-    table = index.tracks.columns
-    damaged = store.damaged_parts(zip(table["part"], table["offset"], table["length"]),
-                                  config.dtype.itemsize)
+    damaged = store.damaged_parts(index.tracks.extents(), config.dtype.itemsize)
     for part, why in damaged.items():
         log(f"store {store.url}: parts/{part} is damaged ({why}): moved to "
             f"{store.set_aside(part)}; its songs are written again")

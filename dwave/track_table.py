@@ -76,5 +76,9 @@ class TrackTable:
         return TrackTable({name: [v for v, k in zip(values, keep) if k]
                            for name, values in self.columns.items()})
 
+    def extents(self):
+        """(part, offset, length) of every track: where its codes lie in the store."""
+        return zip(self.columns["part"], self.columns["offset"], self.columns["length"])
+
     def by_id(self) -> dict[str, dict]:
         return {row["id"]: row for row in self.rows()}

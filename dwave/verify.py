@@ -15,8 +15,7 @@ def verify_store(url: str, storage_options: dict | None = None, repair: bool = F
     config = store.config()
     index = store.read_index()
     table = index.tracks.columns
-    damaged = store.damaged_parts(zip(table["part"], table["offset"], table["length"]),
-                                  config.dtype.itemsize)
+    damaged = store.damaged_parts(index.tracks.extents(), config.dtype.itemsize)
     holds: dict[str, list[str]] = {}
     for track_id, part in zip(table["id"], table["part"]):
         if part in damaged:
