@@ -85,16 +85,22 @@ def main() -> None:
                         help="TensorFlow threads (default: the run's, else all cores)")
     parser.add_argument("--out", default=None, help="default: the run dir's parent")
     args = parser.parse_args()
+    result = train_reference(args.run_dir, args.reference_dir, args.threads)
+    report(result, args.out or os.path.dirname(os.path.abspath(args.run_dir)))
 
+
+def train_reference(run_dir: str, reference_dir: str, threads: int | None = None) -> dict:
+    """The reference trained on `run_dir`'s batches, validated at its steps: the comparison's
+    figures (see the module's docstring)."""
     import tensorflow as tf
 
     from dwave.config import ModelConfig
     from dwave.data import open_training_data
     from dwave.schedule import ADAM_EPSILON
 
-    with open(os.path.join(args.run_dir, "config.json")) as f:
+    with open(os.path.join(run_dir, "config.json")) as f:
         saved = json.load(f)
-    with open(os.path.join(args.run_dir, "validation.json")) as f:
+    with open(os.path.join(run_dir, "validation.json")) as f:
         log = json.load(f)
     config, train = ModelConfig.from_dict(saved["model"]), saved["train"]
     if config.conditioned:
@@ -103,8 +109,8 @@ def main() -> None:
         sys.exit("bench_reference: the run had several ranks; compare with a one-process run")
     data = open_training_data(train["store"], config.span(train["window"]), train["batch_size"],
                               train["seed"], train["validation_fraction"])
-    threads = args.threads or train.get("threads") or os.cpu_count()
-    wavenet = load_reference(args.reference_dir)
+    threads = threads or train.get("threads") or os.cpu_count()
+    wavenet = load_reference(reference_dir)
 
     v1 = tf.compat.v1
     graph = tf.Graph()
@@ -145,14 +151,14 @@ def main() -> None:
             train_seconds += time.perf_counter() - started
         if step + 1 in checkpoints:
             bits = validate()
-            history.append({"step": step + 1, "bits": bits})
+            history.append({"step": step + 1, "bits": bits, "seconds": train_seconds})
             print(f"step {step + 1}: reference {bits:.3f} bits/sample", flush=True)
 
     mine = {h["step"]: h["bits"] for h in log["history"]}
     reference_targets_per_step = train["batch_size"] * targets  # one fewer per window
     result = {
         "cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads,
-        "run_dir": os.path.abspath(args.run_dir), "store": train["store"],
+        "run_dir": os.path.abspath(run_dir), "store": train["store"],
         "store_name": os.path.basename(os.path.normpath(train["store"])),
         "preset_like": f"{config.residual_channels}/{config.dilation_channels}/"
                        f"{config.skip_channels} channels, {len(config.dilations)} layers",
@@ -163,9 +169,16 @@ def main() -> None:
         "reference_samples_per_second":
             reference_targets_per_step * max(1, steps - 1) / train_seconds,
     }
-    bigram = log["baselines"]["bigram_bits"]
+    return result
+
+
+def report(result: dict, out: str) -> None:
+    """Both curves side by side; OUT/reference.json and reference.png."""
+    mine = {h["step"]: h["bits"] for h in result["dwave"]}
+    history, threads = result["reference"], result["threads"]
+    bigram = result["baselines"]["bigram_bits"]
     print(f"\nvalidation bits/sample on the same batches (store bigram {bigram:.3f}, "
-          f"histogram {log['baselines']['unigram_bits']:.3f}):")
+          f"histogram {result['baselines']['unigram_bits']:.3f}):")
     print(f"{'step':>6} {'dwave':>8} {'reference':>10} {'dwave - ref':>12}")
     for h in history:
         print(f"{h['step']:>6} {mine[h['step']]:>8.3f} {h['bits']:>10.3f} "
@@ -173,7 +186,7 @@ def main() -> None:
     print(f"reference: {result['reference_seconds_per_step']:.3f} s/step = "
           f"{result['reference_samples_per_second']:,.0f} predicted samples/s on {threads} "
           "thread(s)")
-    out = os.path.abspath(args.out or os.path.dirname(os.path.abspath(args.run_dir)))
+    out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "reference.json"), "w") as f:
         json.dump(result, f, indent=2)

@@ -37,6 +37,7 @@ class PackedWeights(NamedTuple):
     (C -> Cp and so on) with zeros, so padded channels stay exactly 0 and change nothing."""
 
     embedding: np.ndarray  # (Q, Cp)
+    embedding_previous: np.ndarray  # (Q, Cp): the code before's; zeros for input kernel 1
     conv: np.ndarray  # (layers, 2Dp / 16, 2Cp, 16): [filter | gate] from [past | now]
     residual: np.ndarray  # (layers - 1 or 1, Cp / 16, Dp, 16)
     residual_bias: np.ndarray  # (layers - 1 or 1, Cp)
@@ -59,6 +60,9 @@ def pack_weights(weights) -> PackedWeights:
                      else np.zeros((1, C), np.float32))
     return PackedWeights(
         embedding=pad_blocks(weights.embedding, None, C),
+        embedding_previous=pad_blocks(
+            np.zeros_like(weights.embedding) if weights.embedding_previous is None
+            else weights.embedding_previous, None, C),
         conv=np.stack([pack(pad_blocks(w, C, D)) for w in weights.conv]),
         residual=np.stack([pack(pad_blocks(w, D, C)) for w in residual]),
         residual_bias=pad_blocks(residual_bias, None, C),
@@ -109,7 +113,7 @@ class FastGenerator:
 
     State: caches[lane][thread] (slots, songs, Cp), slot offsets[l] + t mod d holding layer
     l's input from step t - d; the step counter t (position of the next input); each song's
-    next input code.
+    next input code and the code before it (-1: none, before the start).
     """
 
     def __init__(self, model, batch: int, condition_ids=None, threads: int | None = None,
@@ -120,6 +124,7 @@ class FastGenerator:
         self.condition_ids = (None if condition_ids is None
                               else np.asarray(condition_ids, np.int32))
         exported = model.export()
+        self.two_codes = exported.embedding_previous is not None  # input kernel 2
         self.weights = pack_weights(exported)
         self.gate_bias = gate_biases(exported, self.condition_ids, batch)
         self.dilations = np.array(c.dilations, np.int64)
@@ -153,6 +158,7 @@ class FastGenerator:
                         for _ in range(self.threads_per_lane)] for lane in self.lanes]
         self.t = 0
         self.next_code = np.full(self.batch, c.quantization_channels // 2, np.int64)
+        self.previous_code = np.full(self.batch, -1, np.int64)
 
     def prime(self, codes: np.ndarray) -> None:
         """Start every song from `codes` (batch, N), N >= 1: one full-network pass over the
@@ -178,6 +184,8 @@ class FastGenerator:
                             caches[offset + k % d, :, :C] = h[lane, k - first]
         self.t = n - 1
         self.next_code = codes[:, -1].astype(np.int64)
+        self.previous_code = (codes[:, -2].astype(np.int64) if n > 1
+                              else np.full(self.batch, -1, np.int64))
 
     def generate(self, uniforms: np.ndarray, temperature: float,
                  forced: np.ndarray | None = None, keep_logits: bool = False):
@@ -207,6 +215,7 @@ class FastGenerator:
                 own_x = np.zeros_like(shared[0])
                 jobs.append((self.weights, self.dilations, self.offsets, self.gate_bias[lane],
                              self.caches[i][me], self.t, self.next_code[lane],
+                             self.previous_code[lane], self.two_codes,
                              np.ascontiguousarray(uniforms[:, lane]), inv_t,
                              np.ascontiguousarray(forced[:, lane]), lane_codes, lane_logits,
                              keep_logits, (own_x,) + shared[1:], me, parts, arrivals,
@@ -222,6 +231,7 @@ class FastGenerator:
             codes[:, lane] = lane_codes
             logits[:, lane] = lane_logits
         self.t += steps
+        self.previous_code = codes[-2].copy() if steps > 1 else self.next_code
         self.next_code = codes[-1].copy()
         return (codes, logits) if keep_logits else codes
 
@@ -246,10 +256,12 @@ def _dense(a, packed, bias, out, lo, hi, relu, tiled):
 # error_model="numpy": no zero-division checks, whose branches stop the element loops from
 # vectorising (the gate loop runs 8x faster without them).
 @numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
-def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, uniforms, inv_t,
-         forced, codes_out, logits_out, keep_logits, work, me, parts, arrivals, tiled):
+def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, first_previous,
+         two_codes, uniforms, inv_t, forced, codes_out, logits_out, keep_logits, work, me, parts, arrivals, tiled):
     """Advance one lane, as thread `me` of the `parts` threads that share it.
 
+    `first_previous`: each song's code before `first_code`, -1 for none; read, and kept up to
+    date, only with `two_codes` (an input kernel of 2).
     `caches` (slots, songs, Cp): this thread's copy of the lane's rings, layer l's ring being
     slots offsets[l] .. offsets[l] + d - 1. `gate_bias` (songs, layers, 2Dp). `work`: the
     activations x (songs, 2Cp) = [past | now] (this thread's own) and fg, zs (songs, layers *
@@ -272,6 +284,7 @@ def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, uniform
     h_lo, h_hi = _share(hidden.shape[1] // WIDTH, me, parts)
     q_lo, q_hi = _share(logits.shape[1] // WIDTH, me, parts)
     code = first_code.copy()
+    previous = first_previous.copy()
     half = np.float32(0.5)
     n = 0  # barriers passed
     for k in range(uniforms.shape[0]):
@@ -282,6 +295,8 @@ def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, uniform
                 for j in range(C):
                     if layer == 0:
                         now[b, j] = w.embedding[code[b], j]
+                        if two_codes and previous[b] >= 0:
+                            now[b, j] += w.embedding_previous[previous[b], j]
                     x[b, j] = ring[b, j]
                     ring[b, j] = now[b, j]
             f_panels = w.conv[layer, d_lo:d_hi]
@@ -313,6 +328,8 @@ def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, uniform
         if keep_logits and me == 0:
             logits_out[k] = logits[:, :Q]
         for b in range(B):
+            if two_codes:
+                previous[b] = code[b]
             if forced[k, b] >= 0:
                 code[b] = forced[k, b]
             elif inv_t == 0.0:

@@ -59,6 +59,8 @@ MODEL_FLAGS: dict[str, str] = {
     "skip_channels": "skip channels",
     "stacks": "dilation stacks",
     "max_dilation": "largest dilation of a stack (a power of 2)",
+    "input_kernel": "codes the input layer reads: 2 = the current and the one before, 1 = the "
+                    "current only",
 }
 
 
@@ -72,6 +74,10 @@ class ModelConfig:
     skip_channels: int = 256
     stacks: int = 3
     max_dilation: int = 512  # each stack has dilations 1, 2, 4, ..., max_dilation
+    # The input layer: the embedding of the current code, plus with 2 that of the code before
+    # (the reference WaveNet's width-2 causal convolution of one-hot codes). Run dirs written
+    # before this field existed used 1 (from_dict).
+    input_kernel: int = 2
     # Global conditioning: `condition` names the track attribute (in the store's index) the
     # model is conditioned on, `condition_values` its values, one embedding row each; empty:
     # unconditioned. Genre is the one the store records today (dwave.metadata); another (an
@@ -85,6 +91,8 @@ class ModelConfig:
                      "skip_channels", "stacks", "max_dilation", "sample_rate"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise DwaveError(f"model config: {name} must be a positive integer")
+        if self.input_kernel not in (1, 2):
+            raise DwaveError(f"model config: input_kernel must be 1 or 2, got {self.input_kernel}")
         if self.max_dilation & (self.max_dilation - 1):
             raise DwaveError(f"model config: max_dilation must be a power of 2, got "
                              f"{self.max_dilation}")
@@ -96,8 +104,8 @@ class ModelConfig:
 
     @property
     def receptive_field(self) -> int:
-        """Inputs that one output sees: (kernel - 1) * sum(dilations) + 1, kernel = 2."""
-        return sum(self.dilations) + 1
+        """Inputs that one output sees: (kernel - 1) * sum(dilations) + input_kernel, kernel 2."""
+        return sum(self.dilations) + self.input_kernel
 
     def span(self, window: int) -> int:
         """Samples read from the store to predict `window` of them: one receptive field more
@@ -122,6 +130,7 @@ class ModelConfig:
         if "genres" in data:  # run dirs written before conditions had a name
             data = {**{k: v for k, v in data.items() if k != "genres"}, "condition": "genre",
                     "condition_values": data["genres"]}
+        data = {"input_kernel": 1, **data}  # run dirs written before the field: current code only
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -134,7 +143,7 @@ class ModelConfig:
         dwave.model computes them. The backward pass does two more of each shape's size."""
         C, D, S, Q = (self.residual_channels, self.dilation_channels, self.skip_channels,
                       self.quantization_channels)
-        length = window + self.receptive_field - 1  # inputs per sequence
+        length = window + sum(self.dilations)  # the input layer's outputs per sequence
         layers = len(self.dilations)
         out = []
         for i, d in enumerate(self.dilations):
@@ -154,7 +163,8 @@ class ModelConfig:
     def describe(self) -> str:
         return (f"WaveNet: {len(self.dilations)} layers ({self.stacks} stacks x dilations 1.."
                 f"{self.max_dilation}), channels residual {self.residual_channels} / dilation "
-                f"{self.dilation_channels} / skip {self.skip_channels}, receptive field "
+                f"{self.dilation_channels} / skip {self.skip_channels}, input "
+                f"{'codes t-1, t' if self.input_kernel == 2 else 'code t'}, receptive field "
                 f"{self.receptive_field} samples ({1000 * self.receptive_field / self.sample_rate:.0f}"
                 f" ms at {self.sample_rate} Hz)"
                 + (f", conditioned on {len(self.condition_values)} values of {self.condition}"

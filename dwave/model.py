@@ -1,8 +1,8 @@
 """WaveNet (van den Oord et al. 2016) in TensorFlow/Keras: the model and nothing else.
 
 Causal dilated convolutions of kernel 2, gated tanh x sigmoid units, residual and skip 1x1
-connections, and a ReLU -> 1x1 -> ReLU -> 1x1 head giving logits over the mu-law codes; input
-codes through an embedding; optional global conditioning (ModelConfig.condition: genre today;
+connections, and a ReLU -> 1x1 -> ReLU -> 1x1 head giving logits over the mu-law codes; the
+input layer embeds the current code and (ModelConfig.input_kernel 2) the one before; optional global conditioning (ModelConfig.condition: genre today;
 an embedding added inside every gate, one row per value).
 
 Two ways to run the same weights:
@@ -64,11 +64,13 @@ class ExportedWeights(NamedTuple):
     """A WaveNet's weights as plain float32 arrays, the contract between the model and any
     other engine that runs it (the CPU generator packs these; a GPU one would too). A layer
     computes [filter | gate] = [x[t - d] | x[t]] @ conv[l] + conv_bias[l] (+ the condition's
-    row of `condition`), z = tanh(filter) * sigmoid(gate), x <- x + z @ residual[l] +
+    row of `condition`), z = tanh(filter) * sigmoid(gate), x starting as embedding[code t] +
+    embedding_previous[code t - 1] (nothing before the first code), x <- x + z @ residual[l] +
     residual_bias[l]; the output is head2(relu(head1(relu([z_0 .. z_L-1] @ skip + skip_bias)))).
     """
 
     embedding: np.ndarray  # (Q, C): input code -> x
+    embedding_previous: np.ndarray | None  # (Q, C): the code before, added to x; None: kernel 1
     conv: np.ndarray  # (layers, 2C, 2D)
     conv_bias: np.ndarray  # (layers, 2D)
     residual: np.ndarray  # (layers - 1, D, C): the last layer has none
@@ -105,8 +107,19 @@ class WaveNet(keras.Model):
         # would give every layer the same values), its seed drawn from Python's `random`: seed
         # with tf.keras.utils.set_random_seed for the same weights in every process.
         glorot, zeros = "glorot_uniform", "zeros"
-        self.embedding = self.add_weight(
-            name="embedding", shape=(Q, C), initializer="random_normal")
+        if c.input_kernel == 1:
+            self.embedding = self.add_weight(
+                name="embedding", shape=(Q, C), initializer="random_normal")
+            self.embedding_previous = None
+        else:
+            # The reference's width-2 conv of one-hot codes, one (Q, C) table per tap, at its
+            # Glorot scale over the conv's fans (2Q in, 2C out): sqrt(6 / (2Q + 2C)).
+            # A fresh initialiser per table: one unseeded instance gives every call the same values.
+            taps = lambda: keras.initializers.VarianceScaling(  # noqa: E731
+                scale=0.5, mode="fan_avg", distribution="uniform")
+            self.embedding = self.add_weight(name="embedding", shape=(Q, C), initializer=taps())
+            self.embedding_previous = self.add_weight(
+                name="embedding_previous", shape=(Q, C), initializer=taps())
         # Per layer: the kernel-2 dilated conv for filter and gate fused into one matrix acting
         # on [x[t-d], x[t]] (2C -> 2D), and the residual 1x1 (D -> C; the last layer has none:
         # nothing reads its residual output).
@@ -146,7 +159,10 @@ class WaveNet(keras.Model):
         stacked = lambda vs, shape: (np.stack([v.numpy() for v in vs]) if vs  # noqa: E731
                                      else np.zeros((0, *shape), np.float32))
         return ExportedWeights(
-            embedding=self.embedding.numpy(), conv=stacked(self.conv_w, (2 * C, 2 * D)),
+            embedding=self.embedding.numpy(),
+            embedding_previous=(None if self.embedding_previous is None
+                                else self.embedding_previous.numpy()),
+            conv=stacked(self.conv_w, (2 * C, 2 * D)),
             conv_bias=stacked(self.conv_b, (2 * D,)), residual=stacked(self.res_w, (D, C)),
             residual_bias=stacked(self.res_b, (C,)), skip=self.skip_w.numpy(),
             skip_bias=self.skip_b.numpy(), head1=self.head1_w.numpy(),
@@ -164,6 +180,19 @@ class WaveNet(keras.Model):
         h = tf.nn.relu(skip)
         h = tf.nn.relu(dense(h, self.head1_w, self.head1_b, self.product_dtype))
         return dense(h, self.head2_w, self.head2_b, self.product_dtype)
+
+    def embed(self, codes, causal):
+        """The input layer: (B, N, C) float32 from codes (B, N). Kernel 2 in valid mode gives
+        N - 1 positions (each needs the code before it); in causal mode N, the first with
+        nothing before it."""
+        codes = tf.cast(codes, tf.int32)
+        if self.embedding_previous is None:
+            return tf.gather(self.embedding, codes)
+        all_but_last = tf.slice(codes, [0, 0], [-1, tf.shape(codes)[1] - 1])
+        previous = tf.gather(self.embedding_previous, all_but_last)
+        if causal:  # nothing before the first code: a zero row, as zero-padded one-hot input
+            return tf.gather(self.embedding, codes) + tf.pad(previous, [[0, 0], [1, 0], [0, 0]])
+        return tf.gather(self.embedding, tf.slice(codes, [0, 1], [-1, -1])) + previous
 
     def condition_bias(self, condition):
         """(batch, layers*2D) gate biases of the condition values (indices into
@@ -226,7 +255,7 @@ class WaveNet(keras.Model):
         # step); the gradient of a Slice is a Pad.
         c = self.config
         low = self.product_dtype
-        h = tf.gather(self.embedding, tf.cast(codes, tf.int32))  # (B, N, C), float32
+        h = self.embed(codes, causal)  # (B, N or N - 1, C), float32
         bias = self.condition_bias(condition)
         if bias is not None:
             layer_biases = tf.split(bias[:, None, :], len(c.dilations), axis=-1)

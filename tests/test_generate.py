@@ -37,8 +37,9 @@ ODD_SIZES = dict(residual_channels=12, dilation_channels=10, skip_channels=20,
                  quantization_channels=100)
 
 
-@pytest.mark.parametrize("genres, sizes, threads", [((), {}, 1), (("a", "b", "c"), {}, 2),
-                                                    (("a", "b", "c"), ODD_SIZES, 2)])
+@pytest.mark.parametrize("genres, sizes, threads", [
+    ((), {}, 1), (("a", "b", "c"), {}, 2), (("a", "b", "c"), ODD_SIZES, 2),
+    ((), dict(input_kernel=1), 2)])
 def test_teacher_forced_fast_logits_equal_the_full_network(genres, sizes, threads):
     from dwave.cores import usable_cores
     from dwave.cached_generator import FastGenerator
@@ -62,10 +63,11 @@ def test_teacher_forced_fast_logits_equal_the_full_network(genres, sizes, thread
     np.testing.assert_allclose(logits.transpose(1, 0, 2), full, rtol=1e-4, atol=1e-4)
 
 
-def test_priming_then_one_step_equals_the_full_network_on_prime_plus_one():
+@pytest.mark.parametrize("input_kernel", [2, 1])
+def test_priming_then_one_step_equals_the_full_network_on_prime_plus_one(input_kernel):
     from dwave.cached_generator import FastGenerator
 
-    model = random_model(("a", "b"))
+    model = random_model(("a", "b"), input_kernel=input_kernel)
     rf = model.config.receptive_field
     # shorter and longer than the receptive field (only its last one is run: its edges too)
     for n in (1, 5, rf - 1, rf, rf + 1, rf + 37, 3 * rf + 5):

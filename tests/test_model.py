@@ -25,11 +25,13 @@ def build(config, seed=0):
     return WaveNet(config)
 
 
-@pytest.mark.parametrize("preset,expected", [("tiny", 127), ("small", 1023), ("base", 3070)])
+@pytest.mark.parametrize("preset,expected", [("tiny", 128), ("small", 1024), ("base", 3071)])
 def test_receptive_field_formula(preset, expected):
     config = ModelConfig.from_preset(preset)
-    # kernel 2: each layer of dilation d sees d samples further back; plus the sample itself.
-    assert config.receptive_field == sum(config.dilations) + 1 == expected
+    # kernel 2: each layer of dilation d sees d samples further back; plus the sample itself
+    # and, by default, the code before it (the input layer's second tap).
+    assert config.receptive_field == sum(config.dilations) + 2 == expected
+    assert ModelConfig.from_preset(preset, input_kernel=1).receptive_field == expected - 1
     assert config.dilations[: config.max_dilation.bit_length()] == [
         2**i for i in range(config.max_dilation.bit_length())]
     assert len(config.dilations) == config.stacks * config.max_dilation.bit_length()
@@ -50,15 +52,17 @@ def test_config_json_round_trip_and_errors():
         ModelConfig(max_dilation=48)
     with pytest.raises(DwaveError, match="unknown fields"):
         ModelConfig.from_dict({**c.to_dict(), "colour": "red"})
+    with pytest.raises(DwaveError, match="input_kernel must be 1 or 2"):
+        ModelConfig(input_kernel=3)
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
-def test_causal_exactly_and_receptive_field_is_tight(preset, tf):
+@pytest.mark.parametrize("preset,input_kernel", [(p, 2) for p in PRESETS] + [("tiny", 1)])
+def test_causal_exactly_and_receptive_field_is_tight(preset, input_kernel, tf):
     """Changing inputs at t >= k never changes outputs before k (bit-exact), and the output at
     t depends on the input at t - (receptive_field - 1) but not on anything earlier."""
     # Every preset's dilation structure, with narrow channels to keep the test quick.
     config = ModelConfig.from_preset(preset, residual_channels=8, dilation_channels=8,
-                                     skip_channels=16)
+                                     skip_channels=16, input_kernel=input_kernel)
     model = build(config)
     rf = config.receptive_field
     n = rf + 64
@@ -82,10 +86,10 @@ def test_causal_exactly_and_receptive_field_is_tight(preset, tf):
     np.testing.assert_array_equal(out[:, rf:], reference[:, rf:])
 
 
-@pytest.mark.parametrize("conditioned", [False, True])
-def test_valid_mode_equals_causal_mode_where_both_are_defined(conditioned, tf):
+@pytest.mark.parametrize("conditioned,input_kernel", [(False, 2), (True, 2), (False, 1)])
+def test_valid_mode_equals_causal_mode_where_both_are_defined(conditioned, input_kernel, tf):
     genres = ["a", "b", "c"] if conditioned else []
-    config = ModelConfig.from_preset("tiny", condition_values=genres)
+    config = ModelConfig.from_preset("tiny", condition_values=genres, input_kernel=input_kernel)
     model = build(config)
     rf = config.receptive_field
     codes = np.random.default_rng(2).integers(0, 256, (3, rf + 200))
@@ -110,7 +114,7 @@ def test_genre_changes_the_output_and_is_required(tf):
 def test_parameter_count_matches_the_architecture(tf):
     c = ModelConfig.from_preset("base")
     L, C, D, S, Q = len(c.dilations), 64, 64, 256, 256
-    expected = (Q * C  # embedding
+    expected = (2 * Q * C  # embeddings of the current code and the one before
                 + L * (2 * C * 2 * D + 2 * D)  # fused filter/gate kernel-2 convs
                 + (L - 1) * (D * C + C)  # residual 1x1s (the last layer has none)
                 + L * D * S + S  # skip 1x1s
@@ -186,6 +190,8 @@ def _numpy_wavenet(weights, config, codes, condition_id=None):
     """The network of ExportedWeights' docstring in plain numpy, causal mode, one sequence."""
     sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
     x = weights.embedding[codes].astype(np.float64)  # (N, C)
+    if weights.embedding_previous is not None:  # input kernel 2: plus the code before's row
+        x[1:] += weights.embedding_previous[codes[:-1]]
     layers, D = len(config.dilations), config.dilation_channels
     zs = []
     for i, d in enumerate(config.dilations):
@@ -202,12 +208,12 @@ def _numpy_wavenet(weights, config, codes, condition_id=None):
     return hidden @ weights.head2 + weights.head2_bias
 
 
-@pytest.mark.parametrize("conditioned", [False, True])
-def test_exported_weights_are_the_whole_model(conditioned, tf):
+@pytest.mark.parametrize("conditioned,input_kernel", [(False, 2), (True, 2), (False, 1)])
+def test_exported_weights_are_the_whole_model(conditioned, input_kernel, tf):
     """Another engine needs only ExportedWeights and its docstring: the network computed from
     them in numpy equals the Keras model."""
     config = ModelConfig.from_preset("tiny", residual_channels=6, dilation_channels=5,
-                                     skip_channels=7,
+                                     skip_channels=7, input_kernel=input_kernel,
                                      condition_values=["a", "b"] if conditioned else [])
     model = build(config, seed=3)
     if conditioned:  # the embedding starts random; give the gate biases values too
@@ -217,6 +223,7 @@ def test_exported_weights_are_the_whole_model(conditioned, tf):
     expected = model(codes, condition=genre, causal=True).numpy()[0]
     weights = model.export()
     assert all(a is None or a.dtype == np.float32 for a in weights)
+    assert (weights.embedding_previous is None) == (input_kernel == 1)
     got = _numpy_wavenet(weights, config, codes[0], 1 if conditioned else None)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
@@ -229,3 +236,14 @@ def test_a_run_dirs_config_from_before_named_conditions_still_loads():
     config = ModelConfig.from_dict(legacy)
     assert (config.condition, config.condition_values) == ("genre", ["rock", "pop"])
     assert config.conditioned
+
+
+def test_a_run_dirs_config_from_before_the_input_kernel_reads_as_kernel_1(tf):
+    """config.json written before the input layer's second tap had no input_kernel: those
+    checkpoints hold one embedding, so the config reads as kernel 1; new configs say 2."""
+    saved = ModelConfig.from_preset("tiny").to_dict()
+    assert saved["input_kernel"] == 2
+    del saved["input_kernel"]
+    assert ModelConfig.from_dict(saved).input_kernel == 1
+    names = {v.name.split(":")[0] for v in build(ModelConfig.from_dict(saved)).variables}
+    assert "embedding" in names and "embedding_previous" not in names
