@@ -186,7 +186,7 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
         body = np.concatenate(parts, axis=0).T  # (songs, samples)
         for row, song in enumerate(songs):
             write_song(os.path.join(options.out, song_stem(song)),
-                       np.concatenate([head[row], body[row]]), rate, q)
+                       np.concatenate([head[row], body[row]]), rate, q, primed=head.shape[1])
     progress.close()
     wall = time.perf_counter() - started
     if size > 1:

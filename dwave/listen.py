@@ -3,7 +3,8 @@ generator from the current weights, primed with a validation window, so a user c
 the numbers mean (a stuck run is audible: silence, a hum or white noise).
 
 Written as RUN_DIR/samples/step-NNNNNNN.wav + .png (spectrogram) and to TensorBoard's
-validation run as audio.
+validation run as audio: the prime (the validation window, real music) first, then what the
+model made from it; the spectrogram marks where the prime ends.
 
 The other ranks must not wait for it. Rank 0 takes a copy of the weights and primes the caches
 on its own thread (one causal pass over the window, milliseconds), then the sampling loop, the
@@ -65,18 +66,20 @@ class Listener:
         started = time.perf_counter()
         generator = primed_generator(model, prime, condition_id)
         blocking = time.perf_counter() - started  # what the training thread spent on it
-        self.pending = (step, self.pool.submit(self._make, generator, step, blocking))
+        self.pending = (step, self.pool.submit(self._make, generator, np.asarray(prime), step,
+                                               blocking))
         return True
 
-    def _make(self, generator, step: int, blocking: float) -> str:
+    def _make(self, generator, prime: np.ndarray, step: int, blocking: float) -> str:
         from .audio import mu_law_decode
         from .song_files import write_song
 
         started = time.perf_counter()
-        codes = sample_codes(generator, self.samples, seed=step)
+        codes = np.concatenate([prime.astype(np.int64),
+                                sample_codes(generator, self.samples, seed=step)])
         os.makedirs(self.directory, exist_ok=True)
         stem = os.path.join(self.directory, f"step-{step:07d}")
-        write_song(stem, codes, self.sample_rate, self.levels)
+        write_song(stem, codes, self.sample_rate, self.levels, primed=len(prime))
         if self.writer is not None:
             import tensorflow as tf
 
@@ -84,9 +87,12 @@ class Listener:
             with self.writer.as_default(step=step):
                 tf.summary.audio("sample", audio[None, :, None], self.sample_rate,
                                  max_outputs=1,
-                                 description="fast generator, primed with a validation window")
+                                 description=f"the first {len(prime) / self.sample_rate:.2f} s: "
+                                             "a validation window (real music); after it, the "
+                                             "fast generator's continuation")
         return (f"listen: step {step} -> {os.path.relpath(stem, os.path.dirname(self.directory))}"
-                f".wav ({self.samples / self.sample_rate:g} s of audio, made in "
+                f".wav ({len(prime) / self.sample_rate:.2f} s of prime, then "
+                f"{self.samples / self.sample_rate:g} s generated in "
                 f"{time.perf_counter() - started:.1f} s beside training after "
                 f"{blocking:.2f} s of priming on the training thread)")
 

@@ -28,14 +28,16 @@ MARK = "dwave"
 _TEMPORARY = ".dwave-tmp-"
 
 
-def write_song(stem: str, codes: np.ndarray, sample_rate: int,
-               quantization_channels: int) -> None:
-    """Write STEM.png and STEM.wav of the song `codes` (mu-law codes)."""
+def write_song(stem: str, codes: np.ndarray, sample_rate: int, quantization_channels: int,
+               primed: int = 0) -> None:
+    """Write STEM.png and STEM.wav of the song `codes` (mu-law codes), whose first `primed`
+    codes are the real audio it was primed with: the spectrogram marks where they end."""
     from .audio import mu_law_decode
 
     audio = np.clip(mu_law_decode(codes, quantization_channels), -1.0, 1.0)
     title = os.path.basename(stem)
-    png = _write_complete(stem + ".png", lambda f: _spectrogram(f, audio, sample_rate, title))
+    png = _write_complete(stem + ".png", lambda f: _spectrogram(f, audio, sample_rate, title,
+                                                                 primed / sample_rate))
     try:
         _write_complete(stem + ".wav", lambda f: _wav(f, audio, sample_rate))
     except BaseException:
@@ -108,7 +110,8 @@ def _wav(f, audio: np.ndarray, sample_rate: int) -> None:
         sound.write(audio)
 
 
-def _spectrogram(f, audio: np.ndarray, sample_rate: int, title: str) -> None:
+def _spectrogram(f, audio: np.ndarray, sample_rate: int, title: str,
+                 prime_end: float = 0.0) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,6 +124,12 @@ def _spectrogram(f, audio: np.ndarray, sample_rate: int, title: str) -> None:
     ax.set_xlabel("seconds")
     ax.set_ylabel("Hz")
     ax.set_title(title)
+    if prime_end > 0:  # what a listener hears first is real music, not the model's
+        ax.axvline(prime_end, color="cyan", linestyle="--", linewidth=1.5)
+        label = dict(color="cyan", va="top", fontsize=8,
+                     bbox=dict(facecolor="black", alpha=0.7, pad=1, linewidth=0))
+        ax.text(prime_end, freqs[-1], " generated \u2192", **label)
+        ax.text(prime_end, freqs[-1], "\u2190 prime ", ha="right", **label)
     fig.tight_layout()
     fig.savefig(f, format="png", dpi=80, metadata={"Software": MARK})
     plt.close(fig)

@@ -278,6 +278,30 @@ def test_song_files_are_complete_or_absent_and_stale_temporaries_go(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:] + ["song-000.png"])
 
 
+def test_a_primed_songs_spectrogram_marks_where_the_prime_ends(tmp_path):
+    """The marker is a cyan line (a colour the magma spectrogram never uses) at the prime's
+    end: at a quarter of the width for 1 s of prime in 4 s, and absent without a prime."""
+    import matplotlib.image
+
+    from dwave.song_files import write_song
+
+    codes = np.random.default_rng(0).integers(0, 256, 4 * 16000)
+
+    def cyan_columns(primed):
+        write_song(str(tmp_path / f"song-{primed}"), codes, 16000, 256, primed=primed)
+        pixels = matplotlib.image.imread(str(tmp_path / f"song-{primed}.png"))[..., :3]
+        cyan = (pixels[..., 0] < 0.3) & (pixels[..., 1] > 0.7) & (pixels[..., 2] > 0.7)
+        return np.flatnonzero(cyan.sum(axis=0) > pixels.shape[0] // 3)
+
+    assert cyan_columns(0).size == 0
+    columns = cyan_columns(16000)
+    assert columns.size > 0
+    # The plot's axes start after the y label: the line lies at the first quarter of them,
+    # so left of the image's middle and right of its first tenth.
+    width = matplotlib.image.imread(str(tmp_path / "song-16000.png")).shape[1]
+    assert 0.1 * width < columns.mean() < 0.5 * width
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()

@@ -74,15 +74,26 @@ def test_real_music_with_default_flags_goes_below_the_bigram_and_writes_samples(
     logged = [float(tf_value(e)) for e in train_events.Tensors("learning_rate")]
     assert logged and all(r == pytest.approx(5e-3) for r in logged)
 
-    # Listening: one 1-second sample per validation, as WAV + PNG and as TensorBoard audio.
+    # Listening: per validation, the prime (the first validation window, real audio) then 1 s
+    # made from it, as WAV + PNG and as TensorBoard audio.
     import soundfile as sf
 
+    from dwave.audio import mu_law_decode
+    from dwave.config import ModelConfig
+    from dwave.data import open_training_data
+
+    t = config["train"]
+    span = ModelConfig.from_dict(config["model"]).span(t["window"])
+    prime = open_training_data(t["store"], span, t["batch_size"], t["seed"],
+                               t["validation_fraction"]).validation.batch(0, 0)[0][0]
     for step in (150, 300):
         wav = run / "samples" / f"step-{step:07d}.wav"
         audio, rate = sf.read(wav)
-        assert rate == 16000 and len(audio) == 16000 and np.abs(audio).max() > 0
+        assert rate == 16000 and len(audio) == span + 16000 and np.abs(audio).max() > 0
+        np.testing.assert_allclose(audio[:span], mu_law_decode(prime, 256), atol=1 / 16384)
         assert (run / "samples" / f"step-{step:07d}.png").stat().st_size > 1000
-        assert f"listen: step {step} -> samples/step-{step:07d}.wav (1 s of audio" in out
+        assert (f"listen: step {step} -> samples/step-{step:07d}.wav ({span / 16000:.2f} s of "
+                "prime, then 1 s generated") in out
     val_events = EventAccumulator(str(run / "tensorboard" / "validation"),
                                   size_guidance={"tensors": 0}).Reload()
     audio_steps = [e.step for e in val_events.Tensors("sample")]
