@@ -308,6 +308,15 @@ def _add_train(sub) -> None:
     p.add_argument("--warmup-steps", type=_non_negative_int, default=_default(T, "warmup_steps"),
                    help="with N ranks, the rate climbs linearly from --lr to N x --lr over "
                         "this many steps; one rank has no warm-up (%(default)s)")
+    p.add_argument("--decay-to", type=_positive_float, default=_default(T, "decay_to"),
+                   metavar="F",
+                   help="after the warm-up, lower the rate along a half cosine to F x its peak "
+                        "at the last step; 1 keeps it constant (%(default)g)")
+    p.add_argument("--clip-norm", type=float, default=_default(T, "clip_norm"), metavar="X",
+                   help="clip the gradients' global norm to X; 0: no clipping (%(default)g)")
+    p.add_argument("--ema", type=float, default=_default(T, "ema"), metavar="M",
+                   help="validate on an exponential moving average of the weights with "
+                        "decay M (e.g. 0.999); 0: off (%(default)g)")
     p.add_argument("--window", type=_positive_int, default=_default(T, "window"),
                    help="predicted samples per window; the span read from the store is the "
                         "receptive field - 1 longer (%(default)s)")

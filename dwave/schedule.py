@@ -12,6 +12,8 @@ changes nothing the update reads.)
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
 # Adam as the reference TensorFlow WaveNet (ibab/tensorflow-wavenet) trains it: 1e-3 for one
@@ -21,33 +23,51 @@ ADAM_EPSILON = 1e-4
 
 class RankWarmup(tf.keras.optimizers.schedules.LearningRateSchedule):
     """`base` (one rank's rate) at update 0, rising linearly to `peak` (base x ranks) at update
-    `warmup_steps`, then constant: the gradual warm-up of Goyal et al. 2017 for the linearly
-    scaled rate of a large synchronous batch. With one rank, base = peak: no warm-up, as the
-    reference trains."""
+    `warmup_steps`: the gradual warm-up of Goyal et al. 2017 for the linearly scaled rate of a
+    large synchronous batch. With one rank, base = peak: no warm-up, as the reference trains.
+    Then constant, or with `decay_to` < 1 a half cosine from peak down to peak x decay_to at
+    update `decay_steps` (the run's last), constant after it."""
 
-    def __init__(self, base: float, peak: float, warmup_steps: int):
-        self.base, self.peak, self.warmup_steps = float(base), float(peak), int(warmup_steps)
+    def __init__(self, base: float, peak: float, warmup_steps: int, decay_steps: int = 0,
+                 decay_to: float = 1.0):
+        # One rank (base = peak) has no warm-up: its decay starts at update 0.
+        warmup_steps = int(warmup_steps) if base != peak else 0
+        self.base, self.peak, self.warmup_steps = float(base), float(peak), warmup_steps
+        self.decay_steps, self.decay_to = int(decay_steps), float(decay_to)
 
     def __call__(self, step):
+        step = tf.cast(step, tf.float32)
         if self.warmup_steps == 0 or self.base == self.peak:
-            return tf.constant(self.peak, tf.float32)
-        progress = tf.minimum(1.0, tf.cast(step, tf.float32) / float(self.warmup_steps))
-        return self.base + (self.peak - self.base) * progress
+            rate = tf.constant(self.peak, tf.float32)
+        else:
+            rate = self.base + (self.peak - self.base) * tf.minimum(
+                1.0, step / float(self.warmup_steps))
+        if self.decay_to < 1.0 and self.decay_steps > self.warmup_steps:
+            progress = tf.clip_by_value((step - self.warmup_steps)
+                                        / float(self.decay_steps - self.warmup_steps), 0.0, 1.0)
+            rate *= self.decay_to + (1.0 - self.decay_to) * 0.5 * (1.0 + tf.cos(math.pi * progress))
+        return rate
 
     def get_config(self) -> dict:
-        return {"base": self.base, "peak": self.peak, "warmup_steps": self.warmup_steps}
+        return {"base": self.base, "peak": self.peak, "warmup_steps": self.warmup_steps,
+                "decay_steps": self.decay_steps, "decay_to": self.decay_to}
 
 
-def rate_at(update: int, base: float, peak: float, warmup_steps: int) -> float:
+def rate_at(update: int, base: float, peak: float, warmup_steps: int, decay_steps: int = 0,
+            decay_to: float = 1.0) -> float:
     """RankWarmup in plain Python: what update number `update` (0-based) uses."""
-    if warmup_steps == 0:
-        return peak
-    return base + (peak - base) * min(1.0, update / warmup_steps)
+    warmup_steps = warmup_steps if base != peak else 0
+    rate = peak if warmup_steps == 0 else base + (peak - base) * min(1.0, update / warmup_steps)
+    if decay_to < 1.0 and decay_steps > warmup_steps:
+        progress = min(1.0, max(0.0, (update - warmup_steps) / (decay_steps - warmup_steps)))
+        rate *= decay_to + (1.0 - decay_to) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return rate
 
 
-def make_optimizer(lr: float, world_size: int, warmup_steps: int, mixed: bool = False):
-    """Adam on RankWarmup(lr, lr x world_size); float16 loss scaling for `mixed`."""
-    schedule = RankWarmup(lr, lr * world_size, warmup_steps)
+def make_optimizer(lr: float, world_size: int, warmup_steps: int, mixed: bool = False,
+                   decay_steps: int = 0, decay_to: float = 1.0):
+    """Adam on RankWarmup(lr, lr x world_size, ...); float16 loss scaling for `mixed`."""
+    schedule = RankWarmup(lr, lr * world_size, warmup_steps, decay_steps, decay_to)
     optimizer = tf.keras.optimizers.Adam(learning_rate=schedule, epsilon=ADAM_EPSILON)
     if mixed:
         optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)

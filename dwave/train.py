@@ -20,6 +20,7 @@ ranks stop after the current step, write a checkpoint and exit 0.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -65,6 +66,9 @@ class TrainConfig:
     stall_minutes: float = 15.0  # several ranks: end the job when no step completes this long
     threads: int | None = None  # TF threads per rank; default: cores / local ranks
     listen_seconds: float = 1.0  # a sample of this length at each validation; 0: none
+    decay_to: float = 1.0  # the rate's cosine decay after the warm-up ends here (x peak); 1: none
+    clip_norm: float = 0.0  # the gradients' global norm is clipped to this; 0: not clipped
+    ema: float = 0.0  # validate on an exponential moving average of the weights; 0: off
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -78,6 +82,12 @@ class TrainConfig:
             raise DwaveError("--lr must be positive and --warmup-steps not negative")
         if not (self.stall_minutes >= 0 and math.isfinite(self.stall_minutes)):
             raise DwaveError(f"--stall-minutes must be a number >= 0, got {self.stall_minutes:g}")
+        if not 0 < self.decay_to <= 1:
+            raise DwaveError(f"--decay-to must be in (0, 1], got {self.decay_to:g}")
+        if not (self.clip_norm >= 0 and math.isfinite(self.clip_norm)):
+            raise DwaveError(f"--clip-norm must be a number >= 0, got {self.clip_norm:g}")
+        if not 0 <= self.ema < 1:
+            raise DwaveError(f"--ema must be in [0, 1), got {self.ema:g}")
         if not 0 <= self.listen_seconds <= 60:
             raise DwaveError(f"--listen-seconds must be between 0 and 60, got "
                              f"{self.listen_seconds:g}")
@@ -109,7 +119,9 @@ class Trainer:
     that replay a distributed step in one process)."""
 
     def __init__(self, model_config: ModelConfig, lr: float, warmup_steps: int, world_size: int,
-                 precision: str = "fp32", hvd=None, seed: int | None = None):
+                 precision: str = "fp32", hvd=None, seed: int | None = None,
+                 decay_steps: int = 0, decay_to: float = 1.0, clip_norm: float = 0.0,
+                 ema: float = 0.0):
         import tensorflow as tf
 
         from .model import WaveNet
@@ -124,8 +136,13 @@ class Trainer:
         self.hvd = hvd
         self.model = WaveNet(model_config, precision)
         self.mixed = precision == "mixed"
-        self.optimizer = make_optimizer(lr, world_size, warmup_steps, self.mixed)
+        self.optimizer = make_optimizer(lr, world_size, warmup_steps, self.mixed, decay_steps,
+                                        decay_to)
         self.optimizer.build(self.model.trainable_variables)
+        self.clip_norm, self.ema = clip_norm, ema
+        # The moving average of every weight (Polyak averaging), kept beside them.
+        self.averages = [tf.Variable(v, trainable=False, name=v.name.split(":")[0] + "/average")
+                         for v in self.model.trainable_variables] if ema > 0 else []
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.train_step = tf.function(self._train_step, reduce_retracing=True)
         self.eval_step = tf.function(self.loss, reduce_retracing=True)
@@ -168,9 +185,31 @@ class Trainer:
                 [tf.convert_to_tensor(g) for g in grads] + [tf.stack([loss, stop])],
                 op=self.hvd.Average)
             loss, stop = shared[0], shared[1]
+        if self.clip_norm > 0:  # after the allreduce: every rank clips the same gradients
+            grads, _ = tf.clip_by_global_norm(grads, self.clip_norm)
         self.optimizer.apply_gradients(zip(grads, variables))
+        if self.averages:
+            # TensorFlow's ExponentialMovingAverage with num_updates: a smaller decay early,
+            # so the average is not held at the initial weights for the first ~1/(1-ema) steps.
+            t = tf.cast(self.step, tf.float32)
+            decay = tf.minimum(self.ema, (1.0 + t) / (10.0 + t))
+            for average, v in zip(self.averages, variables):
+                average.assign(decay * average + (1.0 - decay) * v)
         self.step.assign_add(1)
         return loss, stop > 0
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """The model holds the weights' moving average inside the block (with --ema; else its
+        own weights), its own weights again after it."""
+        own = [v.numpy() for v in self.model.trainable_variables] if self.averages else []
+        for average, v in zip(self.averages, self.model.trainable_variables):
+            v.assign(average)
+        try:
+            yield
+        finally:
+            for value, v in zip(own, self.model.trainable_variables):
+                v.assign(value)
 
     @property
     def learning_rate(self) -> float:
@@ -348,7 +387,8 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     import tensorflow as tf
 
     trainer = Trainer(model_config, train.lr, train.warmup_steps, size, train.precision,
-                      hvd if size > 1 else None, seed=train.seed)
+                      hvd if size > 1 else None, seed=train.seed, decay_steps=train.steps,
+                      decay_to=train.decay_to, clip_norm=train.clip_norm, ema=train.ema)
     checkpoint, manager = checkpoint_manager(run_dir, train.keep_checkpoints, model_config,
                                              model=trainer.model, optimizer=trainer.optimizer,
                                              step=trainer.step)
@@ -366,6 +406,10 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
         f"rate {train.lr:g}" if size == 1 else
         f"rate {train.lr:g} x {size} ranks = {train.lr * size:g}, reached from {train.lr:g} "
         f"over a warm-up of {train.warmup_steps} steps")
+        + (f", then a cosine decay to {train.decay_to:g} x at step {train.steps}"
+           if train.decay_to < 1 else "")
+        + (f", gradients clipped to global norm {train.clip_norm:g}" if train.clip_norm else "")
+        + (f", validated on a moving average of the weights ({train.ema:g})" if train.ema else "")
         + f"; now {trainer.learning_rate:.3g} (read from the optimizer)")
     say(_precision_line(trainer.model.product_dtype.name, bool(tf.config.list_logical_devices(
         "GPU")), trainer.model.fused_ops is not None))
@@ -463,8 +507,9 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
             window_started, window_steps = time.perf_counter(), 0
         if data.validation and (step % train.val_every == 0 or step == train.steps):
             started = time.perf_counter()
-            val_bits = _validate(trainer, data.validation, rank, size, windows["val_batches"],
-                                 hvd)
+            with trainer.averaged_weights():
+                val_bits = _validate(trainer, data.validation, rank, size,
+                                     windows["val_batches"], hvd)
             val_seconds = time.perf_counter() - started
             watchdog.beat()
             if rank == 0:

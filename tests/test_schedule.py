@@ -99,3 +99,75 @@ def test_the_first_adam_update_moves_a_weight_by_the_rate_it_reports(ranks):
     implied = np.concatenate(implied)
     assert implied.size > 100
     assert np.median(implied) == pytest.approx(LR, rel=1e-3)
+
+
+def test_the_decay_is_a_half_cosine_from_the_peak_after_the_warmup():
+    assert rate_at(0, LR, LR, 0, 100, 0.1) == LR  # one rank: the decay starts at update 0
+    assert rate_at(50, LR, LR, 0, 100, 0.1) == pytest.approx(0.55 * LR)  # half-way: the mean
+    assert rate_at(100, LR, LR, 0, 100, 0.1) == pytest.approx(0.1 * LR)
+    assert rate_at(500, LR, LR, 0, 100, 0.1) == pytest.approx(0.1 * LR)  # and stays there
+    # N ranks: the warm-up first, the decay over the updates after it.
+    assert rate_at(WARMUP, LR, 4 * LR, WARMUP, WARMUP + 10, 0.5) == pytest.approx(4 * LR)
+    assert rate_at(WARMUP + 5, LR, 4 * LR, WARMUP, WARMUP + 10, 0.5) == pytest.approx(3 * LR)
+    assert rate_at(7, LR, 4 * LR, WARMUP, 100, 1.0) == rate_at(7, LR, 4 * LR, WARMUP)
+
+
+@pytest.mark.parametrize("ranks", [1, RANKS])
+def test_the_optimizer_uses_the_decayed_rate(ranks):
+    total = WARMUP + 6
+    trainer = Trainer(CONFIG, LR, WARMUP, world_size=ranks, decay_steps=total, decay_to=0.2)
+    for k in range(total + 2):
+        step(trainer, k)
+        assert trainer.learning_rate == pytest.approx(
+            rate_at(k, LR, LR * ranks, WARMUP, total, 0.2), rel=1e-6), k
+    assert trainer.learning_rate == pytest.approx(0.2 * LR * ranks)
+
+
+def test_clipping_scales_the_gradients_to_the_global_norm_before_adam():
+    """The first update with --clip-norm c is Adam's on g * c / |g| (|g| the global norm, from
+    an independently taken gradient): through epsilon, a smaller step than unclipped."""
+    tf.keras.utils.set_random_seed(1)
+    clip = 1e-3
+    trainer = Trainer(CONFIG, LR, 0, world_size=1, clip_norm=clip)
+    codes, genre = batch(3)
+    variables = trainer.model.trainable_variables
+    before = [v.numpy().copy() for v in variables]
+    with tf.GradientTape() as tape:
+        loss = trainer.loss(codes, genre)
+    grads = [tf.convert_to_tensor(g).numpy() for g in tape.gradient(loss, variables)]
+    norm = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads))
+    assert norm > 10 * clip  # clipping acts
+    trainer.train_step(codes, genre, tf.constant(False))
+    s = np.sqrt(1 - 0.999)
+    for var, old, g in zip(variables, before, grads):
+        clipped = g * clip / norm
+        expected = -LR * clipped * s / (s * np.abs(clipped) + ADAM_EPSILON)
+        ulp = float(np.spacing(np.abs(old).max()))  # the steps are a few float32 ulps here
+        np.testing.assert_allclose(var.numpy() - old, expected, rtol=2e-3, atol=2 * ulp,
+                                   err_msg=var.name)
+        unclipped = LR * np.abs(g) * s / (s * np.abs(g) + ADAM_EPSILON)
+        assert np.abs(expected).sum() < 0.5 * unclipped.sum()  # clipping changed the step
+
+
+def test_the_moving_average_is_what_validation_sees_and_the_weights_come_back():
+    """--ema m: after update t the average is d a + (1 - d) w, d = min(m, (1 + t) / (10 + t)),
+    computed here from the weights after each step; inside averaged_weights() the model holds
+    it, after the block its own weights, bit for bit."""
+    tf.keras.utils.set_random_seed(2)
+    trainer = Trainer(CONFIG, LR, 0, world_size=1, ema=0.5)
+    variables = trainer.model.trainable_variables
+    expected = [v.numpy().astype(np.float64) for v in variables]
+    for t in range(4):
+        step(trainer, t)
+        d = min(0.5, (1 + t) / (10 + t))
+        expected = [d * a + (1 - d) * v.numpy() for a, v in zip(expected, variables)]
+    own = [v.numpy().copy() for v in variables]
+    codes, genre = batch(9)
+    own_loss = float(trainer.eval_step(codes, genre))
+    with trainer.averaged_weights():
+        for v, a in zip(variables, expected):
+            np.testing.assert_allclose(v.numpy(), a, rtol=1e-5, atol=1e-7, err_msg=v.name)
+        assert float(trainer.eval_step(codes, genre)) != own_loss
+    for v, o in zip(variables, own):
+        np.testing.assert_array_equal(v.numpy(), o)
+    assert float(trainer.eval_step(codes, genre)) == own_loss
