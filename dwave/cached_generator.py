@@ -292,11 +292,12 @@ def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, first_p
         for layer in range(L):
             ring = caches[offsets[layer] + t % dilations[layer]]
             for b in range(B):
+                before = previous[b] if two_codes else -1
                 for j in range(C):
                     if layer == 0:
                         now[b, j] = w.embedding[code[b], j]
-                        if two_codes and previous[b] >= 0:
-                            now[b, j] += w.embedding_previous[previous[b], j]
+                        if before >= 0:
+                            now[b, j] += w.embedding_previous[before, j]
                     x[b, j] = ring[b, j]
                     ring[b, j] = now[b, j]
             f_panels = w.conv[layer, d_lo:d_hi]

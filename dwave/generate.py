@@ -57,7 +57,8 @@ class GenerateConfig:
 
 def load_model(run_dir: str, checkpoint: str | None = None):
     """(model, config, checkpoint path) of a training run; clear errors for what is missing."""
-    from .rundir import check_checkpoint_model, latest_checkpoint, read_run_config
+    from .rundir import (AVERAGE, check_checkpoint_model, holds_average, latest_checkpoint,
+                         read_run_config)
 
     if not os.path.isdir(run_dir):
         raise DwaveError(f"run dir {run_dir} does not exist")
@@ -74,12 +75,19 @@ def load_model(run_dir: str, checkpoint: str | None = None):
     from .model import WaveNet
 
     model = WaveNet(config)
+    # A run trained with --ema generates from the moving average of its weights: the weights
+    # its validation scored.
+    average = ([tf.Variable(tf.zeros_like(v)) for v in model.trainable_variables]
+               if holds_average(path) else [])
     try:
-        tf.train.Checkpoint(model=model).restore(path).expect_partial() \
-            .assert_existing_objects_matched()
+        tf.train.Checkpoint(model=model, **({AVERAGE: average} if average else {})) \
+            .restore(path).expect_partial().assert_existing_objects_matched()
     except (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError) as exc:
         reason = str(exc).strip().splitlines()[0][:200]
         raise DwaveError(f"cannot restore checkpoint {path}: {reason}") from None
+    for value, v in zip(average, model.trainable_variables):
+        v.assign(value)
+    model.averaged = bool(average)
     return model, config, path
 
 
@@ -157,7 +165,9 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
     threads = options.threads or cores
     os.makedirs(options.out, exist_ok=True)
     say(f"dwave generate: {options.num_songs} song(s) of {options.seconds:g} s at {rate} Hz "
-        f"from {checkpoint}, temperature {options.temperature:g}, {size} rank(s) x "
+        f"from {checkpoint}" + (" (its moving average of the weights)"
+                                if getattr(model, "averaged", False) else "")
+        + f", temperature {options.temperature:g}, {size} rank(s) x "
         f"{threads} thread(s)"
         + (f", primed with {len(prime) / rate:.2f} s of {options.prime}" if prime is not None
            else "") + (f", genre {options.genre}" if gid is not None else ""))

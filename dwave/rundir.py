@@ -208,6 +208,10 @@ def check_checkpoint_model(path: str, config: ModelConfig, run_dir: str,
         raise DwaveError(f"cannot restore checkpoint {path}: its data is damaged "
                          f"({type(exc).__name__}: {str(exc)[:80]}). {_if_damaged(path)}") \
             from None
+    try:  # a record from before a field existed reads as ModelConfig reads it (its default)
+        saved = ModelConfig.from_dict(saved).to_dict()
+    except DwaveError:
+        pass  # unknown fields: compared as they are, below
     have = config.to_dict()
     differences = [f"{key} {saved.get(key)!r} (the run's: {have.get(key)!r})"
                    for key in sorted(set(saved) | set(have)) if saved.get(key) != have.get(key)]
@@ -215,6 +219,18 @@ def check_checkpoint_model(path: str, config: ModelConfig, run_dir: str,
         raise DwaveError(f"checkpoint {path} holds another model than {run_dir}: "
                          f"{'; '.join(differences)}; use a checkpoint of this run, or the run "
                          "dir the checkpoint belongs to")
+
+
+# The checkpoint's name for the moving average of the weights (train --ema): a list of
+# variables in the order of the model's trainable variables.
+AVERAGE = "average"
+
+
+def holds_average(path: str) -> bool:
+    """Whether the checkpoint at `path` holds a moving average of the weights."""
+    import tensorflow as tf
+
+    return any(name.startswith(AVERAGE + "/") for name, _ in tf.train.list_variables(path))
 
 
 def checkpoint_steps(directory: str) -> list[int]:

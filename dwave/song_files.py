@@ -118,7 +118,9 @@ def _spectrogram(f, audio: np.ndarray, sample_rate: int, title: str,
     import matplotlib.pyplot as plt
     from scipy.signal import spectrogram
 
-    freqs, times, power = spectrogram(audio, fs=sample_rate, nperseg=512, noverlap=384)
+    segment = min(512, len(audio))  # a song shorter than one segment (--seconds 0.01) too
+    freqs, times, power = spectrogram(audio, fs=sample_rate, nperseg=segment,
+                                      noverlap=segment * 3 // 4)
     fig, ax = plt.subplots(figsize=(8, 3))
     ax.pcolormesh(times, freqs, 10 * np.log10(power + 1e-12), shading="auto", cmap="magma")
     ax.set_xlabel("seconds")

@@ -35,8 +35,8 @@ from .config import (DEFAULT_PRESET, MODEL_FLAGS, PRECISIONS, PRESET_LEARNING_RA
                      ModelConfig)
 from .cores import cores_per_rank
 from .errors import DwaveError
-from .rundir import (TENSORBOARD, RunDirLock, ValidationLog, check_checkpoints_folder,
-                     checkpoint_manager, ensure_writable, read_run_config, restore_latest,
+from .rundir import (AVERAGE, TENSORBOARD, RunDirLock, ValidationLog, check_checkpoints_folder,
+                     checkpoint_manager, ensure_writable, holds_average, read_run_config, restore_latest,
                      validation_windows, write_run_config)
 
 LN2 = math.log(2.0)
@@ -198,6 +198,11 @@ class Trainer:
         self.step.assign_add(1)
         return loss, stop > 0
 
+    def start_average(self) -> None:
+        """The moving average starts again from the current weights."""
+        for average, v in zip(self.averages, self.model.trainable_variables):
+            average.assign(v)
+
     @contextlib.contextmanager
     def averaged_weights(self):
         """The model holds the weights' moving average inside the block (with --ema; else its
@@ -221,7 +226,7 @@ class Trainer:
     def broadcast_from_rank0(self):
         """Make every rank start from rank 0's weights and optimizer state."""
         if self.hvd:
-            self.hvd.broadcast_variables(self.model.variables, root_rank=0)
+            self.hvd.broadcast_variables(self.model.variables + self.averages, root_rank=0)
             self.hvd.broadcast_variables(self.optimizer.variables, root_rank=0)
             self.hvd.broadcast_variables([self.step], root_rank=0)
 
@@ -389,10 +394,18 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     trainer = Trainer(model_config, train.lr, train.warmup_steps, size, train.precision,
                       hvd if size > 1 else None, seed=train.seed, decay_steps=train.steps,
                       decay_to=train.decay_to, clip_norm=train.clip_norm, ema=train.ema)
+    state = dict(model=trainer.model, optimizer=trainer.optimizer, step=trainer.step)
+    averages = {AVERAGE: trainer.averages} if trainer.averages else {}
     checkpoint, manager = checkpoint_manager(run_dir, train.keep_checkpoints, model_config,
-                                             model=trainer.model, optimizer=trainer.optimizer,
-                                             step=trainer.step)
+                                             **state, **averages)
+    # --ema turned on for a run whose checkpoints have no average: it starts from the weights.
+    fresh_average = bool(averages and manager.latest_checkpoint
+                         and not holds_average(manager.latest_checkpoint))
+    if fresh_average:
+        checkpoint = tf.train.Checkpoint(**state)
     restored = restore_latest(checkpoint, manager, model_config, run_dir, resuming)
+    if fresh_average:
+        trainer.start_average()
     trainer.broadcast_from_rank0()
     start_step = int(trainer.step.numpy())
 
@@ -520,9 +533,10 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
                     tf.summary.scalar("loss_bits_per_sample", val_bits)
                 if listener:
                     codes, condition = data.validation.batch(0, 0)
-                    listener.start(trainer.model, codes[0],
-                                   int(condition[0]) if model_config.conditioned else None, step,
-                                   wait=step == train.steps)
+                    with trainer.averaged_weights():  # the weights validation scored
+                        listener.start(trainer.model, codes[0],
+                                       int(condition[0]) if model_config.conditioned else None,
+                                       step, wait=step == train.steps)
             window_started, window_steps = time.perf_counter(), 0
         if listener:
             for line in listener.finished():

@@ -263,6 +263,10 @@ def test_song_files_are_complete_or_absent_and_stale_temporaries_go(tmp_path):
     codes = np.random.default_rng(0).integers(0, 256, 4000)
     write_song(str(tmp_path / "song-000"), codes, 16000, 256)
     assert sf.info(str(tmp_path / "song-000.wav")).frames == 4000
+    write_song(str(tmp_path / "short"), codes[:160], 16000, 256)  # shorter than a segment
+    assert sf.info(str(tmp_path / "short.wav")).frames == 160
+    for name in ("short.wav", "short.png"):
+        (tmp_path / name).unlink()
     # A run killed between the PNG's rename and the WAV's leaves dwave's PNG alone: a
     # leftover, replaced without --overwrite; the WAV alone is not.
     (tmp_path / "song-000.wav").unlink()

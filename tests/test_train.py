@@ -468,3 +468,35 @@ def test_a_stopped_rank_ends_the_job_instead_of_hanging_it(tone_store, tmp_path)
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
         subprocess.run(["pkill", "-9", "-f", f"--run-dir {run}"])
+
+
+def test_a_moving_average_is_checkpointed_and_generation_uses_it(tone_store, tmp_path):
+    """--ema turned on at a resume starts the average from the weights; the checkpoint holds
+    it beside the weights, and `dwave generate` runs the average (and says so)."""
+    import tensorflow as tf
+
+    from dwave.generate import load_model
+    from dwave.model import WaveNet
+    from dwave.rundir import AVERAGE, holds_average, latest_checkpoint
+
+    run = tmp_path / "run"
+    run_dwave("train", tone_store, "--run-dir", run, "--steps", "3", *FAST, check=0)
+    assert not holds_average(latest_checkpoint(str(run)))
+    out = run_dwave("train", tone_store, "--run-dir", run, "--steps", "6", "--ema", "0.9",
+                    *FAST, check=0).stderr
+    assert "validated on a moving average of the weights (0.9)" in out
+    path = latest_checkpoint(str(run))
+    assert path.endswith("-6") and holds_average(path)
+    model, config, _ = load_model(str(run))
+    assert model.averaged
+    own = WaveNet(config)
+    tf.train.Checkpoint(model=own).restore(path).expect_partial()
+    for i, (averaged, weights) in enumerate(zip(model.trainable_variables,
+                                                own.trainable_variables)):
+        stored = tf.train.load_variable(path, f"{AVERAGE}/{i}/.ATTRIBUTES/VARIABLE_VALUE")
+        np.testing.assert_array_equal(averaged.numpy(), stored)
+        if i == 0:  # the embedding: trained, so its average lags behind it
+            assert not np.array_equal(stored, weights.numpy())
+    songs = run_dwave("generate", run, "--out", tmp_path / "songs", "--seconds", "0.01",
+                      check=0).stderr
+    assert "(its moving average of the weights)" in songs
