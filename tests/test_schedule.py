@@ -26,6 +26,19 @@ def step(trainer: Trainer, seed: int) -> None:
     trainer.train_step(*batch(seed), tf.constant(False))
 
 
+def first_update(trainer: Trainer):
+    """(variables, their values before, their gradients taken here independently) around the
+    trainer's first step on batch 3."""
+    codes, genre = batch(3)
+    variables = trainer.model.trainable_variables
+    before = [v.numpy().copy() for v in variables]
+    with tf.GradientTape() as tape:
+        loss = trainer.loss(codes, genre)
+    grads = [tf.convert_to_tensor(g).numpy() for g in tape.gradient(loss, variables)]
+    trainer.train_step(codes, genre, tf.constant(False))
+    return variables, before, grads
+
+
 def test_the_schedule_climbs_from_one_ranks_rate_to_n_times_it():
     assert rate_at(0, LR, LR * RANKS, WARMUP) == LR
     assert rate_at(WARMUP // 2, LR, LR * RANKS, WARMUP) == pytest.approx(2.5 * LR)
@@ -72,13 +85,7 @@ def test_the_first_adam_update_moves_a_weight_by_the_rate_it_reports(ranks):
     here from an independently taken gradient, compared with what the step did."""
     tf.keras.utils.set_random_seed(1)
     trainer = Trainer(CONFIG, LR, WARMUP, world_size=ranks)
-    codes, genre = batch(3)
-    variables = trainer.model.trainable_variables
-    before = [v.numpy().copy() for v in variables]
-    with tf.GradientTape() as tape:
-        loss = trainer.loss(codes, genre)
-    grads = [tf.convert_to_tensor(g).numpy() for g in tape.gradient(loss, variables)]
-    trainer.train_step(codes, genre, tf.constant(False))
+    variables, before, grads = first_update(trainer)
     rate = trainer.learning_rate
     assert rate == pytest.approx(LR)  # update 0 runs at one rank's rate, whatever the world
     s = np.sqrt(1 - 0.999)
@@ -129,15 +136,9 @@ def test_clipping_scales_the_gradients_to_the_global_norm_before_adam():
     tf.keras.utils.set_random_seed(1)
     clip = 1e-3
     trainer = Trainer(CONFIG, LR, 0, world_size=1, clip_norm=clip)
-    codes, genre = batch(3)
-    variables = trainer.model.trainable_variables
-    before = [v.numpy().copy() for v in variables]
-    with tf.GradientTape() as tape:
-        loss = trainer.loss(codes, genre)
-    grads = [tf.convert_to_tensor(g).numpy() for g in tape.gradient(loss, variables)]
+    variables, before, grads = first_update(trainer)
     norm = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads))
     assert norm > 10 * clip  # clipping acts
-    trainer.train_step(codes, genre, tf.constant(False))
     s = np.sqrt(1 - 0.999)
     for var, old, g in zip(variables, before, grads):
         clipped = g * clip / norm
