@@ -125,7 +125,9 @@ def plot(result: dict, path: str) -> None:
 
 def mean_history(histories: list[list[dict]]) -> list[dict]:
     """Per step, the mean of every field over runs validated at the same steps."""
-    return [{key: float(np.mean([h[i][key] for h in histories])) for key in histories[0][i]}
+    return [{"step": histories[0][i]["step"],
+             **{key: float(np.mean([h[i][key] for h in histories]))
+                for key in histories[0][i] if key != "step"}}
             for i in range(len(histories[0]))]
 
 
