@@ -247,7 +247,7 @@ def default_learning_rate(lr: float | None, preset: str | None, saved) -> float:
 # Training flags a resume may change, said when it does. The rest: steps and schedules of
 # validation, checkpoints and listening samples change nothing a user would miss.
 RESUME_FLAGS = ("store", "window", "batch_size", "seed", "precision", "lr", "warmup_steps",
-                "data_mode", "windows_per_read", "val_batches")
+                "data_mode", "windows_per_read", "val_batches", "decay_to", "clip_norm", "ema")
 
 
 def resume_changes(saved: dict, train: TrainConfig) -> list[str]:
