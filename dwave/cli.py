@@ -315,8 +315,8 @@ def _add_train(sub) -> None:
     p.add_argument("--clip-norm", type=float, default=_default(T, "clip_norm"), metavar="X",
                    help="clip the gradients' global norm to X; 0: no clipping (%(default)g)")
     p.add_argument("--ema", type=float, default=_default(T, "ema"), metavar="M",
-                   help="validate on an exponential moving average of the weights with "
-                        "decay M (e.g. 0.999); 0: off (%(default)g)")
+                   help="validate, listen and generate with an exponential moving average "
+                        "of the weights, decay M; 0: the weights themselves (%(default)g)")
     p.add_argument("--window", type=_positive_int, default=_default(T, "window"),
                    help="predicted samples per window; the span read from the store is the "
                         "receptive field - 1 longer (%(default)s)")

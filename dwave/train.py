@@ -68,7 +68,10 @@ class TrainConfig:
     listen_seconds: float = 1.0  # a sample of this length at each validation; 0: none
     decay_to: float = 1.0  # the rate's cosine decay after the warm-up ends here (x peak); 1: none
     clip_norm: float = 0.0  # the gradients' global norm is clipped to this; 0: not clipped
-    ema: float = 0.0  # validate on an exponential moving average of the weights; 0: off
+    # Validate, listen and generate with an exponential moving average of the weights (decay
+    # min(ema, (1 + t) / (10 + t)) at update t); 0: off. On the learning benchmark's tuning half
+    # it is 0.05 bit better from step 300 on, and lags the weights in the first 200 steps.
+    ema: float = 0.999
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
