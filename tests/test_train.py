@@ -58,7 +58,8 @@ def test_real_music_with_default_flags_goes_below_the_bigram_and_writes_samples(
     assert f"code histogram {unigram:.3f} bits/sample, bigram p(x_t | x_t-1) {bigram:.3f}" in out
     assert 7.0 < unigram < 8.0 and 4.5 < bigram < 6.5  # loud game music: both near 16 kHz FMA's
     assert val < bigram - 0.1, (val, bigram, out[-3000:])
-    assert "optimizer: Adam, rate 0.005; now 0.005 (read from the optimizer)" in out
+    assert ("optimizer: Adam, rate 0.005, validated on a moving average of the weights (0.999); "
+            "now 0.005 (read from the optimizer)") in out
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["stacks"] == 2 and config["train"]["steps"] == 300
     assert config["train"]["lr"] == 5e-3  # the preset's rate, recorded for a resume
