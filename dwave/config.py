@@ -19,8 +19,8 @@ PRESETS: dict[str, dict] = {
                  skip_channels=256),
     # A receptive field of over a second (16,384 samples, 1.02 s at 16 kHz): the WaveNet paper
     # found a large one crucial for music. `small`'s channels, so a short run fits a laptop;
-    # a step costs ~4.7x `small`'s at the same window (mostly the receptive field's extra
-    # inputs): a GPU's preset for a real run.
+    # a step does 2.9x `small`'s product work at the same window (ModelConfig.products: the
+    # receptive field's extra inputs in every layer): a GPU's preset for a real run.
     "music": dict(stacks=2, max_dilation=4096, residual_channels=32, dilation_channels=32,
                   skip_channels=128),
 }
