@@ -257,7 +257,8 @@ def _dense(a, packed, bias, out, lo, hi, relu, tiled):
 # vectorising (the gate loop runs 8x faster without them).
 @numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, first_previous,
-         two_codes, uniforms, inv_t, forced, codes_out, logits_out, keep_logits, work, me, parts, arrivals, tiled):
+         two_codes, uniforms, inv_t, forced, codes_out, logits_out, keep_logits, work, me,
+         parts, arrivals, tiled):
     """Advance one lane, as thread `me` of the `parts` threads that share it.
 
     `first_previous`: each song's code before `first_code`, -1 for none; read, and kept up to

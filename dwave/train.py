@@ -35,8 +35,9 @@ from .config import (DEFAULT_PRESET, MODEL_FLAGS, PRECISIONS, PRESET_LEARNING_RA
                      ModelConfig)
 from .cores import cores_per_rank
 from .errors import DwaveError
-from .rundir import (AVERAGE, TENSORBOARD, RunDirLock, ValidationLog, check_checkpoints_folder,
-                     checkpoint_manager, ensure_writable, holds_average, read_run_config, restore_latest,
+from .rundir import (AVERAGE, TENSORBOARD, RunDirLock, ValidationLog,
+                     check_checkpoints_folder, checkpoint_manager, ensure_writable,
+                     holds_average, read_run_config, restore_latest,
                      validation_windows, write_run_config)
 
 LN2 = math.log(2.0)
