@@ -20,6 +20,7 @@ from .errors import DwaveError, printable
 from .demo import DemoConfig
 from .generate import GenerateConfig
 from .train import TrainConfig
+from .versions import version_line
 
 
 def _int_at_least(minimum: int, kind: str):
@@ -454,7 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dwave",
         description="A music archive in, a WaveNet that writes new songs out.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # --version's line unwrapped
     )
+    parser.add_argument("--version", action="version", version=version_line(),
+                        help="print dwave's version and those of its engines, then exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_preprocess(sub)
     _add_info(sub)

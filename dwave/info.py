@@ -29,9 +29,16 @@ def describe_store(url: str, storage_options: dict | None = None) -> dict:
         "tracks": tracks,
         "failures": index.failures,
         "index_updated": index.updated,
+        "written_by": store.root_attributes().get("written_by"),  # None: before dwave 0.1.0
         "damaged": {"parts": damaged,
                     "tracks": sum(1 for p in table["part"] if p in damaged)},
     }
+
+
+def _software(versions: dict | None) -> str:
+    if not versions:
+        return "not recorded (a store from before dwave recorded its versions)"
+    return ", ".join(f"{name} {version or 'absent'}" for name, version in versions.items())
 
 
 def _id_order(track_id: str) -> tuple:
@@ -47,6 +54,7 @@ def format_description(d: dict, max_rows: int = 50) -> str:
         "genres     " + (", ".join(f"{g} ({n})" for g, n in d["genres"].items()) or "none"),
         f"failures   {len(d['failures'])}",
         f"indexed    {d['index_updated'] or 'never (no run has finished)'}",
+        f"created by {_software(d['written_by'])}",
     ]
     if d["damaged"]["tracks"]:
         lines.append(f"damaged    {d['damaged']['tracks']} track(s) in "

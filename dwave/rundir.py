@@ -1,7 +1,8 @@
 """The run directory: a format with rules, owned here (as dwave.store owns the store).
 
     RUN_DIR/config.json          {"model": ModelConfig, "train": TrainConfig, "world_size",
-                                 "step"}: `step` is that of the newest complete checkpoint,
+                                 "step", "written_by"}: written_by is the software of the
+                                 last writer (dwave.versions); `step` is that of the newest complete checkpoint,
                                  written only after it (a failed save leaves the one before);
                                  `dwave generate` reads the architecture from it
     RUN_DIR/checkpoints/         ckpt-STEP.{index,data-*} and TF's `checkpoint` state file,
@@ -35,6 +36,7 @@ import time
 
 from .config import ModelConfig
 from .errors import DwaveError
+from .versions import software_versions
 
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -111,7 +113,8 @@ def read_progress(run_dir: str) -> tuple[int, int]:
 def write_run_config(run_dir: str, model: ModelConfig, train: dict, world_size: int,
                      step: int) -> None:
     atomic_write_json(os.path.join(run_dir, CONFIG), {
-        "model": model.to_dict(), "train": train, "world_size": world_size, "step": step})
+        "model": model.to_dict(), "train": train, "world_size": world_size, "step": step,
+        "written_by": software_versions()})
 
 
 # -- checkpoints ------------------------------------------------------------------------------

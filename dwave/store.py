@@ -4,9 +4,11 @@ Layout, version 2 (a contract that ``train``, ``info`` and users' own scripts re
 opens every piece)::
 
     STORE/                      root attrs: dwave_store_version, sample_rate,
-                                quantization_channels, store_id (a random id of this store)
+                                quantization_channels, store_id (a random id of this store),
+                                written_by (dwave.versions: the software that created it)
       parts/<part_id>/          one group per batch of songs written by one preprocessing task;
-                                attrs: tracks (the part's track table), samples, complete
+                                attrs: tracks (the part's track table), samples, complete,
+                                written_by (the software that wrote this part)
         codes                   1-D uint8 (uint16 above 256 levels) mu-law codes of the part's
                                 tracks, one after another; sharded (see dwave.part_codes)
       index/                    attrs: parts (the parts folded in), tracks (their track table),
@@ -47,6 +49,7 @@ from .errors import DwaveError
 from .part_codes import (SHARD_KEY, MappedReader, RangeReader, create_codes_array,
                          encode_shards, shard_key, shard_sizes)
 from .track_table import TrackTable
+from .versions import software_versions
 
 STORE_FORMAT_VERSION = 2
 ZARR_JSON = "zarr.json"  # a Zarr 3 node's metadata: the store's root attributes live in it
@@ -332,6 +335,7 @@ class TrackStore:
                 "sample_rate": config.sample_rate,
                 "quantization_channels": config.quantization_channels,
                 "store_id": uuid.uuid4().hex,
+                "written_by": software_versions(),
             })
         except OSError as exc:  # a missing bucket, wrong credentials, a read-only or full disk
             raise DwaveError(
@@ -366,7 +370,8 @@ class TrackStore:
         if not is_remote(self.url):
             fs.makedirs(os.path.dirname(next(iter(paths))), exist_ok=True)
         fs.pipe(paths)  # on S3, the shards' PUTs all in flight at once
-        group.attrs.put({"tracks": table.to_json(), "samples": total, "complete": True})
+        group.attrs.put({"tracks": table.to_json(), "samples": total, "complete": True,
+                         "written_by": software_versions()})
 
     def list_parts(self) -> set[str]:
         """The part ids present under parts/ (complete or not): one listing."""

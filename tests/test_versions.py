@@ -1,0 +1,55 @@
+"""`dwave --version` and the software recorded in what dwave writes (stores, run dirs)."""
+
+import json
+import os
+import platform
+from importlib import metadata
+
+import pytest
+
+import dwave
+from dwave.cli import main
+
+
+def _expected() -> dict:
+    """The versions as pip sees them, computed here without dwave.versions."""
+    def installed(*names):
+        for name in names:
+            try:
+                return metadata.version(name)
+            except metadata.PackageNotFoundError:
+                pass
+        return None
+    return {"dwave": dwave.__version__, "python": platform.python_version(),
+            "tensorflow": installed("tensorflow", "tensorflow-cpu"),
+            "horovod": installed("horovod"), "zarr": installed("zarr"),
+            "numpy": installed("numpy")}
+
+
+def test_version_flag_names_dwave_and_every_engine(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    line = capsys.readouterr().out.strip()
+    expected = _expected()
+    assert "\n" not in line and line.startswith(f"dwave {dwave.__version__} (")
+    for name in ("python", "tensorflow", "horovod", "zarr", "numpy"):
+        assert f"{name} {expected[name]}" in line
+    # The package's metadata and the import package agree (one home for the version).
+    assert metadata.version("wavenet-dwave") == dwave.__version__
+
+
+def test_a_store_records_the_software_that_created_it_and_wrote_each_part(tone_store, capsys):
+    root = json.load(open(os.path.join(tone_store, "zarr.json")))["attributes"]
+    assert root["written_by"] == _expected()
+    parts = os.path.join(tone_store, "parts")
+    for part in [p for p in os.listdir(parts) if os.path.isdir(os.path.join(parts, p))]:
+        attrs = json.load(open(os.path.join(parts, part, "zarr.json")))["attributes"]
+        assert attrs["written_by"] == _expected()
+    assert main(["info", tone_store]) == 0
+    assert f"created by dwave {dwave.__version__}, python" in capsys.readouterr().out
+
+
+def test_a_run_dir_records_the_software_that_wrote_it(trained_run):
+    config = json.load(open(os.path.join(trained_run, "config.json")))
+    assert config["written_by"] == _expected()
