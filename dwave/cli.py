@@ -147,14 +147,21 @@ def _add_cluster_flags(p) -> None:
     g.add_argument("--walltime", metavar="HH:MM:SS", help="SLURM time limit of each worker job")
     g.add_argument("--account", metavar="NAME", help="SLURM account to charge")
     g.add_argument("--worker-memory", metavar="SIZE",
-                   help="memory per SLURM worker job (default 4GiB)")
+                   help="memory per SLURM worker job (default: jobqueue.yaml's, else 4GiB)")
+    g.add_argument("--worker-cores", type=_positive_int, metavar="N",
+                   help="cores per SLURM worker job (default: jobqueue.yaml's, else 1)")
+    g.add_argument("--worker-processes", type=_positive_int, metavar="N",
+                   help="Dask worker processes per SLURM job, sharing its cores (default: "
+                        "jobqueue.yaml's, else 1)")
     g.add_argument("--worker-logs", dest="log_directory", metavar="DIR",
-                   help="SLURM worker job logs (default ./dask-worker-logs)")
+                   help="SLURM worker job logs (default: jobqueue.yaml's log-directory, else "
+                        "./dask-worker-logs)")
     g.add_argument("--region", metavar="NAME", help="EC2 region")
     g.add_argument("--instance-type", metavar="TYPE", help="EC2 instance type (e.g. c6i.4xlarge)")
     g.add_argument("--ami", metavar="ID", help="EC2 machine image")
     g.add_argument("--docker-image", metavar="IMAGE",
-                   help="image the EC2 workers run (must contain dwave)")
+                   help="image the EC2 workers run: dwave's own (container/README.md "
+                        "builds it) pushed to a registry the instances reach")
 
 
 def _cmd_preprocess(args) -> int:

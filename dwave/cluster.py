@@ -39,10 +39,13 @@ class ClusterConfig:
     connect_timeout: float = 30.0      # seconds to reach --scheduler (or its file to appear)
     # Where the local cluster's dashboard listens: this machine only, unless asked otherwise.
     dashboard_address: str = "127.0.0.1:8787"
-    # SLURM (dask-jobqueue): one single-threaded worker per job
+    # SLURM (dask-jobqueue): each unset value is the site's jobqueue.yaml (jobqueue.slurm.*),
+    # else the default in slurm_cluster_kwargs
     partition: str | None = None
     walltime: str | None = None
-    worker_memory: str | None = None
+    worker_memory: str | None = None      # per job
+    worker_cores: int | None = None       # per job, shared by its worker processes
+    worker_processes: int | None = None   # Dask worker processes per job
     account: str | None = None
     log_directory: str | None = None
     # EC2 (dask-cloudprovider)
@@ -173,19 +176,31 @@ def _without_malloc_trim() -> Iterator[None]:
 
 
 def slurm_cluster_kwargs(options: ClusterConfig) -> dict:
-    """dask_jobqueue.SLURMCluster arguments: one single-threaded worker process per job, the
-    workers running this same Python (a shared filesystem, as on every SLURM cluster)."""
+    """dask_jobqueue.SLURMCluster arguments: a flag wins, then the site's jobqueue.yaml
+    (dask-jobqueue reads it for everything not passed here: interface, job-script-prologue,
+    job-extra-directives, ...), then dwave's defaults: one single-threaded worker process per
+    job of 4 GiB, running this same Python (a shared file system, as on every SLURM cluster)."""
     import dask
 
+    def site(key: str, default):
+        value = dask.config.get(f"jobqueue.slurm.{key}", None)
+        return default if value is None else value
+
     kwargs = {
-        "cores": 1, "processes": 1, "memory": options.worker_memory or "4GiB",
-        "python": sys.executable, "job_name": "dwave-dask-worker",
-        "log_directory": options.log_directory or "dask-worker-logs",
+        "cores": options.worker_cores or site("cores", 1),
+        "processes": options.worker_processes or site("processes", 1),
+        "memory": options.worker_memory or site("memory", "4GiB"),
+        "python": site("python", sys.executable), "job_name": "dwave-dask-worker",
+        "log_directory": options.log_directory or site("log-directory", "dask-worker-logs"),
         # The site's scheduler options, with the dashboard where --dashboard-address says
         # (dask-jobqueue's default is every interface, and the dashboard has no login).
-        "scheduler_options": {**dask.config.get("jobqueue.slurm.scheduler-options", {}),
+        "scheduler_options": {**site("scheduler-options", {}),
                               "dashboard_address": options.dashboard_address},
     }
+    if kwargs["processes"] > kwargs["cores"]:
+        raise DwaveError(f"--cluster slurm: {kwargs['processes']} worker processes per job need "
+                         f"at least as many cores, got {kwargs['cores']} (--worker-cores, "
+                         "--worker-processes or jobqueue.yaml's slurm: cores/processes)")
     for key, value in (("queue", options.partition), ("walltime", options.walltime),
                        ("account", options.account)):
         if value:
@@ -232,7 +247,8 @@ def dask_client(options: ClusterConfig | None = None, log=print) -> Iterator:
     - kind "local": a LocalCluster of `workers` single-threaded processes (default: one per
       core). Processes, not threads: decoding holds the GIL in places, and one process per core
       is also what a cluster node runs, so laptop and cluster behave alike.
-    - kind "slurm": `workers` SLURM jobs of one worker each, submitted with sbatch.
+    - kind "slurm": `workers` SLURM jobs submitted with sbatch, each of the shape that
+      slurm_cluster_kwargs resolves (flags, the site's jobqueue.yaml, dwave's defaults).
     - kind "ec2": `workers` EC2 instances (needs AWS credentials; billed while it runs).
     """
     from distributed import Client
@@ -266,8 +282,10 @@ def dask_client(options: ClusterConfig | None = None, log=print) -> Iterator:
             jobs = options.workers or 2
             cluster.scale(jobs=jobs)
             client = stack.enter_context(Client(cluster))
-            what = (f"Dask on SLURM: {jobs} worker jobs submitted (`squeue -n "
-                    f"{kwargs['job_name']}`; their logs in {kwargs['log_directory']}/)")
+            what = (f"Dask on SLURM: {jobs} worker jobs submitted, each {kwargs['cores']} "
+                    f"cores, {kwargs['processes']} worker processes, {kwargs['memory']} "
+                    f"(`squeue -n {kwargs['job_name']}`; their logs in "
+                    f"{kwargs['log_directory']}/)")
         else:
             _check_aws_credentials()
             kwargs = ec2_cluster_kwargs(options)

@@ -16,8 +16,11 @@ set -euo pipefail
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 HOST=$(hostname -s)
 # The machine's CPUs, not `nproc`: that honours OMP_NUM_THREADS, which Dask and TensorFlow
-# set in the processes that may call this script.
+# set in the processes that may call this script. Declared as at least 4 (config_overrides:
+# slurmd accepts a node smaller than its line), so that the tests can submit worker jobs of
+# the 4-core shape a site's jobqueue.yaml asks for on a 2-core machine.
 CPUS=$(getconf _NPROCESSORS_ONLN)
+[ "$CPUS" -ge 4 ] || CPUS=4
 # Memory in MB, less 1 GiB for the system: jobs that ask for --mem (dask-jobqueue does) fit.
 MEMORY_MB=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) - 1024 ))
 CONF=/etc/slurm/slurm.conf
@@ -47,6 +50,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+SlurmdParameters=config_overrides
 ReturnToService=2
 JobRequeue=1
 # A requeued job waits cred_expire seconds before it may start again (SLURM's default 120).

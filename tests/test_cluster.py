@@ -3,6 +3,7 @@ reached from here) and the option checks. SLURM is tested for real in test_slurm
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
@@ -83,6 +84,31 @@ def test_slurm_job_script_runs_one_single_threaded_worker_of_this_python(tmp_pat
     for line in ("#SBATCH -p gpu", "#SBATCH -A music", "#SBATCH -t 01:00:00",
                  "#SBATCH -J dwave-dask-worker", "--nthreads 1", sys.executable):
         assert line in script, script
+
+
+def test_slurm_job_shape_comes_from_the_sites_jobqueue_yaml_unless_a_flag_overrides(tmp_path):
+    import dask
+    from dask_jobqueue import SLURMCluster
+
+    from dwave.cluster import ClusterConfig, slurm_cluster_kwargs
+
+    site = {"jobqueue.slurm.cores": 4, "jobqueue.slurm.processes": 2,
+            "jobqueue.slurm.memory": "8GiB", "jobqueue.slurm.interface": "lo",
+            "jobqueue.slurm.job-script-prologue": ["module load openmpi/4.1"]}
+    with dask.config.set(site):
+        kwargs = slurm_cluster_kwargs(ClusterConfig(kind="slurm", log_directory=str(tmp_path)))
+        assert (kwargs["cores"], kwargs["processes"], kwargs["memory"]) == (4, 2, "8GiB")
+        with SLURMCluster(**kwargs) as cluster:  # dask-jobqueue reads the rest of the yaml
+            script = cluster.job_script()
+        for line in ("#SBATCH --cpus-per-task=4", "--nworkers 2", "--nthreads 2",
+                     "module load openmpi/4.1", "--interface lo"):
+            assert line in script, script
+        flags = ClusterConfig(kind="slurm", worker_cores=2, worker_processes=1,
+                              worker_memory="3GiB", log_directory=str(tmp_path))
+        kwargs = slurm_cluster_kwargs(flags)
+        assert (kwargs["cores"], kwargs["processes"], kwargs["memory"]) == (2, 1, "3GiB")
+        with pytest.raises(DwaveError, match="2 worker processes per job need at least"):
+            slurm_cluster_kwargs(dataclasses.replace(flags, worker_cores=1, worker_processes=2))
 
 
 def test_scheduler_and_cluster_kind_do_not_combine():

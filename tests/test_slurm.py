@@ -201,6 +201,28 @@ def test_cluster_slurm_submits_dask_worker_jobs(tmp_path, corpus):
 
 
 @pytest.mark.slow
+def test_cluster_slurm_submits_jobs_of_the_shape_the_sites_jobqueue_yaml_says(tmp_path, corpus):
+    songs, _ = corpus
+    site = tmp_path / "dask"
+    site.mkdir()
+    (site / "jobqueue.yaml").write_text(
+        "jobqueue:\n  slurm:\n    cores: 4\n    processes: 2\n    memory: 2GiB\n"
+        "    job-script-prologue: ['echo site-prologue-ran']\n")
+    proc = run_dwave("preprocess", songs, "--out", tmp_path / "store", "--cluster", "slurm",
+                     "--jobs", "1", "--worker-logs", tmp_path / "logs", "--no-progress",
+                     cwd=tmp_path, env={"DASK_CONFIG": str(site)}, check=0, timeout=600)
+    assert "1 worker jobs submitted, each 4 cores, 2 worker processes, 2GiB" in proc.stderr
+    assert describe(tmp_path / "store")["num_tracks"] == 6
+    (err,) = [f for f in os.listdir(tmp_path / "logs") if f.endswith(".err")]
+    fields = job_fields(re.fullmatch(r"dwave-dask-worker-(\d+)\.err", err).group(1))
+    assert fields["NumCPUs"] == "4" and fields["MinMemoryNode"] == "2G", fields
+    log = (tmp_path / "logs" / err).read_text()
+    assert log.count("Start worker at") == 2, log  # two worker processes in the one job
+    assert log.count("Threads:                          2") == 2, log
+    assert "site-prologue-ran" in (tmp_path / "logs" / err.replace(".err", ".out")).read_text()
+
+
+@pytest.mark.slow
 def test_cluster_slurm_without_a_controller_is_a_one_line_error(tmp_path, corpus):
     songs, _ = corpus
     nowhere = tmp_path / "slurm.conf"  # a cluster whose controller is not running
