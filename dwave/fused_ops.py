@@ -8,7 +8,10 @@ gets one build per kind of CPU. Where no build is possible (no compiler, a faile
 GPU: the kernels are CPU-only), `load()` says why once and the model uses TensorFlow's own ops
 for the same arithmetic; DWAVE_FUSED_OPS=0 asks for that explicitly.
 
-The cache is $DWAVE_CACHE/ops (default ~/.cache/dwave/ops).
+The cache is $DWAVE_CACHE/ops (default ~/.cache/dwave/ops). DWAVE_MARCH names a portable
+x86-64 level instead of -march=native (x86-64-v3: AVX2 and FMA, any x86 CPU since 2015): one
+build then serves every node that has the level, as the container image prebuilds it; a CPU
+without it is told so and uses TensorFlow's ops.
 """
 
 from __future__ import annotations
@@ -36,6 +39,32 @@ def cache_dir() -> str:
     return os.path.join(root, "ops")
 
 
+MARCH_VARIABLE = "DWAVE_MARCH"
+# What each portable level needs of the CPU (/proc/cpuinfo's flag names), beyond x86-64-v2's.
+_LEVEL_FLAGS = {"x86-64-v3": {"avx2", "fma", "bmi2", "movbe"},
+                "x86-64-v4": {"avx2", "fma", "bmi2", "avx512f", "avx512bw", "avx512vl"}}
+
+
+def _march() -> str:
+    return os.environ.get(MARCH_VARIABLE) or "native"
+
+
+def _check_cpu_has(march: str) -> None:
+    """A build for a level this CPU lacks would die of SIGILL: refuse it in words."""
+    if march not in _LEVEL_FLAGS:
+        return
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f
+                          if line.startswith("flags")), set())
+    except OSError:
+        return
+    missing = _LEVEL_FLAGS[march] - flags
+    if missing:
+        raise RuntimeError(f"{MARCH_VARIABLE}={march} needs {', '.join(sorted(missing))}, which "
+                           f"this CPU lacks (set {MARCH_VARIABLE}=native to build for it)")
+
+
 def _cpu_identity() -> str:
     """The CPU model and feature flags: what -march=native compiles for."""
     try:
@@ -51,7 +80,7 @@ def _compiler() -> str:
 
 
 def _command(output: str) -> list[str]:
-    return [_compiler(), "-shared", "-fPIC", "-O3", "-march=native", SOURCE, "-o", output,
+    return [_compiler(), "-shared", "-fPIC", "-O3", f"-march={_march()}", SOURCE, "-o", output,
             *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
 
 
@@ -65,7 +94,9 @@ def _build_key() -> str:
     digest = hashlib.sha256()
     with open(SOURCE, "rb") as f:
         digest.update(f.read())
-    for part in (tf.__version__, " ".join(_command("out")), version, _cpu_identity()):
+    # A portable level is the same build on every CPU that has it: the CPU is not in the key.
+    cpu = _cpu_identity() if _march() == "native" else ""
+    for part in (tf.__version__, " ".join(_command("out")), version, cpu):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
@@ -73,12 +104,13 @@ def _build_key() -> str:
 def build() -> str:
     """Path of the shared library for this machine, compiling it unless cached. Raises
     RuntimeError (with the compiler's last lines) when it cannot be built."""
-    if shutil.which(_compiler()) is None:
-        raise RuntimeError(f"no C++ compiler ({_compiler()}) on PATH")
+    _check_cpu_has(_march())
     folder = os.path.join(cache_dir(), _build_key())
     library = os.path.join(folder, "fused_ops.so")
-    if os.path.exists(library):
+    if os.path.exists(library):  # prebuilt (the container image's): no compiler needed
         return library
+    if shutil.which(_compiler()) is None:
+        raise RuntimeError(f"no C++ compiler ({_compiler()}) on PATH")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "build.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another rank building it: wait, then use its build

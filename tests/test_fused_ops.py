@@ -244,3 +244,27 @@ def test_dwave_fused_ops_0_asks_for_tensorflows_ops_quietly(tmp_path):
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
     assert out.split() == ["fallback", "False"] and "dwave:" not in err
+
+
+def test_a_portable_level_is_one_build_for_every_cpu_that_has_it(monkeypatch):
+    from dwave import fused_ops
+
+    def key_on(cpu: str) -> str:
+        monkeypatch.setattr(fused_ops, "_cpu_identity", lambda: cpu)
+        return fused_ops._build_key()
+
+    monkeypatch.delenv("DWAVE_MARCH", raising=False)
+    assert key_on("model name: A") != key_on("model name: B")  # native: one build per CPU
+    monkeypatch.setenv("DWAVE_MARCH", "x86-64-v3")
+    assert key_on("model name: A") == key_on("model name: B")
+    assert "-march=x86-64-v3" in fused_ops._command("out")
+
+
+def test_a_level_the_cpu_lacks_is_refused_in_words_before_any_build(monkeypatch):
+    from dwave import fused_ops
+
+    monkeypatch.setitem(fused_ops._LEVEL_FLAGS, "x86-64-v3", {"avx2", "no-such-cpu-flag"})
+    monkeypatch.setenv("DWAVE_MARCH", "x86-64-v3")
+    with pytest.raises(RuntimeError, match="DWAVE_MARCH=x86-64-v3 needs no-such-cpu-flag, which "
+                                           "this CPU lacks"):
+        fused_ops.build()
