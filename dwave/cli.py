@@ -458,6 +458,26 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _add_slurm_scripts(sub) -> None:
+    p = sub.add_parser(
+        "slurm-scripts", help="copy the SLURM batch scripts into a directory",
+        description="Copy dwave's sbatch scripts (preprocess, train, generate) and env.sh, "
+                    "which they source, into DIR: a pip-installed dwave has no checkout to "
+                    "submit them from. A file already in DIR with other contents is kept.")
+    p.add_argument("directory", metavar="DIR")
+    p.set_defaults(func=_cmd_slurm_scripts)
+
+
+def _cmd_slurm_scripts(args) -> int:
+    from .slurm_scripts import copy_scripts
+
+    copied = copy_scripts(args.directory)
+    print(f"{args.directory}: {', '.join(copied) if copied else 'the scripts were already there'}"
+          f"; submit with e.g. sbatch {os.path.join(args.directory, 'train.sbatch')} STORE RUN_DIR "
+          "(env.sh says how a job finds dwave)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dwave",
@@ -474,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_generate(sub)
     _add_demo(sub)
+    _add_slurm_scripts(sub)
     return parser
 
 

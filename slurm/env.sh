@@ -3,7 +3,9 @@
 # match your cluster:
 #
 #   DWAVE_HOME     the dwave checkout (default: the directory you ran `sbatch` from)
-#   DWAVE_VENV     its virtual environment (default: $DWAVE_HOME/.venv, made by scripts/setup.sh)
+#   DWAVE_VENV     the virtual environment holding dwave (default: $DWAVE_HOME/.venv, made by
+#                  scripts/setup.sh, else the one whose `dwave` is on the PATH sbatch passed on:
+#                  a pip-installed dwave in an activated venv)
 #   DWAVE_MODULES  environment modules to load first, space-separated, e.g.
 #                  "cuda/12.2 cudnn/8.9 openmpi/4.1" (default: none)
 #
@@ -11,14 +13,20 @@
 # one-machine test SLURM), and prints one line saying what the job is and where it runs.
 
 DWAVE_HOME=${DWAVE_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
-DWAVE_VENV=${DWAVE_VENV:-$DWAVE_HOME/.venv}
-
 if [ -n "${DWAVE_MODULES:-}" ]; then
   # shellcheck disable=SC2086
   module load $DWAVE_MODULES
 fi
+if [ -z "${DWAVE_VENV:-}" ]; then
+  DWAVE_VENV=$DWAVE_HOME/.venv
+  if [ ! -x "$DWAVE_VENV/bin/dwave" ] && command -v dwave >/dev/null; then
+    DWAVE_VENV=$(dirname "$(dirname "$(command -v dwave)")")
+  fi
+fi
+
 if [ ! -x "$DWAVE_VENV/bin/dwave" ]; then
-  echo "dwave job: no dwave in $DWAVE_VENV (set DWAVE_VENV, or run scripts/setup.sh in $DWAVE_HOME)" >&2
+  echo "dwave job: no dwave in $DWAVE_VENV (set DWAVE_VENV to the venv you pip-installed" \
+       "dwave into, or run scripts/setup.sh in $DWAVE_HOME)" >&2
   exit 2
 fi
 # shellcheck disable=SC1091

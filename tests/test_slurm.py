@@ -285,7 +285,7 @@ def test_generate_job_splits_songs_over_ranks_and_matches_one_process(tmp_path, 
     log = tmp_path / "generate.out"
     flags = ["--num-songs", "3", "--seconds", "0.25", "--genre", "tone", "--seed", "5"]
     job = sbatch("generate.sbatch", trained_run, tmp_path / "job", *flags, output=log,
-                 options=["--ntasks=2"])
+                 options=["--ntasks=2", "--cpus-per-task=1"])
     run_dwave("generate", trained_run, "--out", tmp_path / "local", *flags, check=0)
     fields = wait_for(job, log)
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()[-3000:]
@@ -294,3 +294,32 @@ def test_generate_job_splits_songs_over_ranks_and_matches_one_process(tmp_path, 
         wav = f"song-00{i}.wav"
         assert (tmp_path / "job" / wav).read_bytes() == (tmp_path / "local" / wav).read_bytes()
         assert (tmp_path / "job" / f"song-00{i}.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_scripts_copied_by_dwave_slurm_scripts_run_from_anywhere_with_the_venv_on_path(
+        tmp_path, trained_run):
+    """As after `pip install`: no checkout to submit from, no DWAVE_HOME/DWAVE_VENV; the job
+    finds env.sh beside the script and dwave on the PATH sbatch passes on. It reserves what
+    generation uses: one task of 4 cores, no GPU."""
+    scripts, elsewhere = tmp_path / "my-scripts", tmp_path / "work"
+    elsewhere.mkdir()
+    run_dwave("slurm-scripts", scripts, check=0)
+    env = {k: v for k, v in os.environ.items() if k not in ("DWAVE_HOME", "DWAVE_VENV")}
+    env["PATH"] = os.path.join(sys.prefix, "bin") + os.pathsep + env["PATH"]
+    log = tmp_path / "generate.out"
+    proc = subprocess.run(["sbatch", "--parsable", f"--output={log}",
+                           str(scripts / "generate.sbatch"), str(trained_run),
+                           str(tmp_path / "songs"), "--num-songs", "2", "--seconds", "0.25",
+                           "--genre", "tone"],
+                          capture_output=True, text=True, cwd=elsewhere, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    fields = wait_for(job, log)
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()[-3000:]
+    assert (fields["NumTasks"], fields["NumCPUs"]) == ("1", "4"), fields
+    assert "gres/gpu" not in fields.get("TRES", "")
+    assert f"dwave from {sys.prefix}" in log.read_text()
+    assert sorted(p.name for p in (tmp_path / "songs").glob("*.wav")) == [
+        "song-000.wav", "song-001.wav"]
+

@@ -53,3 +53,18 @@ def test_a_store_records_the_software_that_created_it_and_wrote_each_part(tone_s
 def test_a_run_dir_records_the_software_that_wrote_it(trained_run):
     config = json.load(open(os.path.join(trained_run, "config.json")))
     assert config["written_by"] == _expected()
+
+
+def test_slurm_scripts_are_copied_once_and_a_users_edited_copy_is_kept(tmp_path, capsys):
+    from dwave.slurm_scripts import SCRIPTS, scripts_directory
+
+    target = tmp_path / "scripts"
+    assert main(["slurm-scripts", str(target)]) == 0
+    for name in SCRIPTS:
+        assert (target / name).read_bytes() == open(f"{scripts_directory()}/{name}", "rb").read()
+    assert main(["slurm-scripts", str(target)]) == 0  # idempotent
+    assert "already there" in capsys.readouterr().out
+    (target / "train.sbatch").write_text("#!/bin/bash\n# my site's edits\n")
+    assert main(["slurm-scripts", str(target)]) == 2
+    assert "train.sbatch exists and differs from dwave's" in capsys.readouterr().err
+    assert (target / "train.sbatch").read_text() == "#!/bin/bash\n# my site's edits\n"
