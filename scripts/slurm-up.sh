@@ -2,7 +2,7 @@
 # Start a real one-machine SLURM (munge + slurmctld + slurmd, all on this host) for the tests
 # and for trying the sbatch scripts in slurm/ on a laptop. Idempotent: a second run checks that
 # the node answers and returns in a second. Run as root (or with sudo rights); needs the
-# Debian packages slurm-wlm and munge (scripts/setup.sh installs them).
+# Debian packages slurm-wlm and munge (scripts/setup.sh --tests installs them).
 #
 #   bash scripts/slurm-up.sh          start (or check) the cluster, print `sinfo`
 #   bash scripts/slurm-up.sh stop     stop slurmd, slurmctld and munged
@@ -35,7 +35,7 @@ if [ "${1:-}" = stop ]; then
   exit 0
 fi
 
-command -v slurmctld >/dev/null || { echo "slurm-up: slurmctld not found: install slurm-wlm (bash scripts/setup.sh)" >&2; exit 1; }
+command -v slurmctld >/dev/null || { echo "slurm-up: slurmctld not found: install slurm-wlm (bash scripts/setup.sh --tests)" >&2; exit 1; }
 
 # --- configuration -------------------------------------------------------------------------
 want=$(cat <<EOF
