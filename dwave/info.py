@@ -14,7 +14,8 @@ def describe_store(url: str, storage_options: dict | None = None) -> dict:
     config = store.config()
     index, _ = store.current_index()
     table = index.tracks.columns
-    damaged = store.damaged_parts(index.tracks.extents(), config.dtype.itemsize)  # one listing: what is really there
+    # One listing: what is really there.
+    damaged = store.damaged_parts(index.tracks.extents(), config.dtype.itemsize)
     tracks = sorted((t for t in index.tracks.rows() if t["part"] not in damaged),
                     key=lambda t: _id_order(t["id"]))
     seconds = sum(t["duration"] for t in tracks)

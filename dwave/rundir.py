@@ -2,8 +2,9 @@
 
     RUN_DIR/config.json          {"model": ModelConfig, "train": TrainConfig, "world_size",
                                  "step", "written_by"}: written_by is the software of the
-                                 last writer (dwave.versions); `step` is that of the newest complete checkpoint,
-                                 written only after it (a failed save leaves the one before);
+                                 last writer (dwave.versions); `step` is that of the newest
+                                 complete checkpoint, written only after it (a failed save
+                                 leaves the one before);
                                  `dwave generate` reads the architecture from it
     RUN_DIR/checkpoints/         ckpt-STEP.{index,data-*} and TF's `checkpoint` state file,
                                  which is replaced atomically after the files are complete;
