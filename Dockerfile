@@ -19,6 +19,10 @@ ARG MARCH=x86-64-v3
 ARG CUDA_REPO=https://developer.download.nvidia.com/compute/cuda/repos/debian12/x86_64
 ARG CUDA_VERSION=12-2
 
+# Behind a TLS-intercepting proxy, pip needs the proxy's CA: mount the host's bundle for the
+# build and name it (podman build -v /etc/ssl/certs:/host-certs:ro --build-arg
+# PIP_CERT=/host-certs/ca-certificates.crt); unset, pip uses the image's own CAs.
+ARG PIP_CERT
 ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8
 # What dwave needs at run time and to build Horovod: Python, a compiler, cmake, Open MPI.
 RUN apt-get update \
@@ -35,7 +39,7 @@ RUN apt-get update \
 ENV PATH=/usr/local/cuda/bin:/opt/dwave/bin:$PATH
 
 # The locked dependencies first (a layer that changes only with the lock), then dwave itself.
-COPY requirements /src/requirements
+COPY requirements/${FLAVOUR}.txt /src/requirements/
 RUN python3 -m venv /opt/dwave \
  && /opt/dwave/bin/pip install -q --no-cache-dir --require-hashes -r "/src/requirements/$FLAVOUR.txt"
 COPY scripts/install-horovod.sh /src/scripts/

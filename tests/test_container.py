@@ -36,12 +36,18 @@ def run(*args, timeout=3600, **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def image():
+    """The image, built (the first time: a Debian base, TensorFlow, a Horovod build; later:
+    podman's layer cache)."""
     missing = [tool for tool in ("podman", "runc", "debootstrap") if not shutil.which(tool)]
     assert not missing, f"the container tier needs {', '.join(missing)}: apt-get install " \
                         "podman runc debootstrap"
     run("bash", os.path.join(ROOT, "container", "base-image.sh"), BASE)
-    # The build reaches the package registries (apt, PyPI) on the host's network.
-    run(*ENGINE, "build", *LIMITS, "--network", "host", "--build-arg", f"BASE={BASE}",
+    # The build reaches the package registries (apt, PyPI) on the host's network, through the
+    # host's TLS proxy where pip is told of one (PIP_CERT: its CA bundle, mounted for the build).
+    cert = os.environ.get("PIP_CERT")
+    proxy = ["-v", f"{os.path.dirname(cert)}:/host-certs:ro", "--build-arg",
+             f"PIP_CERT=/host-certs/{os.path.basename(cert)}"] if cert else []
+    run(*ENGINE, "build", *LIMITS, *proxy, "--network", "host", "--build-arg", f"BASE={BASE}",
         "-t", IMAGE, ROOT)
     return IMAGE
 
@@ -52,6 +58,7 @@ def in_container(image, work, *command, timeout=1800) -> str:
     return proc.stdout + proc.stderr
 
 
+@pytest.mark.timeout(3600)  # the first build alone takes 10-15 minutes on 2 cores
 def test_the_image_preprocesses_trains_on_two_ranks_and_generates(image, tmp_path):
     from dwave.synth import write_corpus
 

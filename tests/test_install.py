@@ -1,13 +1,16 @@
-"""`dwave --version` and the software recorded in what dwave writes (stores, run dirs)."""
+"""Installing and identifying dwave: `dwave --version` and the software recorded in what dwave
+writes (stores, run dirs), the packaged SLURM scripts, and set-up's Python check."""
 
 import json
 import os
 import platform
+import subprocess
 from importlib import metadata
 
 import pytest
 
 import dwave
+from conftest import ROOT
 from dwave.cli import main
 
 
@@ -68,3 +71,25 @@ def test_slurm_scripts_are_copied_once_and_a_users_edited_copy_is_kept(tmp_path,
     assert main(["slurm-scripts", str(target)]) == 2
     assert "train.sbatch exists and differs from dwave's" in capsys.readouterr().err
     assert (target / "train.sbatch").read_text() == "#!/bin/bash\n# my site's edits\n"
+
+
+@pytest.mark.parametrize("where", ["DWAVE_PYTHON", "an existing venv"])
+def test_setup_stops_at_once_on_a_python_other_than_3_11(tmp_path, where):
+    fake = tmp_path / "bin" / "python"  # answers like a Python 3.12 would
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo 'Python 3.12.3'; exit 0; }\n"
+                    "exit 1\n")
+    fake.chmod(0o755)
+    venv = tmp_path / "venv"
+    if where == "an existing venv":
+        (venv / "bin").mkdir(parents=True)
+        (venv / "bin" / "python").symlink_to(fake)
+    env = {**os.environ, "DWAVE_PYTHON": str(fake), "DWAVE_VENV": str(venv), "DWAVE_APT": "0"}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "setup.sh")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stdout == ""
+    (line,) = proc.stderr.splitlines()
+    assert "Python 3.12.3" in line and "dwave needs Python 3.11" in line
+    assert "DWAVE_PYTHON=python3.11" in line
+    # Nothing was made: no venv where there was none.
+    assert sorted(os.listdir(tmp_path)) == (["bin"] if where == "DWAVE_PYTHON" else ["bin", "venv"])
