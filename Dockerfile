@@ -8,7 +8,7 @@
 # with MPI and Gloo (NCCL too in the gpu variant) against the image's Open MPI, and dwave's fused
 # CPU kernels prebuilt for a portable x86-64 level (MARCH). Where no registry can be reached,
 # make the base from Debian's packages first (container/base-image.sh) and pass
-# --build-arg BASE=localhost/debian:bookworm-slim. container/README.md has the rest.
+# --build-arg BASE=localhost/debian:bookworm-slim. The README's "Install elsewhere" has the rest.
 ARG BASE=debian:bookworm-slim
 FROM ${BASE}
 

@@ -160,8 +160,8 @@ def _add_cluster_flags(p) -> None:
     g.add_argument("--instance-type", metavar="TYPE", help="EC2 instance type (e.g. c6i.4xlarge)")
     g.add_argument("--ami", metavar="ID", help="EC2 machine image")
     g.add_argument("--docker-image", metavar="IMAGE",
-                   help="image the EC2 workers run: dwave's own (container/README.md "
-                        "builds it) pushed to a registry the instances reach")
+                   help="image the EC2 workers run: dwave's own (the Dockerfile builds it; "
+                        "README: Install elsewhere) pushed to a registry the instances reach")
 
 
 def _cmd_preprocess(args) -> int:
