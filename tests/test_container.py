@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.container
+pytestmark = [pytest.mark.container, pytest.mark.slow]  # never in the fast tier either
 
 IMAGE = "localhost/dwave:cpu-test"
 BASE = "localhost/debian:bookworm-slim"
