@@ -31,23 +31,28 @@ die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 # --- 0. Python 3.11, and nothing else ------------------------------------------------------
 # TensorFlow 2.15 has wheels up to 3.11 and zarr 3 needs >= 3.11: the window is exactly 3.11.
 python_is_311() { "$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; }
-if [ -x "$VENV/bin/python" ]; then
-  python_is_311 "$VENV/bin/python" || die "$VENV holds $("$VENV/bin/python" --version 2>&1); \
+check_python() {
+  if [ -x "$VENV/bin/python" ]; then
+    python_is_311 "$VENV/bin/python" || die "$VENV holds $("$VENV/bin/python" --version 2>&1); \
 dwave needs Python 3.11: move $VENV away and rerun with DWAVE_PYTHON=python3.11"
-elif ! python_is_311 "$PY"; then
-  found=$("$PY" --version 2>&1 || echo "no $PY")
-  die "$found: dwave needs Python 3.11 (TensorFlow 2.15's newest, zarr 3's oldest): install \
+  elif ! python_is_311 "$PY"; then
+    found=$("$PY" --version 2>&1 || echo "no $PY")
+    die "$found: dwave needs Python 3.11 (TensorFlow 2.15's newest, zarr 3's oldest): install \
 it (Debian 12: python3; Ubuntu: the deadsnakes PPA's python3.11; a cluster: module load \
 python/3.11; conda create -n py311 python=3.11) and rerun with DWAVE_PYTHON=python3.11"
-fi
+  fi
+}
+# Now, before anything is installed; a machine with no Python at all (a minimal Debian) gets
+# Debian's from step 1 and is checked after it.
+if [ -x "$VENV/bin/python" ] || command -v "$PY" >/dev/null; then check_python; fi
 
 # --- 1. system packages ------------------------------------------------------------------
 # A user's: g++ + cmake + make + Open MPI to build and launch Horovod (and the fused kernels),
 # the venv module and headers, libsndfile. The tests': slurm-wlm + munge (the one-machine SLURM
 # the tests submit the project's sbatch scripts to), asc-music (three real MP3 songs), ffmpeg
 # (the decode floor in benchmarks).
-USER_PACKAGES=(g++ make cmake openmpi-bin libopenmpi-dev python3-venv python3-dev libsndfile1
-               procps git)
+USER_PACKAGES=(python3 g++ make cmake openmpi-bin libopenmpi-dev python3-venv python3-dev
+               libsndfile1 procps git ca-certificates)
 TEST_PACKAGES=(slurm-wlm munge asc-music ffmpeg)
 wanted=("${USER_PACKAGES[@]}")
 [ "$TESTS" = 1 ] && wanted+=("${TEST_PACKAGES[@]}")
@@ -77,6 +82,8 @@ fi
 command -v mpicxx >/dev/null && command -v cmake >/dev/null && command -v g++ >/dev/null \
   || say "no compiler, cmake or MPI on PATH: Horovod cannot be built (module load them, or \
 apt-get install g++ cmake libopenmpi-dev); dwave then trains on one process"
+
+check_python
 
 # --- 2. virtual environment with the locked dependencies and the project -------------------
 if [ ! -x "$VENV/bin/python" ]; then
