@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DwaveError
-from .song_files import check_song_targets, remove_stale_temporaries, write_song
+from .song_files import (COLUMNS, SongWriter, check_song_targets, remove_stale_temporaries,
+                         wav_bytes)
 
 CHUNK = 2000  # samples per compiled call: the progress bar's granularity
 
@@ -154,9 +155,10 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
     mine = list(range(rank, options.num_songs, size))
     from .audio import code_dtype
 
-    dtype = code_dtype(q)  # the songs' codes as stored, not int64: 8x less held per sample
-    _check_fits(min(options.batch_size, max(1, len(mine))), total + (len(prime) if prime is not
-                None else 0), dtype.itemsize, ranks.ranks_on_node)
+    dtype = code_dtype(q)  # a chunk's codes as written, not int64
+    head_samples = len(prime) if prime is not None else 0
+    _check_fits(min(options.batch_size, max(1, len(mine))), head_samples, ranks.ranks_on_node)
+    _check_disk(options.out, options.num_songs, head_samples + total, rate)
 
     from .cores import cores_per_rank
     from .cached_generator import FastGenerator
@@ -179,24 +181,30 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
         songs = mine[first:first + options.batch_size]
         generator = FastGenerator(model, len(songs),
                                   None if gid is None else [gid] * len(songs), threads, cores)
-        head = np.zeros((len(songs), 0), dtype)
-        if prime is not None:
-            tiled = np.tile(prime, (len(songs), 1))  # int64: the model's embedding indices
-            generator.prime(tiled)
-            head = tiled.astype(dtype)
-        streams = [song_stream(options.seed, s) for s in songs]
-        parts = []
-        for begin in range(0, total, CHUNK):
-            steps = min(CHUNK, total - begin)
-            uniforms = np.stack([r.random(steps, dtype=np.float32) for r in streams], axis=1)
-            parts.append(generator.generate(uniforms, options.temperature).astype(dtype))
-            step = parts[-1].shape[0] * len(songs)
-            generated += step
-            progress.update(step)
-        body = np.concatenate(parts, axis=0).T  # (songs, samples)
-        for row, song in enumerate(songs):
-            write_song(os.path.join(options.out, song_stem(song)),
-                       np.concatenate([head[row], body[row]]), rate, q, primed=head.shape[1])
+        # Each song goes to disk as it is made: what a batch holds does not grow with
+        # --seconds (a WAV under a temporary name until the song is whole, then renamed).
+        writers = [SongWriter(os.path.join(options.out, song_stem(song)), head_samples + total,
+                              rate, q, primed=head_samples) for song in songs]
+        try:
+            if prime is not None:
+                generator.prime(np.tile(prime, (len(songs), 1)))  # int64: embedding indices
+                for writer in writers:
+                    writer.write(prime.astype(dtype))
+            streams = [song_stream(options.seed, s) for s in songs]
+            for begin in range(0, total, CHUNK):
+                steps = min(CHUNK, total - begin)
+                uniforms = np.stack([r.random(steps, dtype=np.float32) for r in streams], axis=1)
+                codes = generator.generate(uniforms, options.temperature).astype(dtype)
+                for row, writer in enumerate(writers):
+                    writer.write(codes[:, row])
+                generated += codes.size
+                progress.update(codes.size)
+            for writer in writers:
+                writer.close()
+        except BaseException:
+            for writer in writers:
+                writer.abandon()  # only temporaries: songs already renamed stay
+            raise
     progress.close()
     wall = time.perf_counter() - started
     if size > 1:
@@ -211,23 +219,43 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
             "real_time_factor": rate_s / rate, "songs": mine}
 
 
-# What writing one song holds per sample besides its codes: the decoded float32 audio, the
-# 16-bit WAV frames, and the spectrogram (257 float64 bins every 128 samples, and its copy).
-WRITE_BYTES_PER_SAMPLE = 4 + 2 + 2 * 257 * 8 // 128
+# What a song being written holds, whatever its length (dwave.song_files.SongWriter): its
+# spectrogram's columns (257 float32 bins each, and a float64 copy when drawn), plus a chunk.
+WRITER_BYTES = COLUMNS * 257 * (4 + 8) + CHUNK * 16
 
 
-def _check_fits(batch: int, samples: int, itemsize: int, ranks_on_node: int) -> None:
+def _check_fits(batch: int, prime_samples: int, ranks_on_node: int) -> None:
     """A one-line error, before any work, for a request this node's memory cannot hold: a
-    batch's codes (held until its songs are written) plus one song being written, per rank."""
+    batch's song writers and its copies of the prime, per rank. The songs themselves go to
+    disk as they are made (`_check_disk`)."""
     import psutil
 
-    need = (batch * samples * itemsize + samples * WRITE_BYTES_PER_SAMPLE) * ranks_on_node
+    need = batch * (WRITER_BYTES + prime_samples * 8) * ranks_on_node
     available = psutil.virtual_memory().available
     if need > 0.8 * available:
         raise DwaveError(
-            f"{batch} song(s) of {samples:,} samples per rank x {ranks_on_node} rank(s) on this "
-            f"node need ~{need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB "
-            "available: ask for fewer --seconds or a smaller --batch-size")
+            f"{batch} song(s) per rank x {ranks_on_node} rank(s) on this node need "
+            f"~{need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available: ask "
+            "for a smaller --batch-size (or a shorter --prime-seconds)")
+
+
+def _check_disk(out: str, songs: int, samples: int, sample_rate: int) -> None:
+    """A one-line error, before any work, for songs a WAV cannot hold or --out has no room for
+    (every rank's songs share it)."""
+    import shutil
+
+    per_song = wav_bytes(samples)
+    if per_song > 2**32 - 1:
+        most = (2**32 - 2**16) // 2 / sample_rate / 3600
+        raise DwaveError(f"a WAV holds at most {most:.1f} h of 16-bit audio at {sample_rate} Hz "
+                         f"(its sizes are 32-bit): ask for fewer --seconds")
+    free = shutil.disk_usage(out if os.path.isdir(out) else os.path.dirname(
+        os.path.abspath(out)) or ".").free
+    if songs * per_song > free:
+        raise DwaveError(f"--out {out}: {songs} song(s) of {samples:,} samples need "
+                         f"~{songs * per_song / 1e6:,.1f} MB, more than the {free / 1e6:,.1f} MB "
+                         "free there: ask for fewer --seconds or --num-songs, or choose another "
+                         "--out")
 
 
 def song_stem(song: int) -> str:

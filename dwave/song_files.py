@@ -5,9 +5,12 @@ ever overwritten.
                wrote (a user's WAV, or one of another tool, has none)
     STEM.png   the spectrogram; its tEXt `Software` chunk is "dwave"
 
-Each file is written under a temporary name beside it (`.dwave-tmp-PID-HOST-NAME`, created
-with O_EXCL | O_NOFOLLOW) and renamed into place when complete, the PNG first: a WAV under its final
-name is whole and has its PNG. A rename replaces a symlink at the final name; it never writes
+A song is written as it is made (`SongWriter`: `dwave generate` streams its songs through it,
+so memory does not grow with their length; `write_song` writes one held whole). Each file is
+written under a temporary name beside it (`.dwave-tmp-PID-HOST-NAME`, created with O_EXCL |
+O_NOFOLLOW) and renamed into place when complete, the PNG first: a WAV under its final name is
+whole and has its PNG; a killed writer's temporaries are removed by the next run
+(`remove_stale_temporaries`). A rename replaces a symlink at the final name; it never writes
 through it. Whether a final name may be replaced is `check_song_targets`'s to say, before any
 work starts.
 """
@@ -32,18 +35,112 @@ def write_song(stem: str, codes: np.ndarray, sample_rate: int, quantization_chan
                primed: int = 0) -> None:
     """Write STEM.png and STEM.wav of the song `codes` (mu-law codes), whose first `primed`
     codes are the real audio it was primed with: the spectrogram marks where they end."""
-    from .audio import mu_law_decode
-
-    audio = np.clip(mu_law_decode(codes, quantization_channels), -1.0, 1.0)
-    title = os.path.basename(stem)
-    png = _write_complete(stem + ".png", lambda f: _spectrogram(f, audio, sample_rate, title,
-                                                                 primed / sample_rate))
+    writer = SongWriter(stem, len(codes), sample_rate, quantization_channels, primed)
     try:
-        _write_complete(stem + ".wav", lambda f: _wav(f, audio, sample_rate))
+        writer.write(codes)
+        writer.close()
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(png)  # ours, just written: a PNG without its song is not a result
+        writer.abandon()
         raise
+
+
+# The spectrogram: scipy's defaults over segments of SEGMENT samples every HOP; at most COLUMNS
+# time columns in the picture (a longer song's segments are averaged into them), so that what a
+# song holds while it is written does not grow with its length.
+SEGMENT, HOP, COLUMNS = 512, 128, 1024
+
+
+def wav_bytes(samples: int) -> int:
+    """The size of a song's WAV: 16-bit mono samples and a header of well under 1 KiB."""
+    return 2 * samples + 1024
+
+
+class SongWriter:
+    """One song written as it is made: its codes go, chunk by chunk, into a WAV under a
+    temporary name and into a spectrogram of at most COLUMNS columns; `close()` draws the PNG
+    and renames both into place, the PNG first (as `write_song`). The file's bytes do not depend
+    on the chunks: a song written in one piece or in many is the same file.
+
+    Memory: one chunk, the spectrogram's columns (COLUMNS x 257 float32) and the last segment's
+    tail, whatever the song's length. `total` (the song's length in codes) fixes the columns."""
+
+    def __init__(self, stem: str, total: int, sample_rate: int, quantization_channels: int,
+                 primed: int = 0):
+        import soundfile as sf
+
+        self.stem, self.total, self.rate, self.q = stem, total, sample_rate, quantization_channels
+        self.primed, self.written = primed, 0
+        segment = min(SEGMENT, total)  # a song shorter than one segment (--seconds 0.01) too
+        self.segment, self.overlap = segment, segment * 3 // 4  # SEGMENT - HOP for a full one
+        frames = (total - segment) // (segment - self.overlap) + 1
+        self.frames, self.columns = frames, min(COLUMNS, frames)
+        # float32, as scipy gives for float32 audio: a short song's picture is the same as
+        # one drawn from the whole song's spectrogram at once.
+        self.power = np.zeros((segment // 2 + 1, self.columns), np.float32)
+        self.counts = np.zeros(self.columns)
+        self.frame, self.tail = 0, np.zeros(0, np.float32)
+        self.wav_path = _temporary(stem + ".wav")
+        fd = os.open(self.wav_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            self.sound = sf.SoundFile(open(fd, "wb"), "w", sample_rate, 1, "PCM_16",
+                                      format="WAV", closefd=True)
+            self.sound.software = MARK  # before the data: WAV keeps it in a chunk ahead of it
+        except BaseException:
+            os.remove(self.wav_path)
+            raise
+
+    def write(self, codes: np.ndarray) -> None:
+        from scipy.signal import spectrogram
+
+        from .audio import mu_law_decode
+
+        audio = np.clip(mu_law_decode(codes, self.q), -1.0, 1.0)
+        self.sound.write(audio)
+        self.written += len(audio)
+        buffer = np.concatenate([self.tail, audio])
+        step = self.segment - self.overlap
+        if len(buffer) >= self.segment:
+            _, _, power = spectrogram(buffer, fs=self.rate, nperseg=self.segment,
+                                      noverlap=self.overlap)
+            n = power.shape[1]
+            column = (np.arange(self.frame, self.frame + n) * self.columns) // self.frames
+            np.add.at(self.power.T, column, power.T)
+            np.add.at(self.counts, column, 1)
+            self.frame += n
+            buffer = buffer[n * step:]
+        self.tail = buffer
+
+    def close(self) -> None:
+        """Draw the PNG, finish the WAV's header, rename both into place. Not called (an
+        exception, a kill): `abandon()` removes the temporary file."""
+        if self.written != self.total:
+            raise ValueError(f"{self.stem}: {self.written} of {self.total} samples written")
+        self.sound.close()
+        mean = (self.power / np.maximum(self.counts, 1)).astype(np.float32)
+        step = self.segment - self.overlap
+        # Each column at the mean centre time of its segments (scipy times a segment by its
+        # centre): column c holds segments lo[c] .. hi[c] - 1, those with k * columns // frames
+        # == c. Computed per column, not per segment: nothing here grows with the song.
+        c = np.arange(self.columns)
+        lo = (c * self.frames + self.columns - 1) // self.columns
+        hi = ((c + 1) * self.frames + self.columns - 1) // self.columns
+        times = (self.segment / 2 + step * (lo + hi - 1) / 2) / self.rate
+        freqs = np.fft.rfftfreq(self.segment, 1 / self.rate)
+        title = os.path.basename(self.stem)
+        png = _write_complete(self.stem + ".png", lambda f: _draw(
+            f, times, freqs, mean, title, self.primed / self.rate))
+        try:
+            os.replace(self.wav_path, self.stem + ".wav")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(png)
+            raise
+
+    def abandon(self) -> None:
+        with contextlib.suppress(Exception):
+            self.sound.close()
+        with contextlib.suppress(OSError):
+            os.remove(self.wav_path)
 
 
 def check_song_targets(directory: str, stems: list[str], overwrite: bool) -> None:
@@ -86,10 +183,13 @@ def remove_stale_temporaries(directory: str) -> list[str]:
 # -- private ----------------------------------------------------------------------------------
 
 
-def _write_complete(path: str, write) -> str:
+def _temporary(path: str) -> str:
     directory, name = os.path.split(path)
-    temporary = os.path.join(directory,
-                             f"{_TEMPORARY}{os.getpid()}-{socket.gethostname()}-{name}")
+    return os.path.join(directory, f"{_TEMPORARY}{os.getpid()}-{socket.gethostname()}-{name}")
+
+
+def _write_complete(path: str, write) -> str:
+    temporary = _temporary(path)
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     try:
         with open(fd, "wb") as f:
@@ -102,25 +202,13 @@ def _write_complete(path: str, write) -> str:
     return path
 
 
-def _wav(f, audio: np.ndarray, sample_rate: int) -> None:
-    import soundfile as sf
-
-    with sf.SoundFile(f, "w", sample_rate, 1, "PCM_16", format="WAV") as sound:
-        sound.software = MARK  # strings before the data: WAV keeps them in a chunk ahead of it
-        sound.write(audio)
-
-
-def _spectrogram(f, audio: np.ndarray, sample_rate: int, title: str,
-                 prime_end: float = 0.0) -> None:
+def _draw(f, times: np.ndarray, freqs: np.ndarray, power: np.ndarray, title: str,
+          prime_end: float = 0.0) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from scipy.signal import spectrogram
 
-    segment = min(512, len(audio))  # a song shorter than one segment (--seconds 0.01) too
-    freqs, times, power = spectrogram(audio, fs=sample_rate, nperseg=segment,
-                                      noverlap=segment * 3 // 4)
     fig, ax = plt.subplots(figsize=(8, 3))
     ax.pcolormesh(times, freqs, 10 * np.log10(power + 1e-12), shading="auto", cmap="magma")
     ax.set_xlabel("seconds")

@@ -310,3 +310,69 @@ def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+def test_a_song_written_in_chunks_is_the_file_written_whole(tmp_path):
+    """SongWriter (what `dwave generate` streams songs through) against an independent write:
+    the WAV is soundfile's 16-bit file of the decoded codes, byte for byte, whatever the chunks;
+    the spectrogram is scipy's of the whole song (a song of up to 1024 segments: one column
+    each)."""
+    import soundfile as sf
+    from scipy.signal import spectrogram
+
+    from dwave import song_files
+    from dwave.audio import mu_law_decode
+
+    codes = np.random.default_rng(3).integers(0, 256, 50_000)
+    audio = np.clip(mu_law_decode(codes, 256), -1.0, 1.0)
+    drawn = []
+    real_draw = song_files._draw
+    song_files._draw = lambda f, *args: (drawn.append(args), real_draw(f, *args))
+    try:
+        for name, chunk in (("whole", len(codes)), ("chunks", 1999), ("tiny", 7)):
+            writer = song_files.SongWriter(str(tmp_path / name), len(codes), 16000, 256)
+            for begin in range(0, len(codes), chunk):
+                writer.write(codes[begin:begin + chunk])
+            writer.close()
+    finally:
+        song_files._draw = real_draw
+    with sf.SoundFile(tmp_path / "reference.wav", "w", 16000, 1, "PCM_16", format="WAV") as f:
+        f.software = "dwave"
+        f.write(audio)
+    reference = (tmp_path / "reference.wav").read_bytes()
+    freqs, times, power = spectrogram(audio, fs=16000, nperseg=512, noverlap=384)
+    for name, (t, f, p, title, _) in zip(("whole", "chunks", "tiny"), drawn):
+        assert (tmp_path / f"{name}.wav").read_bytes() == reference
+        assert title == name and np.array_equal(t, times) and np.array_equal(f, freqs)
+        assert np.array_equal(p, power)
+    png = {name: (tmp_path / f"{name}.png").read_bytes() for name in ("whole", "chunks", "tiny")}
+    assert png["whole"] != png["chunks"]  # their titles differ; the pictures are checked above
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".dwave-tmp-")]
+
+
+def test_a_long_songs_writer_holds_what_a_short_ones_does(tmp_path):
+    """What a song being written holds does not grow with its length: the spectrogram's
+    columns are capped (a long song's segments averaged into them)."""
+    import tracemalloc
+
+    from dwave.song_files import SongWriter
+
+    chunk = np.random.default_rng(4).integers(0, 256, 2000)
+
+    def peak(seconds):
+        total = seconds * 16000
+        tracemalloc.start()
+        writer = SongWriter(str(tmp_path / f"s{seconds}"), total, 16000, 256)
+        for _ in range(total // len(chunk)):
+            writer.write(chunk)
+        writer.close()
+        used = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return used
+
+    peak(1)  # imports and matplotlib's first figure (fonts, caches), not a song's holding
+    short, long_ = peak(40), peak(400)  # 4,997 and 49,997 segments: both over COLUMNS
+    # The whole 400-s song held as before: its float32 audio and its float32 spectrogram.
+    held_whole = 400 * 16000 * 4 + 49_997 * 257 * 4
+    print(f"peak while writing: 40 s {short:,} B, 400 s {long_:,} B; held whole {held_whole:,} B")
+    assert long_ <= 1.2 * short < held_whole, (short, long_, held_whole)

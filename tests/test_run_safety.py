@@ -159,9 +159,17 @@ def test_generate_seconds_shorter_than_a_sample_is_one_line(trained_run, tmp_pat
 
 
 @pytest.mark.slow
-def test_generate_asking_for_more_than_memory_holds_is_one_line_before_any_work(trained_run,
-                                                                                tmp_path):
+def test_generate_asking_for_more_than_a_wav_or_the_disk_holds_is_one_line_before_any_work(
+        trained_run, tmp_path, small_disk):
+    # Songs go to disk as they are made, so what bounds --seconds is the file and the disk.
     line = error_of("generate", trained_run, "--out", tmp_path / "o", "--seconds", "1e7",
                     "--genre", "tone")
-    assert "need ~" in line and "GiB available: ask for fewer --seconds" in line
+    assert "a WAV holds at most 37.3 h of 16-bit audio at 16000 Hz" in line
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    # 2 songs of 60 s: 3.7 MB of WAVs on a 1.2 MB disk.
+    line = error_of("generate", trained_run, "--out", small_disk / "o", "--seconds", "60",
+                    "--num-songs", "2", "--genre", "tone")
+    assert f"--out {small_disk / 'o'}: 2 song(s) of 960,000 samples need ~3.8 MB, more " \
+           "than the 1.2 MB free there" in line
+    assert "free there: ask for fewer --seconds or --num-songs" in line
+    assert not any((small_disk / "o").iterdir())
