@@ -350,6 +350,7 @@ def test_a_song_written_in_chunks_is_the_file_written_whole(tmp_path):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".dwave-tmp-")]
 
 
+@pytest.mark.slow
 def test_a_long_songs_writer_holds_what_a_short_ones_does(tmp_path):
     """What a song being written holds does not grow with its length: the spectrogram's
     columns are capped (a long song's segments averaged into them)."""
