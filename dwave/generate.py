@@ -188,8 +188,9 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
         try:
             if prime is not None:
                 generator.prime(np.tile(prime, (len(songs), 1)))  # int64: embedding indices
+                head = prime.astype(dtype)  # once for the batch, not per song
                 for writer in writers:
-                    writer.write(prime.astype(dtype))
+                    writer.write(head)
             streams = [song_stream(options.seed, s) for s in songs]
             for begin in range(0, total, CHUNK):
                 steps = min(CHUNK, total - begin)
@@ -249,8 +250,7 @@ def _check_disk(out: str, songs: int, samples: int, sample_rate: int) -> None:
         most = (2**32 - 2**16) // 2 / sample_rate / 3600
         raise DwaveError(f"a WAV holds at most {most:.1f} h of 16-bit audio at {sample_rate} Hz "
                          f"(its sizes are 32-bit): ask for fewer --seconds")
-    free = shutil.disk_usage(out if os.path.isdir(out) else os.path.dirname(
-        os.path.abspath(out)) or ".").free
+    free = shutil.disk_usage(out).free  # _check_writable has made it
     if songs * per_song > free:
         raise DwaveError(f"--out {out}: {songs} song(s) of {samples:,} samples need "
                          f"~{songs * per_song / 1e6:,.1f} MB, more than the {free / 1e6:,.1f} MB "
