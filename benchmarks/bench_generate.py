@@ -52,7 +52,7 @@ def fast_rate(model, songs: int, samples: int, repeats: int, threads=None) -> fl
     """Median aggregate samples/s over `repeats` runs (each printed)."""
     from dwave.cached_generator import FastGenerator
 
-    generator = FastGenerator(model, songs, threads=threads)
+    generator = FastGenerator.for_model(model, songs, threads=threads)
     uniforms = np.random.default_rng(0).random((samples, songs), dtype=np.float32)
     generator.generate(uniforms[:10], 1.0)  # compile (cached on disk after the first run)
     rates = []

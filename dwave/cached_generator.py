@@ -16,6 +16,10 @@ tf.function; BLAS is half as fast on these shapes (measured: benchmarks/bench_ge
 Random draws come in as uniforms, one stream per song (seeded by the song's number), so a
 song's samples do not depend on which batch, lane or rank generated it. Priming fills every
 cache from one pass of the full network (TensorFlow, causal mode) over the prime.
+
+An engine (this one, dwave.cuda_generator's) is made from a model's ExportedWeights and its
+dilations and takes and gives its songs' whole state as a `SongsState`: priming makes one
+(`prime_state`), a checkpoint saves one, a resumed job restores it, whichever engine runs.
 """
 
 from __future__ import annotations
@@ -30,6 +34,70 @@ from .cores import usable_cores
 from .errors import DwaveError
 from .barrier import barrier, flags
 from .packed_product import KERNEL, ROWS, WIDTH, matmul, pack, pad_blocks, padded
+
+
+class SongsState(NamedTuple):
+    """Where a batch of songs is, in any engine's terms: `caches` (batch, slots, C) holds layer
+    l's inputs in slots offsets[l] .. offsets[l] + d_l - 1 (offsets: cumulative dilations), the
+    input of step t' in slot offsets[l] + t' mod d_l; `t` the position of the next input;
+    each song's next input code and the code before it (-1: none, before the start)."""
+
+    caches: np.ndarray
+    t: int
+    next_code: np.ndarray
+    previous_code: np.ndarray
+
+    def song(self, i: int) -> "SongsState":
+        """Song i's state, as a batch of one."""
+        return SongsState(self.caches[i:i + 1], self.t, self.next_code[i:i + 1],
+                          self.previous_code[i:i + 1])
+
+    @staticmethod
+    def stack(states: list) -> "SongsState":
+        """One batch of songs that are all at the same step."""
+        assert len({s.t for s in states}) == 1, "songs of one batch are at one step"
+        return SongsState(np.concatenate([s.caches for s in states]), states[0].t,
+                          np.concatenate([s.next_code for s in states]),
+                          np.concatenate([s.previous_code for s in states]))
+
+
+def ring_offsets(dilations) -> np.ndarray:
+    """Each layer's first slot in the caches: the dilations before it, summed."""
+    dilations = np.asarray(dilations, np.int64)
+    return np.concatenate([[0], np.cumsum(dilations)[:-1]]).astype(np.int64)
+
+
+def silence(batch: int, dilations, channels: int, quantization_channels: int) -> SongsState:
+    """Silence before the start: zero caches, exactly what causal zero-padding computes."""
+    return SongsState(np.zeros((batch, int(np.sum(dilations)), channels), np.float32), 0,
+                      np.full(batch, quantization_channels // 2, np.int64),
+                      np.full(batch, -1, np.int64))
+
+
+def prime_state(model, codes: np.ndarray, condition_ids=None) -> SongsState:
+    """Every song started from `codes` (batch, N), N >= 1: one full-network pass (TensorFlow,
+    causal) over the codes before the last fills the caches; the last code is the next input.
+
+    Only the last receptive field of codes is run: a cached input of layer l (one of its last
+    d_l) depends on the d_1 + ... + d_l codes before it, at most receptive field - 1, so the
+    codes before `first` change nothing (tested against the full network); memory and time do
+    not grow with a long prime."""
+    codes = np.asarray(codes, np.int64)
+    config = model.config
+    batch, n = codes.shape
+    state = silence(batch, config.dilations, config.residual_channels,
+                    config.quantization_channels)
+    if n > 1:
+        first = max(0, n - config.receptive_field)
+        inputs: list = []
+        model(codes[:, first:-1], condition=None if condition_ids is None
+              else np.asarray(condition_ids, np.int32), causal=True, layer_inputs=inputs)
+        for h, d, offset in zip(inputs, config.dilations, ring_offsets(config.dilations)):
+            h = h.numpy()
+            for k in range(max(first, n - 1 - d), n - 1):  # the last d inputs, by slot
+                state.caches[:, offset + k % d] = h[:, k - first]
+    previous = codes[:, -2] if n > 1 else np.full(batch, -1, np.int64)
+    return SongsState(state.caches, n - 1, codes[:, -1].copy(), previous.copy())
 
 
 class PackedWeights(NamedTuple):
@@ -111,24 +179,23 @@ class FastGenerator:
     depend on its lane or on the number of threads: every output element is the same FMA
     chain either way.
 
-    State: caches[lane][thread] (slots, songs, Cp), slot offsets[l] + t mod d holding layer
-    l's input from step t - d; the step counter t (position of the next input); each song's
-    next input code and the code before it (-1: none, before the start).
+    State (a SongsState in and out: `restore`, `state`): caches[lane][thread] (slots, songs,
+    Cp), slot offsets[l] + t mod d holding layer l's input from step t - d; the step counter t
+    (position of the next input); each song's next input code and the code before it.
     """
 
-    def __init__(self, model, batch: int, condition_ids=None, threads: int | None = None,
-                 cores: int | None = None):
-        self.model = model
-        self.config = c = model.config
+    def __init__(self, weights, dilations, batch: int, condition_ids=None,
+                 threads: int | None = None, cores: int | None = None):
         self.batch = batch
         self.condition_ids = (None if condition_ids is None
                               else np.asarray(condition_ids, np.int32))
-        exported = model.export()
-        self.two_codes = exported.embedding_previous is not None  # input kernel 2
-        self.weights = pack_weights(exported)
-        self.gate_bias = gate_biases(exported, self.condition_ids, batch)
-        self.dilations = np.array(c.dilations, np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.dilations)[:-1]]).astype(np.int64)
+        self.two_codes = weights.embedding_previous is not None  # input kernel 2
+        self.channels = weights.embedding.shape[1]
+        self.quantization_channels = weights.embedding.shape[0]
+        self.weights = pack_weights(weights)
+        self.gate_bias = gate_biases(weights, self.condition_ids, batch)
+        self.dilations = np.array(dilations, np.int64)
+        self.offsets = ring_offsets(self.dilations)
         # `cores`: the cores this generator may keep busy, the rank's share of its node
         # (dwave.cores.cores_per_rank); default: all this process may run on.
         cores = usable_cores() if cores is None else max(1, cores)
@@ -138,7 +205,12 @@ class FastGenerator:
         self.threads_per_lane = max(1, min(threads, cores) // lanes)
         bounds = np.linspace(0, batch, lanes + 1).round().astype(int)
         self.lanes = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
-        self.reset()
+        self.restore(silence(batch, self.dilations, self.channels, self.quantization_channels))
+
+    @classmethod
+    def for_model(cls, model, batch: int, condition_ids=None, threads: int | None = None,
+                  cores: int | None = None) -> "FastGenerator":
+        return cls(model.export(), model.config.dilations, batch, condition_ids, threads, cores)
 
     def _work(self, songs: int) -> tuple:
         """A lane's activation buffers (see _run), widths padded like the weights."""
@@ -149,43 +221,30 @@ class FastGenerator:
                   w.head2_bias.shape[0])
         return tuple(np.zeros((songs, width), np.float32) for width in widths)
 
-    def reset(self) -> None:
-        """Silence before the start: zero caches, exactly what causal zero-padding computes."""
-        c = self.config
-        slots, width = int(self.dilations.sum()), padded(c.residual_channels)
-        # caches[lane][part]: each of a lane's threads keeps its own copy (see _run).
-        self.caches = [[np.zeros((slots, lane.stop - lane.start, width), np.float32)
-                        for _ in range(self.threads_per_lane)] for lane in self.lanes]
-        self.t = 0
-        self.next_code = np.full(self.batch, c.quantization_channels // 2, np.int64)
-        self.previous_code = np.full(self.batch, -1, np.int64)
+    def restore(self, state: SongsState) -> None:
+        """Continue from `state` (silence, a prime, a checkpoint)."""
+        if state.caches.shape != (self.batch, int(self.dilations.sum()), self.channels):
+            raise ValueError(f"a state of shape {state.caches.shape} for {self.batch} songs of "
+                             f"{int(self.dilations.sum())} slots x {self.channels} channels")
+        width = padded(self.channels)
+        # caches[lane][part]: each of a lane's threads keeps its own copy (see _run), songs in
+        # the middle axis, channels padded with zeros.
+        self.caches = []
+        for lane in self.lanes:
+            cache = np.zeros((state.caches.shape[1], lane.stop - lane.start, width), np.float32)
+            cache[:, :, :self.channels] = state.caches[lane].transpose(1, 0, 2)
+            self.caches.append([cache] + [cache.copy()
+                                          for _ in range(self.threads_per_lane - 1)])
+        self.t = int(state.t)
+        self.next_code = np.array(state.next_code, np.int64)
+        self.previous_code = np.array(state.previous_code, np.int64)
 
-    def prime(self, codes: np.ndarray) -> None:
-        """Start every song from `codes` (batch, N), N >= 1: one full-network pass over the
-        codes before the last fills the caches; the last code is the next input.
-
-        Only the last receptive field of codes is run: a cached input of layer l (one of its
-        last d_l) depends on the d_1 + ... + d_l codes before it, at most receptive field - 1,
-        so the codes before `first` change nothing (tested against the full network); memory
-        and time do not grow with a long prime."""
-        codes = np.asarray(codes)
-        n, C = codes.shape[1], self.config.residual_channels
-        self.reset()
-        if n > 1:
-            first = max(0, n - self.config.receptive_field)
-            inputs: list = []
-            self.model(codes[:, first:-1], condition=self.condition_ids, causal=True,
-                       layer_inputs=inputs)
-            for h, d, offset in zip(inputs, self.dilations, self.offsets):
-                h = h.numpy()
-                for k in range(max(first, n - 1 - d), n - 1):  # the last d inputs, by slot
-                    for lane, copies in zip(self.lanes, self.caches):
-                        for caches in copies:
-                            caches[offset + k % d, :, :C] = h[lane, k - first]
-        self.t = n - 1
-        self.next_code = codes[:, -1].astype(np.int64)
-        self.previous_code = (codes[:, -2].astype(np.int64) if n > 1
-                              else np.full(self.batch, -1, np.int64))
+    def state(self) -> SongsState:
+        """Where every song is now (a copy)."""
+        caches = np.concatenate([copies[0][:, :, :self.channels] for copies in self.caches],
+                                axis=1)
+        return SongsState(np.ascontiguousarray(caches.transpose(1, 0, 2)), self.t,
+                          self.next_code.copy(), self.previous_code.copy())
 
     def generate(self, uniforms: np.ndarray, temperature: float,
                  forced: np.ndarray | None = None, keep_logits: bool = False):
@@ -197,7 +256,7 @@ class FastGenerator:
         steps = uniforms.shape[0]
         forced = (np.full(uniforms.shape, -1, np.int64) if forced is None else
                   np.asarray(forced, np.int64))
-        q = self.config.quantization_channels
+        q = self.quantization_channels
         codes = np.empty((steps, self.batch), np.int64)
         logits = np.empty((steps if keep_logits else 1, self.batch, q), np.float32)
         inv_t = inverse_temperature(temperature)

@@ -18,6 +18,7 @@ from .config import (DATA_MODES, DEFAULT_CACHE_BYTES, MODEL_FLAGS, PRECISIONS,
 from .audio import DEFAULT_MAX_SONG_MINUTES
 from .errors import DwaveError, printable
 from .demo import DemoConfig
+from .engines import ENGINES
 from .generate import GenerateConfig
 from .train import TrainConfig
 from .versions import version_line
@@ -387,23 +388,34 @@ EXIT_NOT_FINISHED = 3
 
 def _add_status(sub) -> None:
     p = sub.add_parser(
-        "status", help="how far a training run is",
-        description="Step of the last checkpoint and the steps asked for, from RUN_DIR's "
-                    "config.json. Exit status 0 when the run has reached its last step, "
-                    f"{EXIT_NOT_FINISHED} when it has not (resume it with the same `dwave train` "
-                    "command), 2 on an error. slurm/train.sbatch uses it to decide whether to "
+        "status", help="how far a training run, or a generation into a directory, is",
+        description="For a `dwave train` run dir: the step of the last checkpoint and the steps "
+                    "asked for (config.json). For a `dwave generate` --out: the songs finished "
+                    "and asked for (.dwave-generate/job.json). Exit status 0 when all is done, "
+                    f"{EXIT_NOT_FINISHED} when not (rerun the same command to resume), 2 on an "
+                    "error. slurm/train.sbatch and generate.sbatch use it to decide whether to "
                     "requeue.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a `dwave train` run directory")
+    p.add_argument("run_dir", metavar="DIR", help="a `dwave train` run dir or a `dwave "
+                                                  "generate` --out")
     p.set_defaults(func=_cmd_status)
 
 
 def _cmd_status(args) -> int:
+    from .generate_job import GenerationJob
     from .rundir import read_progress
 
-    step, steps = read_progress(args.run_dir)
-    finished = step >= steps
-    print(f"{args.run_dir}: step {step} of {steps}, " +
-          ("finished" if finished else "not finished: rerun the same `dwave train` to resume"))
+    job = GenerationJob(args.run_dir)
+    if job.recorded() is not None:
+        done, songs = job.progress()
+        finished = done >= songs
+        print(f"{args.run_dir}: {done} of {songs} song(s) finished" + (
+            "" if finished else f", {len(job.in_progress())} in progress: rerun the same "
+            "`dwave generate` to resume"))
+    else:
+        step, steps = read_progress(args.run_dir)
+        finished = step >= steps
+        print(f"{args.run_dir}: step {step} of {steps}, " + (
+            "finished" if finished else "not finished: rerun the same `dwave train` to resume"))
     return 0 if finished else EXIT_NOT_FINISHED
 
 
@@ -416,7 +428,11 @@ def _add_generate(sub) -> None:
             "srun) song i goes to rank i mod N; file names and audio do not depend on N."
         ),
         epilog="Writes OUT/song-000.wav (16-bit PCM at the model's sample rate) and "
-               "OUT/song-000.png (its spectrogram) per song.",
+               "OUT/song-000.png (its spectrogram) per song, each when it is whole. A job "
+               "stopped by a signal (SLURM's time-limit warning, scancel --signal=TERM) or "
+               "killed is resumed by the same command: finished songs are skipped, the others "
+               "continue from their last save (OUT/.dwave-generate/) and come out byte for "
+               "byte as an uninterrupted run's. `dwave status OUT` says how far it is.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a `dwave train` run directory")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="where the songs go")
@@ -444,6 +460,16 @@ def _add_generate(sub) -> None:
     p.add_argument("--threads", type=_positive_int,
                    help="threads per rank, each stepping its share of the batch (default: the "
                         "rank's cores: those it is bound to, or its share of the node's)")
+    p.add_argument("--engine", choices=ENGINES,
+                   help="what advances the songs: cpu (the rank's cores) or cuda (its GPU, "
+                        "through Numba; thousands of songs per batch). Default: cuda where "
+                        "Numba finds a GPU, else cpu. The two differ by float rounding, so a "
+                        "job is continued with the engine it was started with")
+    p.add_argument("--save-every", type=float, default=_default(G, "save_every"),
+                   metavar="SECONDS",
+                   help="save every song in progress this often, so that a killed job loses at "
+                        "most this much work (%(default)g; 0: only on SIGTERM/SIGUSR1/Ctrl-C, "
+                        "which always save and stop)")
     p.set_defaults(func=_cmd_generate)
 
 

@@ -18,9 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .audio import code_dtype
+from .engines import ENGINES, default_engine
 from .errors import DwaveError
-from .song_files import (COLUMNS, SongWriter, check_song_targets, remove_stale_temporaries,
-                         wav_bytes)
+from .generate_job import GenerationJob, SavedSong, file_digest, song_stem
+from .rundir import DirectoryLock
+from .song_files import (COLUMNS, SongWriter, check_song_targets, is_dwave_song,
+                         remove_stale_temporaries, wav_bytes)
 
 CHUNK = 2000  # samples per compiled call: the progress bar's granularity
 
@@ -40,6 +44,8 @@ class GenerateConfig:
     batch_size: int = 64  # songs per step on one rank
     overwrite: bool = False  # replace dwave's own songs in --out (never anything else)
     threads: int | None = None  # per rank; None: the rank's cores (dwave.cores.cores_per_rank)
+    engine: str | None = None  # cpu or cuda; None: cuda where Numba finds a GPU, else cpu
+    save_every: float = 60.0  # seconds between saves of the songs in progress; 0: on signals only
 
     def __post_init__(self):
         if not (self.seconds > 0 and math.isfinite(self.seconds)):
@@ -54,6 +60,11 @@ class GenerateConfig:
                              f"{self.prime_seconds:g}")
         if self.threads is not None and self.threads < 1:
             raise DwaveError("--threads must be at least 1")
+        if self.engine is not None and self.engine not in ENGINES:
+            raise DwaveError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine}")
+        if not (self.save_every >= 0 and math.isfinite(self.save_every)):
+            raise DwaveError(f"--save-every must be a number of seconds >= 0, got "
+                             f"{self.save_every:g}")
 
 
 def load_model(run_dir: str, checkpoint: str | None = None):
@@ -132,117 +143,264 @@ def song_uniforms(seed: int, song: int, samples: int) -> np.ndarray:
 
 
 def run_generate(options: GenerateConfig, log=print) -> dict:
+    """Generate the songs of `options`, or those a stopped run with the same request left;
+    returns this rank's figures. SIGTERM/SIGINT/SIGUSR1 save every song in progress and
+    return early (`stopped`); the same command resumes them."""
     from .ranks import world
+    from .stop_signal import StopSignal
 
     ranks = world()
     rank, size = ranks.rank, ranks.size
     say = log if rank == 0 else (lambda *_: None)
+    stop = StopSignal()
     _check_writable(options.out)  # before minutes of generating, not after
-    if rank == 0:
-        remove_stale_temporaries(options.out)
-    check_song_targets(options.out, [song_stem(i) for i in range(options.num_songs)],
-                       options.overwrite)
-    model, config, checkpoint = load_model(options.run_dir, options.checkpoint)
+    job = GenerationJob(options.out)
+    model, config, checkpoint = load_model(options.run_dir, _checkpoint_to_use(options, job,
+                                                                                 say))
     gid = condition_index(config, options.genre)
     rate, q = config.sample_rate, config.quantization_channels
+    dtype = code_dtype(q)  # codes as written, not int64
     prime = None
     if options.prime:
-        prime = prime_codes(options.prime, options.prime_seconds, rate, q)
+        prime = prime_codes(options.prime, options.prime_seconds, rate, q).astype(dtype)
     total = int(round(options.seconds * rate))
     if total < 1:
         raise DwaveError(f"--seconds {options.seconds:g} is less than one sample at {rate} Hz: "
                          f"ask for at least {1 / rate:.6f}")
-    mine = list(range(rank, options.num_songs, size))
-    from .audio import code_dtype
+    engine = options.engine or default_engine()
+    request = _request(options, config, checkpoint, prime, engine)
+    head = len(prime) if prime is not None else 0
+    stems = [song_stem(i) for i in range(options.num_songs)]
 
-    dtype = code_dtype(q)  # a chunk's codes as written, not int64
-    head_samples = len(prime) if prime is not None else 0
-    _check_fits(min(options.batch_size, max(1, len(mine))), head_samples, ranks.ranks_on_node)
-    _check_disk(options.out, options.num_songs, head_samples + total, rate)
+    # Rank 0 decides, holding OUT's lock for the whole job; every rank hears the verdict.
+    verdict, finished, lock = None, [], None
+    if rank == 0:
+        try:
+            lock = DirectoryLock(job.directory, "--out", "dwave generate", "--out")
+            lock.acquire()
+            remove_stale_temporaries(options.out)
+            continuing = job.check(request, options.overwrite)
+            finished = ([i for i, stem in enumerate(stems) if is_dwave_song(options.out, stem)]
+                        if continuing else [])
+            check_song_targets(options.out, [s for i, s in enumerate(stems)
+                                             if i not in set(finished)], options.overwrite)
+            _check_disk(options.out, options.num_songs - len(finished), head + total, rate,
+                        dtype)
+            job.begin(request, options.num_songs, continuing)
+        except DwaveError as exc:
+            verdict = str(exc)
+    if size > 1:
+        verdict, finished = ranks.allgather((verdict, finished))[0]
+    if verdict:
+        raise DwaveError(verdict)
+    mine = [i for i in range(rank, options.num_songs, size) if i not in set(finished)]
+    batches = _plan(job, mine, options.batch_size, dtype)
+    _check_fits(options.batch_size if len(mine) > options.batch_size else max(1, len(mine)),
+                config, ranks.ranks_on_node)
 
     from .cores import cores_per_rank
-    from .cached_generator import FastGenerator
 
     cores = cores_per_rank(ranks.ranks_on_node)
     threads = options.threads or cores
-    os.makedirs(options.out, exist_ok=True)
     say(f"dwave generate: {options.num_songs} song(s) of {options.seconds:g} s at {rate} Hz "
         f"from {checkpoint}" + (" (its moving average of the weights)"
                                 if getattr(model, "averaged", False) else "")
         + f", temperature {options.temperature:g}, {size} rank(s) x "
-        f"{threads} thread(s)"
-        + (f", primed with {len(prime) / rate:.2f} s of {options.prime}" if prime is not None
+        + (f"{threads} thread(s)" if engine == "cpu" else "the CUDA engine")
+        + (f", primed with {head / rate:.2f} s of {options.prime}" if prime is not None
            else "") + (f", genre {options.genre}" if gid is not None else ""))
+    resumed = sum(len(b.songs) for b in batches if b.saved)
+    if finished or resumed:
+        say(f"continuing the job in {options.out}: {len(finished)} song(s) finished, "
+            f"{resumed} resumed from their saved state")
 
+    from .cached_generator import SongsState, prime_state
+    from .engines import make_engine
+
+    weights = model.export()
     started = time.perf_counter()
-    generated = 0
-    progress = _progress(rank, len(mine) * total, size)
-    for first in range(0, len(mine), options.batch_size):
-        songs = mine[first:first + options.batch_size]
-        generator = FastGenerator(model, len(songs),
-                                  None if gid is None else [gid] * len(songs), threads, cores)
-        # Each song goes to disk as it is made: what a batch holds does not grow with
-        # --seconds (a WAV under a temporary name until the song is whole, then renamed).
-        writers = [SongWriter(os.path.join(options.out, song_stem(song)), head_samples + total,
-                              rate, q, primed=head_samples) for song in songs]
+    generated, stopped, done = 0, False, []
+    progress = _progress(rank, sum(len(b.songs) * (head + total - max(b.made, head))
+                                   for b in batches), size)
+    for batch in batches:
+        condition = None if gid is None else [gid] * len(batch.songs)
+        generator = make_engine(engine, weights, config.dilations, len(batch.songs),
+                                condition, threads, cores)
+        streams = [song_stream(options.seed, song) for song in batch.songs]
+        if batch.saved:
+            generator.restore(SongsState.stack([_as_state(saved) for saved in batch.saved]))
+            for stream, saved in zip(streams, batch.saved):
+                stream.bit_generator.state = saved.stream
+        elif prime is not None:  # only the last receptive field of the prime is run
+            window = prime[-config.receptive_field - 1:].astype(np.int64)
+            generator.restore(prime_state(model, np.tile(window, (len(batch.songs), 1)),
+                                          condition))
+        files = [job.open_codes(song_stem(song), batch.made) for song in batch.songs]
         try:
-            if prime is not None:
-                generator.prime(np.tile(prime, (len(songs), 1)))  # int64: embedding indices
-                head = prime.astype(dtype)  # once for the batch, not per song
-                for writer in writers:
-                    writer.write(head)
-            streams = [song_stream(options.seed, s) for s in songs]
-            for begin in range(0, total, CHUNK):
-                steps = min(CHUNK, total - begin)
-                uniforms = np.stack([r.random(steps, dtype=np.float32) for r in streams], axis=1)
+            if not batch.saved and prime is not None:
+                for f in files:
+                    f.write(prime.tobytes())
+            made, last_save = batch.made, time.monotonic()
+            while made < head + total:
+                steps = min(CHUNK, head + total - made)
+                uniforms = np.stack([r.random(steps, dtype=np.float32) for r in streams], 1)
                 codes = generator.generate(uniforms, options.temperature).astype(dtype)
-                for row, writer in enumerate(writers):
-                    writer.write(codes[:, row])
+                for row, f in enumerate(files):
+                    f.write(codes[:, row].tobytes())
+                made += steps
                 generated += codes.size
                 progress.update(codes.size)
-            for writer in writers:
-                writer.close()
-        except BaseException:
-            for writer in writers:
-                writer.abandon()  # only temporaries: songs already renamed stay
-            raise
+                due = options.save_every and time.monotonic() - last_save >= options.save_every
+                if made < head + total and (stop.requested or due):
+                    _save(job, batch.songs, generator.state(), streams, files, made)
+                    last_save = time.monotonic()
+                    stopped = stop.requested
+                    if stopped:
+                        break
+        finally:
+            for f in files:
+                f.close()
+        if stopped:
+            break
+        for song in batch.songs:
+            _write_song_files(job, options.out, song_stem(song), head, total, rate, q, dtype)
+            done.append(song)
     progress.close()
     wall = time.perf_counter() - started
+    totals = [(generated, wall, len(done), stopped)]
     if size > 1:
-        counts = ranks.allgather((generated, wall))
-        generated = sum(c[0] for c in counts)
-        wall = max(c[1] for c in counts)
+        totals = ranks.allgather(totals[0])
+    generated = sum(t[0] for t in totals)
+    wall = max(t[1] for t in totals)
     rate_s = generated / wall if wall else float("nan")
-    say(f"done: {options.num_songs} song(s) in {options.out}/song-*.wav (+ .png "
-        f"spectrograms); {generated:,} samples in {wall:.1f} s = {rate_s:,.0f} samples/s, "
-        f"{rate_s / rate:.2f}x real time")
+    figures = (f"{generated:,} samples in {wall:.1f} s = {rate_s:,.0f} samples/s, "
+               f"{rate_s / rate:.2f}x real time")
+    if not batches and size == 1:
+        say(f"nothing to do: all {options.num_songs} song(s) are in {options.out} already")
+    elif any(t[3] for t in totals):
+        left = options.num_songs - len(finished) - sum(t[2] for t in totals)
+        say(f"stopped by {stop.signal_name or 'a signal'}: {left} song(s) not finished, "
+            f"their state saved in {job.directory}; rerun the same command to resume them "
+            f"({figures})")
+    else:
+        say(f"done: {options.num_songs} song(s) in {options.out}/song-*.wav (+ .png "
+            f"spectrograms); {figures}")
+    if lock is not None:
+        lock.release()
     return {"samples": generated, "seconds": wall, "samples_per_s": rate_s,
-            "real_time_factor": rate_s / rate, "songs": mine}
+            "real_time_factor": rate_s / rate, "songs": done, "stopped": stopped}
 
 
-# What a song being written holds, whatever its length (dwave.song_files.SongWriter): its
-# spectrogram's columns (257 float32 bins each, and a float64 copy when drawn), plus a chunk.
-WRITER_BYTES = COLUMNS * 257 * (4 + 8) + CHUNK * 16
+@dataclass
+class _Batch:
+    songs: list  # song numbers
+    saved: list  # their SavedSong, all at one step; [] for songs starting now
+    made: int  # codes each song has (prime included): 0 for songs starting now
 
 
-def _check_fits(batch: int, prime_samples: int, ranks_on_node: int) -> None:
+def _plan(job: GenerationJob, songs: list, batch_size: int, dtype) -> list:
+    """Songs in progress first, in batches of songs at the same step; then the new ones."""
+    saved = {song: job.load(song_stem(song), dtype) for song in songs}
+    batches, groups = [], {}
+    for song in songs:
+        if saved[song] is not None:
+            groups.setdefault((saved[song].t, saved[song].codes), []).append(song)
+    for (_, made), group in sorted(groups.items()):
+        for first in range(0, len(group), batch_size):
+            part = group[first:first + batch_size]
+            batches.append(_Batch(part, [saved[s] for s in part], made))
+    new = [song for song in songs if saved[song] is None]
+    batches += [_Batch(new[i:i + batch_size], [], 0) for i in range(0, len(new), batch_size)]
+    return batches
+
+
+def _as_state(saved: SavedSong):
+    from .cached_generator import SongsState
+
+    return SongsState(saved.caches[None], saved.t, np.array([saved.next_code]),
+                      np.array([saved.previous_code]))
+
+
+def _save(job: GenerationJob, songs: list, state, streams: list, files: list,
+          made: int) -> None:
+    for i, song in enumerate(songs):
+        job.save(song_stem(song), state.song(i), streams[i].bit_generator.state, files[i], made)
+
+
+def _write_song_files(job: GenerationJob, out: str, stem: str, head: int, total: int,
+                      rate: int, q: int, dtype) -> None:
+    """The song's WAV and PNG from its codes on disk, a chunk at a time; then its progress
+    files go."""
+    writer = SongWriter(os.path.join(out, stem), head + total, rate, q, primed=head)
+    try:
+        with open(job.codes_path(stem), "rb") as f:
+            while len(codes := np.fromfile(f, dtype, count=16 * CHUNK)):
+                writer.write(codes)
+        writer.close()
+    except BaseException:
+        writer.abandon()  # only its temporaries
+        raise
+    job.song_done(stem)
+
+
+def _checkpoint_to_use(options: GenerateConfig, job: GenerationJob, say) -> str | None:
+    """--checkpoint, or, continuing a job in --out from this run, the checkpoint its songs
+    were started with (the run's latest may have moved on since: a song is made by one set of
+    weights); None: the run's latest."""
+    if options.checkpoint or options.overwrite:
+        return options.checkpoint
+    record = job.recorded()
+    if record is None or record["request"].get("run_dir") != os.path.realpath(options.run_dir):
+        return None
+    recorded = record["request"].get("checkpoint")
+    if recorded and not os.path.exists(recorded + ".index"):
+        raise DwaveError(f"the songs in --out {options.out} were started from checkpoint "
+                         f"{recorded}, which is gone: pass --overwrite to start them over from "
+                         "the run's latest, or choose another --out")
+    return recorded
+
+
+def _request(options: GenerateConfig, config, checkpoint: str, prime, engine: str) -> dict:
+    """What the songs' audio depends on (dwave.generate_job's job.json)."""
+    import hashlib
+
+    return {"run_dir": os.path.realpath(options.run_dir),
+            "checkpoint": os.path.realpath(checkpoint),
+            "checkpoint_digest": file_digest(checkpoint + ".index"),
+            "engine": engine, "seconds": options.seconds,
+            "temperature": options.temperature, "seed": options.seed,
+            "prime": os.path.realpath(options.prime) if options.prime else None,
+            "prime_digest": hashlib.sha256(prime.tobytes()).hexdigest() if prime is not None
+            else None, "genre": options.genre, "sample_rate": config.sample_rate,
+            "quantization_channels": config.quantization_channels}
+
+
+def _check_fits(batch: int, config, ranks_on_node: int) -> None:
     """A one-line error, before any work, for a request this node's memory cannot hold: a
-    batch's song writers and its copies of the prime, per rank. The songs themselves go to
-    disk as they are made (`_check_disk`)."""
+    batch's caches (and a copy when saved), a chunk's draws and codes, one song writer, per
+    rank. The songs themselves go to disk as they are made (`_check_disk`); the prime is held
+    once, and only its last receptive field is run."""
     import psutil
 
-    need = batch * (WRITER_BYTES + prime_samples * 8) * ranks_on_node
+    slots, width = sum(config.dilations), config.residual_channels
+    per_song = slots * width * 4 * 2 + CHUNK * (4 + 8 + 8)
+    need = (batch * per_song + WRITER_BYTES) * ranks_on_node
     available = psutil.virtual_memory().available
     if need > 0.8 * available:
         raise DwaveError(
             f"{batch} song(s) per rank x {ranks_on_node} rank(s) on this node need "
             f"~{need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available: ask "
-            "for a smaller --batch-size (or a shorter --prime-seconds)")
+            "for a smaller --batch-size")
 
 
-def _check_disk(out: str, songs: int, samples: int, sample_rate: int) -> None:
+# What the one song being written at a time holds, whatever its length (SongWriter): its
+# spectrogram's columns (257 float32 bins each, and a float64 copy when drawn), plus a chunk.
+WRITER_BYTES = COLUMNS * 257 * (4 + 8) + 16 * CHUNK * 16
+
+
+def _check_disk(out: str, songs: int, samples: int, sample_rate: int, dtype) -> None:
     """A one-line error, before any work, for songs a WAV cannot hold or --out has no room for
-    (every rank's songs share it)."""
+    (every rank's songs share it; a song's codes are kept beside it until its WAV is whole)."""
     import shutil
 
     per_song = wav_bytes(samples)
@@ -250,16 +408,13 @@ def _check_disk(out: str, songs: int, samples: int, sample_rate: int) -> None:
         most = (2**32 - 2**16) // 2 / sample_rate / 3600
         raise DwaveError(f"a WAV holds at most {most:.1f} h of 16-bit audio at {sample_rate} Hz "
                          f"(its sizes are 32-bit): ask for fewer --seconds")
+    per_song += samples * np.dtype(dtype).itemsize
     free = shutil.disk_usage(out).free  # _check_writable has made it
     if songs * per_song > free:
         raise DwaveError(f"--out {out}: {songs} song(s) of {samples:,} samples need "
                          f"~{songs * per_song / 1e6:,.1f} MB, more than the {free / 1e6:,.1f} MB "
                          "free there: ask for fewer --seconds or --num-songs, or choose another "
                          "--out")
-
-
-def song_stem(song: int) -> str:
-    return f"song-{song:03d}"
 
 
 def _check_writable(directory: str) -> None:

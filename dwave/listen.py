@@ -28,10 +28,11 @@ from .rundir import SAMPLES
 def primed_generator(model, prime: np.ndarray, condition_id: int | None):
     """A one-song fast generator holding a copy of the model's current weights, its caches
     filled from `prime` (1-D codes)."""
-    from .cached_generator import FastGenerator
+    from .cached_generator import FastGenerator, prime_state
 
-    generator = FastGenerator(model, 1, None if condition_id is None else [condition_id], threads=1)
-    generator.prime(np.asarray(prime, np.int64)[None])
+    condition = None if condition_id is None else [condition_id]
+    generator = FastGenerator.for_model(model, 1, condition, threads=1)
+    generator.restore(prime_state(model, np.asarray(prime, np.int64)[None], condition))
     return generator
 
 

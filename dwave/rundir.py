@@ -357,12 +357,16 @@ class ValidationLog:
 # holder (host, pid, SLURM job), for the error the next job prints.
 
 
-class RunDirLock:
-    """RUN_DIR/lock, held from acquire() until release() or the holder's death."""
+class DirectoryLock:
+    """DIRECTORY/lock, held from acquire() until release() or the holder's death: one job at a
+    time writes the directory. `what` names the directory and `job` the holder in the error
+    (`flag`: the option that chooses another)."""
 
-    def __init__(self, run_dir: str):
-        self.run_dir = run_dir
-        self.path = os.path.join(run_dir, LOCK)
+    def __init__(self, directory: str, what: str = "run dir", job: str = "training job",
+                 flag: str = "--run-dir"):
+        self.run_dir = directory
+        self.path = os.path.join(directory, LOCK)
+        self.what, self.job, self.flag = what, job, flag
         self.fd: int | None = None
 
     def acquire(self) -> None:
@@ -375,8 +379,8 @@ class RunDirLock:
             if exc.errno == errno.ELOOP:
                 raise DwaveError(f"{self.path} is a symlink; dwave does not follow it (it would "
                                  "write over its target): move it away and rerun") from None
-            raise DwaveError(f"cannot create {self.path} ({exc.strerror}): check that the run "
-                             "dir is writable") from None
+            raise DwaveError(f"cannot create {self.path} ({exc.strerror}): check that the "
+                             f"{self.what} is writable") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -384,11 +388,11 @@ class RunDirLock:
             os.close(fd)
             if exc.errno in (errno.EACCES, errno.EAGAIN):
                 raise DwaveError(
-                    f"run dir {self.run_dir} is in use by another training job "
+                    f"{self.what} {self.run_dir} is in use by another {self.job} "
                     f"({holder or 'holder unknown'}): wait for it to end, stop it, or use "
-                    "another --run-dir") from None
+                    f"another {self.flag}") from None
             raise DwaveError(f"cannot lock {self.path} ({exc.strerror}): the file system may "
-                             "not support locks; use a run dir on one that does") from None
+                             f"not support locks; use a {self.what} on one that does") from None
         job = os.environ.get("SLURM_JOB_ID")
         text = (f"host {socket.gethostname()} pid {os.getpid()}"
                 + (f" SLURM job {job}" if job else "")
@@ -401,6 +405,9 @@ class RunDirLock:
         if self.fd is not None:
             os.close(self.fd)  # closing releases the record lock
             self.fd = None
+
+
+RunDirLock = DirectoryLock  # RUN_DIR/lock, held by rank 0 of the training job
 
 
 def _read(fd: int) -> str:

@@ -164,6 +164,11 @@ def check_song_targets(directory: str, stems: list[str], overwrite: bool) -> Non
                                  "--overwrite to replace its songs, or choose another --out")
 
 
+def is_dwave_song(directory: str, stem: str) -> bool:
+    """STEM.wav is in place and dwave wrote it (a finished song: its PNG went first)."""
+    return _kind(os.path.join(directory, stem + ".wav")) == "dwave"
+
+
 def remove_stale_temporaries(directory: str) -> list[str]:
     """Remove the temporary files of dwave processes of this host that are gone (killed
     mid-write): only names of dwave's own pattern, and only where that process is not alive."""

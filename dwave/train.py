@@ -26,7 +26,6 @@ import functools
 import hashlib
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from .rundir import (AVERAGE, TENSORBOARD, RunDirLock, ValidationLog,
                      check_checkpoints_folder, checkpoint_manager, ensure_writable,
                      holds_average, read_run_config, restore_latest,
                      validation_windows, write_run_config)
+from .stop_signal import StopSignal
 
 LN2 = math.log(2.0)
 
@@ -307,21 +307,6 @@ def resolve_model_config(saved: ModelConfig | None, preset: str | None, override
     return saved
 
 
-class _StopSignal:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits at the next step boundary.
-    SIGUSR1 too: Open MPI's mpirun kills its ranks on SIGTERM but forwards SIGUSR1 to them."""
-
-    def __init__(self):
-        self.requested = False
-        self.signal_name = None
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame):
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-
-
 def _precision_line(product_dtype: str, on_gpu: bool, fused: bool) -> str:
     """What the products run in and who runs the gates (read from the model), and whether this
     CPU does the products natively."""
@@ -357,7 +342,7 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     """Train (or resume) in `run_dir`. Returns a summary dict (rank 0's view)."""
     from .data import open_samplers, scan_store
 
-    stop = _StopSignal()
+    stop = StopSignal()
     # The store and the run dir are checked before TensorFlow loads: a bad one fails in a second.
     saved = read_run_config(run_dir)
     saved_model = saved[0] if saved else None

@@ -51,7 +51,7 @@ def test_teacher_forced_fast_logits_equal_the_full_network(genres, sizes, thread
     codes = np.random.default_rng(1).integers(0, config.quantization_channels, (batch, steps))
     genre = np.array([2, 0, 1]) if genres else None
     full = model(codes, condition=genre, causal=True).numpy()  # (batch, steps, Q)
-    generator = FastGenerator(model, batch, genre, threads=threads)
+    generator = FastGenerator.for_model(model, batch, genre, threads=threads)
     # 3 songs are less than a row tile: the threads share each product's columns (one core
     # per thread at most: they spin while they wait).
     assert (len(generator.lanes), generator.threads_per_lane) == (1, min(threads,
@@ -65,15 +65,15 @@ def test_teacher_forced_fast_logits_equal_the_full_network(genres, sizes, thread
 
 @pytest.mark.parametrize("input_kernel", [2, 1])
 def test_priming_then_one_step_equals_the_full_network_on_prime_plus_one(input_kernel):
-    from dwave.cached_generator import FastGenerator
+    from dwave.cached_generator import FastGenerator, prime_state
 
     model = random_model(("a", "b"), input_kernel=input_kernel)
     rf = model.config.receptive_field
     # shorter and longer than the receptive field (only its last one is run: its edges too)
     for n in (1, 5, rf - 1, rf, rf + 1, rf + 37, 3 * rf + 5):
         prime = np.random.default_rng(n).integers(0, 256, (2, n))
-        generator = FastGenerator(model, 2, [1, 0])
-        generator.prime(prime)
+        generator = FastGenerator.for_model(model, 2, [1, 0])
+        generator.restore(prime_state(model, prime, [1, 0]))
         sampled, logits = generator.generate(np.full((1, 2), 0.5), 1.0, keep_logits=True)
         full = model(prime, condition=np.array([1, 0]), causal=True).numpy()
         np.testing.assert_allclose(logits[0], full[:, -1], rtol=1e-4, atol=1e-4)
@@ -88,12 +88,12 @@ def test_temperature_zero_follows_the_argmax_and_sampling_follows_the_softmax():
     from dwave.cached_generator import FastGenerator
 
     model = random_model()
-    generator = FastGenerator(model, 2)
+    generator = FastGenerator.for_model(model, 2)
     codes, logits = generator.generate(np.random.default_rng(0).random((50, 2)), 0.0,
                                        keep_logits=True)
     np.testing.assert_array_equal(codes, logits.argmax(-1))
     # Temperature 1: each draw is the inverse CDF of softmax(logits) at its uniform.
-    generator = FastGenerator(model, 2)
+    generator = FastGenerator.for_model(model, 2)
     uniforms = np.random.default_rng(1).random((50, 2)).astype(np.float32)
     codes, logits = generator.generate(uniforms, 1.0, keep_logits=True)
     p = np.exp(logits - logits.max(-1, keepdims=True))
@@ -112,8 +112,8 @@ def test_a_temperature_whose_inverse_overflows_acts_as_zero():
             inverse_temperature(bad)
     model = random_model()
     uniforms = np.random.default_rng(0).random((40, 2))
-    greedy = FastGenerator(model, 2).generate(uniforms, 0.0)
-    tiny = FastGenerator(model, 2).generate(uniforms, 1e-40)
+    greedy = FastGenerator.for_model(model, 2).generate(uniforms, 0.0)
+    tiny = FastGenerator.for_model(model, 2).generate(uniforms, 1e-40)
     np.testing.assert_array_equal(tiny, greedy)
 
 
@@ -123,9 +123,9 @@ def test_a_song_does_not_depend_on_its_batch():
 
     model = random_model()
     uniforms = np.stack([song_uniforms(7, s, 400) for s in range(9)], axis=1)
-    one_thread = FastGenerator(model, 9, threads=1)
-    two_lanes = FastGenerator(model, 9, threads=2)
-    alone_two_threads = FastGenerator(model, 1, threads=2)  # one song, columns shared
+    one_thread = FastGenerator.for_model(model, 9, threads=1)
+    two_lanes = FastGenerator.for_model(model, 9, threads=2)
+    alone_two_threads = FastGenerator.for_model(model, 1, threads=2)  # one song, columns shared
     assert len(two_lanes.lanes) == 2 and alone_two_threads.threads_per_lane == 2
     together = one_thread.generate(uniforms, 1.0)
     np.testing.assert_array_equal(two_lanes.generate(uniforms, 1.0), together)

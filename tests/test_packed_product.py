@@ -96,7 +96,7 @@ model = WaveNet(ModelConfig(residual_channels=12, dilation_channels=10, skip_cha
                             stacks=2, max_dilation=4, quantization_channels=100))
 codes = np.random.default_rng(0).integers(0, 100, (3, 40))
 full = model(codes, causal=True).numpy()
-generator = FastGenerator(model, 3, threads=2)
+generator = FastGenerator.for_model(model, 3, threads=2)
 forced = np.concatenate([codes[:, 1:], codes[:, -1:]], axis=1).T
 generator.next_code = codes[:, 0].astype(np.int64)
 _, logits = generator.generate(np.zeros((40, 3), np.float32), 1.0, forced=forced,
