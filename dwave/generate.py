@@ -149,10 +149,10 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
     from .ranks import world
     from .stop_signal import StopSignal
 
+    stop = StopSignal()  # first: a signal while the model loads is kept for the first chunk
     ranks = world()
     rank, size = ranks.rank, ranks.size
     say = log if rank == 0 else (lambda *_: None)
-    stop = StopSignal()
     _check_writable(options.out)  # before minutes of generating, not after
     job = GenerationJob(options.out)
     model, config, checkpoint = load_model(options.run_dir, _checkpoint_to_use(options, job,
@@ -240,7 +240,7 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
             if not batch.saved and prime is not None:
                 for f in files:
                     f.write(prime.tobytes())
-            made, last_save = batch.made, time.monotonic()
+            made, last_save = (batch.made if batch.saved else head), time.monotonic()
             while made < head + total:
                 steps = min(CHUNK, head + total - made)
                 uniforms = np.stack([r.random(steps, dtype=np.float32) for r in streams], 1)

@@ -94,6 +94,9 @@ class SongWriter:
 
         from .audio import mu_law_decode
 
+        if self.written + len(codes) > self.total:
+            raise ValueError(f"{self.stem}: {self.written + len(codes)} samples for a song of "
+                             f"{self.total}")
         audio = np.clip(mu_law_decode(codes, self.q), -1.0, 1.0)
         self.sound.write(audio)
         self.written += len(audio)

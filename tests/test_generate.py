@@ -377,3 +377,132 @@ def test_a_long_songs_writer_holds_what_a_short_ones_does(tmp_path):
     held_whole = 400 * 16000 * 4 + 49_997 * 257 * 4
     print(f"peak while writing: 40 s {short:,} B, 400 s {long_:,} B; held whole {held_whole:,} B")
     assert long_ <= 1.2 * short < held_whole, (short, long_, held_whole)
+
+
+def _digests(directory) -> dict:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.iterdir()) if p.name.startswith("song-")}
+
+
+def _interrupt(args: list, out, codes_at: int, signal_number: int) -> bool:
+    """Start `dwave generate ARGS`, and once song-000 has `codes_at` codes on disk send it
+    `signal_number`; True if the process was stopped with songs in progress."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "dwave.cli", "generate", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    codes = out / ".dwave-generate" / "song-000.codes"
+    started = time.time_ns()
+    while proc.poll() is None:
+        # Written by this process (a file left by the last one does not count): at or past
+        # `codes_at` codes, or with fewer left to make.
+        if (codes.exists() and codes.stat().st_mtime_ns > started
+                and codes.stat().st_size >= codes_at):
+            proc.send_signal(signal_number)
+            break
+        time.sleep(0.01)
+    _, stderr = proc.communicate(timeout=300)
+    if signal_number == signal.SIGTERM:
+        assert proc.returncode == 0, stderr[-2000:]
+    return any((out / ".dwave-generate").glob("*.state.npz"))
+
+
+@pytest.mark.slow
+def test_a_stopped_or_killed_generation_resumes_to_the_same_files(trained_run, tmp_path):
+    """SIGTERM (saves at once) and SIGKILL (the last periodic save) at random points, each
+    followed by the same command: the songs come out byte for byte as an uninterrupted run's,
+    a primed song included; finished songs are skipped; `dwave status` tells how far it is."""
+    import signal
+
+    prime = write_tone(tmp_path / "prime.ogg", seconds=1.0, rate=16000)
+    flags = ["--num-songs", "3", "--seconds", "12", "--genre", "tone", "--batch-size", "2",
+             "--prime", prime, "--prime-seconds", "0.25"]
+    whole = tmp_path / "whole"
+    run_dwave("generate", trained_run, "--out", whole, *flags, check=0)
+    expected = _digests(whole)
+    assert len(expected) == 6
+
+    out = tmp_path / "stopped"
+    args = [trained_run, "--out", out, *flags, "--save-every", "0.001"]
+    rng = np.random.default_rng(0)
+    stops = 0
+    for signal_number in (signal.SIGTERM, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
+        at = int(rng.integers(4000, 12 * 16000))
+        stops += _interrupt(args, out, at, signal_number)
+        status = run_dwave("status", out)
+        assert status.returncode in (0, 3) and "song(s) finished" in status.stdout
+    assert stops >= 2  # at least two interruptions landed in the middle of songs
+    proc = run_dwave("generate", *args, check=0)
+    assert "continuing the job in" in proc.stderr
+    assert _digests(out) == expected
+    assert sorted(os.listdir(out / ".dwave-generate")) == ["job.json", "lock"]
+    status = run_dwave("status", out, check=0)
+    assert "3 of 3 song(s) finished" in status.stdout
+    # Done: the same command again has nothing to do and leaves the songs as they are.
+    proc = run_dwave("generate", *args, check=0)
+    assert "nothing to do: all 3 song(s) are in" in proc.stderr
+    assert _digests(out) == expected
+
+
+@pytest.mark.slow
+def test_songs_in_progress_are_continued_only_by_their_own_request(trained_run, tmp_path):
+    """Another request (seed, length) into an --out with songs in progress is refused in one
+    line naming what differs; --overwrite starts over; a second job on the same --out is
+    refused while the first holds it; a damaged state is an error, not a fresh start; a job
+    whose checkpoint is gone is not continued with other weights."""
+    import shutil
+    import signal
+
+    out = tmp_path / "out"
+    flags = ["--out", out, "--num-songs", "2", "--seconds", "10", "--genre", "tone"]
+    assert _interrupt([trained_run, *flags], out, 40_000, signal.SIGTERM)
+
+    def error_of(*args):
+        proc = run_dwave("generate", *args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        return proc.stderr.strip().splitlines()[-1]
+
+    line = error_of(trained_run, *flags, "--seed", "1", "--seconds", "9")
+    assert "holds songs in progress of another request" in line
+    assert "--seconds: 10.0 there, 9.0 here; --seed: 0 there, 1 here" in line
+
+    # A second job while one runs: the lock, held by another process.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from dwave.rundir import DirectoryLock; "
+         "DirectoryLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
+         str(out / ".dwave-generate")], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = error_of(trained_run, *flags)
+        assert f"--out {out / '.dwave-generate'} is in use by another dwave generate" in line
+    finally:
+        holder.kill()
+        holder.wait()
+
+    state = out / ".dwave-generate" / "song-000.state.npz"
+    saved = state.read_bytes()
+    state.write_bytes(saved[:100])
+    assert f"cannot read {state}" in error_of(trained_run, *flags)
+    state.write_bytes(saved)
+
+    copy = tmp_path / "run-copy"
+    shutil.copytree(trained_run, copy)
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    request = (moved / ".dwave-generate" / "job.json")
+    request.write_text(request.read_text().replace(str(trained_run), str(copy)))
+    for index in (copy / "checkpoints").glob("ckpt-30.index"):
+        index.unlink()
+    line = error_of(copy, "--out", moved, "--num-songs", "2", "--seconds", "10",
+                    "--genre", "tone")
+    assert "were started from checkpoint" in line and "which is gone" in line
+
+    # --overwrite: the other request's progress goes, its songs are made anew.
+    run_dwave("generate", trained_run, *flags, "--seed", "1", "--overwrite", check=0)
+    fresh = tmp_path / "fresh"
+    run_dwave("generate", trained_run, "--out", fresh, *flags[2:], "--seed", "1", check=0)
+    assert _digests(out) == _digests(fresh)

@@ -297,6 +297,41 @@ def test_generate_job_splits_songs_over_ranks_and_matches_one_process(tmp_path, 
 
 
 @pytest.mark.slow
+def test_generate_job_saves_its_songs_on_sigterm_and_the_requeued_job_finishes_them(
+        tmp_path, trained_run):
+    """SLURM's warning before the time limit (SIGTERM to the batch shell): the ranks save their
+    songs in progress, the job requeues itself, the requeued job skips what was finished and
+    resumes the rest; the songs are byte for byte a single uninterrupted process's."""
+    log, out = tmp_path / "generate.out", tmp_path / "job"
+    flags = ["--num-songs", "3", "--seconds", "20", "--genre", "tone", "--seed", "5",
+             "--batch-size", "1"]
+    job = sbatch("generate.sbatch", trained_run, out, *flags, output=log,
+                 options=["--ntasks=2", "--cpus-per-task=1"])
+    codes = out / ".dwave-generate" / "song-000.codes"
+    deadline = time.time() + 240
+    while not (codes.exists() and codes.stat().st_size > 40_000):
+        fields = job_fields(job)
+        assert time.time() < deadline, output_tail(log)
+        assert fields.get("JobState") not in FINAL_STATES, (
+            f"the job ended before it was signalled:\n{output_tail(log)}")
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True)
+    run_dwave("generate", trained_run, "--out", tmp_path / "local", *flags, check=0)
+
+    fields = wait_for(job, log, timeout=400)
+    text = log.read_text()
+    state = (fields["JobState"], fields["ExitCode"], fields["Restarts"])
+    assert state == ("COMPLETED", "0:0", "1"), text[-3000:]
+    assert "stopped by SIGTERM" in text and "their state saved in" in text
+    assert "songs left: requeueing job" in text
+    assert re.search(r"continuing the job in .*: \d song\(s\) finished, [1-9]\d* resumed", text)
+    assert "generation complete" in text
+    for i in range(3):
+        for name in (f"song-00{i}.wav", f"song-00{i}.png"):
+            assert (out / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+
+@pytest.mark.slow
 def test_scripts_copied_by_dwave_slurm_scripts_run_from_anywhere_with_the_venv_on_path(
         tmp_path, trained_run):
     """As after `pip install`: no checkout to submit from, no DWAVE_HOME/DWAVE_VENV; the job
