@@ -118,7 +118,7 @@ class PackedWeights(NamedTuple):
 
 
 def pack_weights(weights) -> PackedWeights:
-    """A model's ExportedWeights (dwave.model), padded and packed for this kernel (conv biases
+    """A model's ExportedWeights (dwave.weights), padded and packed for this kernel (conv biases
     are left out: they go into each song's gate bias, see gate_biases)."""
     C, D = weights.embedding.shape[1], weights.conv.shape[2] // 2
     S, Q = weights.skip.shape[1], weights.head2.shape[1]
@@ -396,7 +396,7 @@ def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, first_p
             elif inv_t == 0.0:
                 code[b] = np.argmax(logits[b, :Q])
             else:
-                code[b] = _sample_row(logits[b], inv_t, uniforms[k, b], Q)
+                code[b] = _sample_row(logits[b, :Q], inv_t, uniforms[k, b], Q)
             if me == 0:
                 codes_out[k, b] = code[b]
 
@@ -424,7 +424,8 @@ def _tanh(x):
 
 @numba.njit(cache=True, nogil=True)
 def _sample_row(logits, inv_t, uniform, q):
-    """Inverse-CDF draw from softmax(logits * inv_t), in float64 for a clean CDF."""
+    """Inverse-CDF draw from softmax(logits * inv_t): each term's exp in float32, their sums
+    in float64 for a clean CDF (dwave.cuda_generator draws the same way)."""
     top = np.max(logits) * inv_t
     total = 0.0
     probs = np.empty(q, np.float64)

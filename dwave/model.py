@@ -20,14 +20,13 @@ Both are causal by construction: an output never depends on a later input.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 import tensorflow as tf
 
 from . import fused_ops
 from .config import ModelConfig
 from .errors import DwaveError
+from .weights import ExportedWeights  # noqa: F401  (the model exports them)
 
 keras = tf.keras
 
@@ -58,30 +57,6 @@ def product(x, w, dtype):
     """x @ w over the last axis, in `dtype` (x already is), the result in `dtype`: for a fused
     kernel that adds the bias and converts as it reads."""
     return _over_rows(x, w, lambda rows: tf.matmul(rows, tf.cast(w, dtype)))
-
-
-class ExportedWeights(NamedTuple):
-    """A WaveNet's weights as plain float32 arrays, the contract between the model and any
-    other engine that runs it (the CPU generator packs these; a GPU one would too). A layer
-    computes [filter | gate] = [x[t - d] | x[t]] @ conv[l] + conv_bias[l] (+ the condition's
-    row of `condition`), z = tanh(filter) * sigmoid(gate), x starting as embedding[code t] +
-    embedding_previous[code t - 1] (nothing before the first code), x <- x + z @ residual[l] +
-    residual_bias[l]; the output is head2(relu(head1(relu([z_0 .. z_L-1] @ skip + skip_bias)))).
-    """
-
-    embedding: np.ndarray  # (Q, C): input code -> x
-    embedding_previous: np.ndarray | None  # (Q, C): the code before, added to x; None: kernel 1
-    conv: np.ndarray  # (layers, 2C, 2D)
-    conv_bias: np.ndarray  # (layers, 2D)
-    residual: np.ndarray  # (layers - 1, D, C): the last layer has none
-    residual_bias: np.ndarray  # (layers - 1, C)
-    skip: np.ndarray  # (layers * D, S)
-    skip_bias: np.ndarray  # (S,)
-    head1: np.ndarray  # (S, S)
-    head1_bias: np.ndarray  # (S,)
-    head2: np.ndarray  # (S, Q)
-    head2_bias: np.ndarray  # (Q,)
-    condition: np.ndarray | None  # (conditions, layers * 2D) gate biases; None: unconditioned
 
 
 class WaveNet(keras.Model):

@@ -13,6 +13,10 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The CUDA engine's kernels run in Numba's simulator: this machine has no GPU. Read when numba
+# is first imported, so set before any test imports dwave; the CPU engine does not use it, and
+# dwave never picks the CUDA engine by itself under the simulator (dwave.engines).
+os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 ASC_MUSIC = "/usr/share/games/asc/music"
 
 # Open MPI as root (CI runs as root) and with more ranks than this machine's cores.
