@@ -396,7 +396,7 @@ def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, first_p
             elif inv_t == 0.0:
                 code[b] = np.argmax(logits[b, :Q])
             else:
-                code[b] = _sample_row(logits[b, :Q], inv_t, uniforms[k, b], Q)
+                code[b] = _sample_row(logits[b], inv_t, uniforms[k, b], Q)
             if me == 0:
                 codes_out[k, b] = code[b]
 
@@ -425,8 +425,13 @@ def _tanh(x):
 @numba.njit(cache=True, nogil=True)
 def _sample_row(logits, inv_t, uniform, q):
     """Inverse-CDF draw from softmax(logits * inv_t): each term's exp in float32, their sums
-    in float64 for a clean CDF (dwave.cuda_generator draws the same way)."""
-    top = np.max(logits) * inv_t
+    in float64 for a clean CDF (dwave.cuda_generator draws the same way). `logits` may be
+    padded past q: only its first q count (a contiguous row: a slice of it would make this
+    loop, run for every song and step, measurably slower)."""
+    top = logits[0]
+    for i in range(1, q):
+        top = max(top, logits[i])
+    top = top * inv_t
     total = 0.0
     probs = np.empty(q, np.float64)
     for i in range(q):

@@ -170,23 +170,12 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
     engine = options.engine or default_engine()
     request = _request(options, config, checkpoint, prime, engine)
     head = len(prime) if prime is not None else 0
-    stems = [song_stem(i) for i in range(options.num_songs)]
 
     # Rank 0 decides, holding OUT's lock for the whole job; every rank hears the verdict.
     verdict, finished, lock = None, [], None
     if rank == 0:
         try:
-            lock = DirectoryLock(job.directory, "--out", "dwave generate", "--out")
-            lock.acquire()
-            remove_stale_temporaries(options.out)
-            continuing = job.check(request, options.overwrite)
-            finished = ([i for i, stem in enumerate(stems) if is_dwave_song(options.out, stem)]
-                        if continuing else [])
-            check_song_targets(options.out, [s for i, s in enumerate(stems)
-                                             if i not in set(finished)], options.overwrite)
-            _check_disk(options.out, options.num_songs - len(finished), head + total, rate,
-                        dtype)
-            job.begin(request, options.num_songs, continuing)
+            lock, finished = _claim(job, request, options, head + total, rate, dtype)
         except DwaveError as exc:
             verdict = str(exc)
     if size > 1:
@@ -214,9 +203,6 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
         say(f"continuing the job in {options.out}: {len(finished)} song(s) finished, "
             f"{resumed} resumed from their saved state")
 
-    from .cached_generator import SongsState, prime_state
-    from .engines import make_engine
-
     weights = model.export()
     started = time.perf_counter()
     generated, stopped, done = 0, False, []
@@ -224,47 +210,25 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
                                    for b in batches), size)
     for batch in batches:
         condition = None if gid is None else [gid] * len(batch.songs)
-        generator = make_engine(engine, weights, config.dilations, len(batch.songs),
-                                condition, threads, cores)
-        streams = [song_stream(options.seed, song) for song in batch.songs]
-        if batch.saved:
-            generator.restore(SongsState.stack([_as_state(saved) for saved in batch.saved]))
-            for stream, saved in zip(streams, batch.saved):
-                stream.bit_generator.state = saved.stream
-        elif prime is not None:  # only the last receptive field of the prime is run
-            window = prime[-config.receptive_field - 1:].astype(np.int64)
-            generator.restore(prime_state(model, np.tile(window, (len(batch.songs), 1)),
-                                          condition))
+        generator, streams = _start(batch, engine, model, weights, prime, condition, options,
+                                    threads, cores)
         files = [job.open_codes(song_stem(song), batch.made) for song in batch.songs]
         try:
             if not batch.saved and prime is not None:
                 for f in files:
                     f.write(prime.tobytes())
-            made, last_save = (batch.made if batch.saved else head), time.monotonic()
-            while made < head + total:
-                steps = min(CHUNK, head + total - made)
-                uniforms = np.stack([r.random(steps, dtype=np.float32) for r in streams], 1)
-                codes = generator.generate(uniforms, options.temperature).astype(dtype)
-                for row, f in enumerate(files):
-                    f.write(codes[:, row].tobytes())
-                made += steps
-                generated += codes.size
-                progress.update(codes.size)
-                due = options.save_every and time.monotonic() - last_save >= options.save_every
-                if made < head + total and (stop.requested or due):
-                    _save(job, batch.songs, generator.state(), streams, files, made)
-                    last_save = time.monotonic()
-                    stopped = stop.requested
-                    if stopped:
-                        break
+            made = batch.made if batch.saved else head
+            made_now, stopped = _advance(generator, streams, files, made, head + total,
+                                         options, stop, progress, job, batch.songs, dtype)
+            generated += made_now
+            if not stopped:
+                stopped = _write_songs(job, options.out, batch.songs, generator, streams,
+                                       files, head, total, rate, q, dtype, stop, done)
         finally:
             for f in files:
                 f.close()
         if stopped:
             break
-        for song in batch.songs:
-            _write_song_files(job, options.out, song_stem(song), head, total, rate, q, dtype)
-            done.append(song)
     progress.close()
     wall = time.perf_counter() - started
     totals = [(generated, wall, len(done), stopped)]
@@ -289,6 +253,87 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
         lock.release()
     return {"samples": generated, "seconds": wall, "samples_per_s": rate_s,
             "real_time_factor": rate_s / rate, "songs": done, "stopped": stopped}
+
+
+def _claim(job: GenerationJob, request: dict, options: GenerateConfig, samples: int,
+           rate: int, dtype) -> tuple:
+    """Rank 0: take --out's lock (held to the end), decide whether this continues its job
+    (finished songs skipped) and check every song's target and the disk, then record the
+    request. Returns (the lock, the finished songs)."""
+    lock = DirectoryLock(job.directory, "--out", "dwave generate", "--out")
+    lock.acquire()
+    remove_stale_temporaries(options.out)
+    continuing = job.check(request, options.overwrite)
+    stems = [song_stem(i) for i in range(options.num_songs)]
+    finished = ([i for i, stem in enumerate(stems) if is_dwave_song(options.out, stem)]
+                if continuing else [])
+    check_song_targets(options.out, [stem for i, stem in enumerate(stems)
+                                     if i not in set(finished)], options.overwrite)
+    _check_disk(options.out, options.num_songs - len(finished), samples, rate, dtype)
+    job.begin(request, options.num_songs, continuing)
+    return lock, finished
+
+
+def _start(batch, engine: str, model, weights, prime, condition, options: GenerateConfig,
+           threads: int, cores: int) -> tuple:
+    """The batch's engine and its songs' random streams: restored from their saved state, or
+    new, from the prime (only its last receptive field is run) or from silence."""
+    from .cached_generator import SongsState, prime_state
+    from .engines import make_engine
+
+    generator = make_engine(engine, weights, model.config.dilations, len(batch.songs),
+                            condition, threads, cores)
+    streams = [song_stream(options.seed, song) for song in batch.songs]
+    if batch.saved:
+        generator.restore(SongsState.stack([_as_state(saved) for saved in batch.saved]))
+        for stream, saved in zip(streams, batch.saved):
+            stream.bit_generator.state = saved.stream
+    elif prime is not None:
+        window = prime[-model.config.receptive_field - 1:].astype(np.int64)
+        generator.restore(prime_state(model, np.tile(window, (len(batch.songs), 1)),
+                                      condition))
+    return generator, streams
+
+
+def _advance(generator, streams: list, files: list, made: int, end: int, options, stop,
+             progress, job: GenerationJob, songs: list, dtype) -> tuple[int, bool]:
+    """Make the batch's codes from `made` to `end`, each chunk appended to its song's file; a
+    save every --save-every seconds, and on a stop request a save and an early return.
+    Returns (codes made, stopped)."""
+    made_now, last_save = 0, time.monotonic()
+    while made < end:
+        steps = min(CHUNK, end - made)
+        uniforms = np.stack([r.random(steps, dtype=np.float32) for r in streams], 1)
+        codes = generator.generate(uniforms, options.temperature).astype(dtype)
+        for row, f in enumerate(files):
+            f.write(codes[:, row].tobytes())
+        made += steps
+        made_now += codes.size
+        progress.update(codes.size)
+        due = options.save_every and time.monotonic() - last_save >= options.save_every
+        if made < end and (stop.requested or due):
+            _save(job, songs, range(len(songs)), generator.state(), streams, files, made)
+            last_save = time.monotonic()
+            if stop.requested:
+                return made_now, True
+    return made_now, False
+
+
+def _write_songs(job: GenerationJob, out: str, songs: list, generator, streams: list,
+                 files: list, head: int, total: int, rate: int, q: int, dtype, stop,
+                 done: list) -> bool:
+    """Each song's WAV and PNG from its codes, then its progress files go. A stop request
+    between two songs saves the rest as made in full (thousands of songs take minutes to
+    write): the rerun writes them without generating. Returns whether it stopped."""
+    for i, song in enumerate(songs):
+        if stop.requested:
+            _save(job, songs, range(i, len(songs)), generator.state(), streams, files,
+                  head + total)
+            return True
+        files[i].flush()
+        _write_song_files(job, out, song_stem(song), head, total, rate, q, dtype)
+        done.append(song)
+    return False
 
 
 @dataclass
@@ -321,10 +366,12 @@ def _as_state(saved: SavedSong):
                       np.array([saved.previous_code]))
 
 
-def _save(job: GenerationJob, songs: list, state, streams: list, files: list,
+def _save(job: GenerationJob, songs: list, rows, state, streams: list, files: list,
           made: int) -> None:
-    for i, song in enumerate(songs):
-        job.save(song_stem(song), state.song(i), streams[i].bit_generator.state, files[i], made)
+    """Save songs[i] for i in `rows` (rows of `state`, `streams`, `files`)."""
+    for i in rows:
+        job.save(song_stem(songs[i]), state.song(i), streams[i].bit_generator.state, files[i],
+                 made)
 
 
 def _write_song_files(job: GenerationJob, out: str, stem: str, head: int, total: int,
@@ -369,7 +416,7 @@ def _request(options: GenerateConfig, config, checkpoint: str, prime, engine: st
             "checkpoint_digest": file_digest(checkpoint + ".index"),
             "engine": engine, "seconds": options.seconds,
             "temperature": options.temperature, "seed": options.seed,
-            "prime": os.path.realpath(options.prime) if options.prime else None,
+            # the prime by its codes: the same opening from a moved or renamed file is the same
             "prime_digest": hashlib.sha256(prime.tobytes()).hexdigest() if prime is not None
             else None, "genre": options.genre, "sample_rate": config.sample_rate,
             "quantization_channels": config.quantization_channels}

@@ -1,8 +1,8 @@
 """What a `dwave generate` leaves in OUT/.dwave-generate/ so that a stopped job resumes.
 
     job.json            the request: what the songs' audio depends on (run, checkpoint and the
-                        digest of its index, engine, seconds, temperature, seed, prime and the
-                        digest of its codes, genre), plus num_songs and written_by. A rerun
+                        digest of its index, engine, seconds, temperature, seed, the digest of
+                        the prime's codes, genre), plus num_songs and written_by. A rerun
                         into OUT with the same request continues the job: finished songs are
                         skipped, songs in progress resume from their last saved state.
     lock                held by rank 0 while a job runs: one job writes OUT at a time
@@ -39,7 +39,7 @@ _CODES, _STATE = ".codes", ".state.npz"
 FLAGS = {"run_dir": "RUN_DIR", "checkpoint": "--checkpoint",
          "checkpoint_digest": "the checkpoint's contents", "engine": "--engine",
          "seconds": "--seconds", "temperature": "--temperature", "seed": "--seed",
-         "prime": "--prime", "prime_digest": "the prime's codes (--prime, --prime-seconds)",
+         "prime_digest": "the prime's codes (--prime, --prime-seconds)",
          "genre": "--genre", "sample_rate": "the model's sample rate",
          "quantization_channels": "the model's quantization channels"}
 
@@ -218,8 +218,6 @@ def differences(old: dict, new: dict) -> str:
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if "checkpoint_digest" in keys and "checkpoint" in keys:
         keys.remove("checkpoint_digest")  # another checkpoint: of course other contents
-    if "prime_digest" in keys and "prime" in keys:
-        keys.remove("prime_digest")
     return "; ".join(f"{FLAGS.get(k, k)}: {_short(old.get(k))} there, {_short(new.get(k))} here"
                      for k in keys)
 
