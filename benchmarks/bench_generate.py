@@ -358,8 +358,10 @@ def main() -> None:
     parser.add_argument("--save-every", type=float, default=10.0,
                         help="seconds between saves in the job section (10: six times the "
                              "target's once a minute, so the overhead shows)")
+    parser.add_argument("--memory-preset", default="tiny",
+                        help="model of the memory runs (tiny: 64 songs x 10 minutes in ~20 min)")
     parser.add_argument("--memory-songs", type=int, default=64)
-    parser.add_argument("--memory-seconds", default="10,60,180")
+    parser.add_argument("--memory-seconds", default="10,100,600")
     parser.add_argument("--memory-prime-seconds", default="1,10,60")
     parser.add_argument("--agreement-songs", type=int, default=4)
     parser.add_argument("--agreement-steps", type=int, default=32)
@@ -441,20 +443,20 @@ def job_sections(args, sections: list, machine: str) -> None:
     path = os.path.join(out, "generate_job.json")
     figures = json.load(open(path)) if os.path.exists(path) else {}
     figures["machine"] = machine
-    if "job" in sections or "memory" in sections:
-        run = make_run(os.path.join(out, f"run-{args.job_preset}"), args.job_preset)
     if "job" in sections:
+        run = make_run(os.path.join(out, f"run-{args.job_preset}"), args.job_preset)
         print(f"job: {args.job_songs} songs x {args.job_seconds:g} s, {args.job_preset} ...",
               flush=True)
         figures["job"] = job_section(run, out, args.job_songs, args.job_seconds,
                                      args.save_every)
         figures["job"]["preset"] = args.job_preset
     if "memory" in sections:
-        print(f"memory: {args.memory_songs} songs, {args.job_preset} ...", flush=True)
+        run = make_run(os.path.join(out, f"run-{args.memory_preset}"), args.memory_preset)
+        print(f"memory: {args.memory_songs} songs, {args.memory_preset} ...", flush=True)
         figures["memory"] = memory_section(
             run, out, args.memory_songs, [float(x) for x in args.memory_seconds.split(",")],
             [float(x) for x in args.memory_prime_seconds.split(",")], 2.0)
-        figures["memory"]["preset"] = args.job_preset
+        figures["memory"]["preset"] = args.memory_preset
     if "agreement" in sections:
         if "NUMBA_ENABLE_CUDASIM" not in os.environ:
             from dwave.engines import cuda_usable

@@ -13,7 +13,9 @@
    bench_learning.py (the `small` preset at its defaults for 800 steps, seeds 0, 1, 2,
    validation bits/sample against the store's code histogram and bigram); with
    --reference-dir, the reference WaveNet on the same batches too (~25 minutes);
-4. generate: bench_generate.py (naive vs cached, 1/16/64 songs);
+4. generate: bench_generate.py (naive vs cached, 1/16/64 songs); generate_job: its job,
+   memory and agreement sections (stopped and resumed, peak RSS against --seconds and
+   --prime-seconds, the CUDA engine against the CPU engine in Numba's simulator; ~35 minutes);
 5. scale: bench_scale.py (stores of 1k, 10k and 100k tracks, local and on moto S3: bookkeeping
    time and requests, stream windows/s, memory mode's one copy per node); ~30 minutes alone.
 
@@ -43,7 +45,7 @@ from bench_train import bf16_products_only, dwave_row  # noqa: E402
 from machine import cpu_model  # noqa: E402
 
 from dwave.config import STREAM_WINDOWS_PER_READ  # noqa: E402
-STAGES = ("preprocess", "train", "learning", "generate", "scale")
+STAGES = ("preprocess", "train", "learning", "generate", "generate_job", "scale")
 # bench_train's presets and per-rank batches: the issue-12 figures (base 1 x 4000, small 4 x 4000).
 TRAIN_BENCHMARKS = {"base": 1, "small": 4}
 # The learning stage: one run per seed on the held-out half, the figures their mean.
@@ -160,7 +162,49 @@ def rows(figures: dict) -> list[dict]:
             products["tiled_gflops"], "GFLOP/s")
         add("generate", f"step products, {products['rows']} songs, BLAS (one core)",
             products["blas_gflops"], "GFLOP/s")
+    j = figures.get("generate_job")
+    if j:
+        generate_job_rows(j, add)
     return out
+
+
+def generate_job_rows(j: dict, add) -> None:
+    """bench_generate.py --sections job,memory,agreement[,cuda]: preemption, memory, engines."""
+    if "job" in j:
+        summary, preset = j["job"]["summary"], j["job"]["preset"]
+        add("generate job", f"stopped halfway + resumed: files identical ({preset})",
+            summary["identical_files"], "", "identical", summary["identical_files"])
+        add("generate job", "extra generation time, a save every minute",
+            100 * summary["save_overhead_every_minute"], "%", "<= 5",
+            summary["save_overhead_every_minute"] <= 0.05)
+        add("generate job", "stopped + resumed, extra wall time (two process starts)",
+            100 * summary["preempt_resume_extra_wall"], "%")
+    if "memory" in j:
+        m = j["memory"]
+        sizes = [k for k in m["seconds"] if k != "growth"]
+        for size in sizes:
+            add("generate job", f"peak RSS, {m['preset']}, --seconds {float(size):g}",
+                m["seconds"][size]["peak_rss_mb"], "MB")
+        longest = m["seconds"]["growth"][sizes[-1]]
+        add("generate job", f"peak RSS --seconds {float(sizes[-1]):g} / {float(sizes[0]):g}",
+            longest, "x", "<= 1.5", longest <= 1.5)
+        primes = [k for k in m["prime_seconds"] if k != "growth"]
+        add("generate job", f"peak RSS --prime-seconds {float(primes[-1]):g} / "
+            f"{float(primes[0]):g}", m["prime_seconds"]["growth"][primes[-1]], "x")
+    if "agreement" in j:
+        a = j["agreement"]
+        where = "simulator" if a["simulator"] else "GPU"
+        add("generate job", f"CUDA vs CPU engine, same code per draw ({a['preset']}, {where}, "
+            f"{a['draws']} draws)", a["same_code_share"], "")
+        add("generate job", "CUDA vs CPU engine, largest logit difference",
+            a["max_logit_difference"], "")
+    if "cuda" in j:
+        add("generate job", "CUDA 1,024 songs / one CPU core (base)",
+            j["cuda"]["cuda_1024_over_one_cpu_core"], "x", ">= 100",
+            j["cuda"]["cuda_1024_over_one_cpu_core"] >= 100)
+    else:
+        add("generate job", "CUDA engine speed", "not measured (no GPU)", "", ">= 100 x one "
+            "core at 1,024 songs", None)
 
 
 # bench_scale's targets at the largest N on loopback S3: (seconds, what the issue asks).
@@ -211,7 +255,10 @@ def markdown(rows_: list[dict], host: dict) -> str:
              "| benchmark | figure | value | target | met |", "|---|---|---:|---|---|"]
     for r in rows_:
         value = r["value"]
-        text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+        if isinstance(value, (bool, str)):  # a yes/no or a sentence: as it is
+            text = {True: "yes", False: "no"}.get(value, value)
+        else:
+            text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
         met = {True: "yes", False: "**no**", None: ""}[r["met"]]
         lines.append(f"| {r['benchmark']} | {r['figure']} | {text} {r['unit']} | "
                      f"{r['target'] or ''} | {met} |")
@@ -286,6 +333,9 @@ def main() -> None:
     if "generate" in stages:
         run([py, os.path.join(HERE, "bench_generate.py"), "--out", out],
             os.path.join(out, "generate.log"))
+    if "generate_job" in stages:
+        run([py, os.path.join(HERE, "bench_generate.py"), "--out", out, "--sections",
+             "job,memory,agreement", "--preset", "tiny"], os.path.join(out, "generate_job.log"))
     if "scale" in stages:
         run([py, os.path.join(HERE, "bench_scale.py"), "--out", out],
             os.path.join(out, "scale.log"))
