@@ -170,6 +170,8 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
     engine = options.engine or default_engine()
     request = _request(options, config, checkpoint, prime, engine)
     head = len(prime) if prime is not None else 0
+    _check_fits(min(options.batch_size, math.ceil(options.num_songs / size)), config,
+                ranks.ranks_on_node)
 
     # Rank 0 decides, holding OUT's lock for the whole job; every rank hears the verdict.
     verdict, finished, lock = None, [], None
@@ -184,8 +186,6 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
         raise DwaveError(verdict)
     mine = [i for i in range(rank, options.num_songs, size) if i not in set(finished)]
     batches = _plan(job, mine, options.batch_size, dtype)
-    _check_fits(options.batch_size if len(mine) > options.batch_size else max(1, len(mine)),
-                config, ranks.ranks_on_node)
 
     from .cores import cores_per_rank
 
@@ -260,17 +260,24 @@ def _claim(job: GenerationJob, request: dict, options: GenerateConfig, samples: 
     """Rank 0: take --out's lock (held to the end), decide whether this continues its job
     (finished songs skipped) and check every song's target and the disk, then record the
     request. Returns (the lock, the finished songs)."""
+    new = not os.path.lexists(job.directory)
     lock = DirectoryLock(job.directory, "--out", "dwave generate", "--out")
     lock.acquire()
-    remove_stale_temporaries(options.out)
-    continuing = job.check(request, options.overwrite)
-    stems = [song_stem(i) for i in range(options.num_songs)]
-    finished = ([i for i, stem in enumerate(stems) if is_dwave_song(options.out, stem)]
-                if continuing else [])
-    check_song_targets(options.out, [stem for i, stem in enumerate(stems)
-                                     if i not in set(finished)], options.overwrite)
-    _check_disk(options.out, options.num_songs - len(finished), samples, rate, dtype)
-    job.begin(request, options.num_songs, continuing)
+    try:
+        remove_stale_temporaries(options.out)
+        continuing = job.check(request, options.overwrite)
+        stems = [song_stem(i) for i in range(options.num_songs)]
+        finished = ([i for i, stem in enumerate(stems) if is_dwave_song(options.out, stem)]
+                    if continuing else [])
+        check_song_targets(options.out, [stem for i, stem in enumerate(stems)
+                                         if i not in set(finished)], options.overwrite)
+        _check_disk(options.out, options.num_songs - len(finished), samples, rate, dtype)
+        job.begin(request, options.num_songs, continuing)
+    except DwaveError:
+        lock.release()
+        if new:  # refused before any work: what this call made goes, --out is as it was
+            job.remove_if_only_lock()
+        raise
     return lock, finished
 
 

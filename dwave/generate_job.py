@@ -206,6 +206,13 @@ class GenerationJob:
                                  "the last save") from None
             raise
 
+    def remove_if_only_lock(self) -> None:
+        """The directory, where it holds nothing but the lock file (a refused first request)."""
+        with contextlib.suppress(OSError):
+            if os.listdir(self.directory) == ["lock"]:
+                os.remove(os.path.join(self.directory, "lock"))
+                os.rmdir(self.directory)
+
     def song_done(self, stem: str) -> None:
         """The song's WAV is in place (or the song is dropped): its progress files go."""
         for suffix in (_STATE, _CODES):

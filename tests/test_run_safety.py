@@ -166,10 +166,17 @@ def test_generate_asking_for_more_than_a_wav_or_the_disk_holds_is_one_line_befor
                     "--genre", "tone")
     assert "a WAV holds at most 37.3 h of 16-bit audio at 16000 Hz" in line
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
-    # 2 songs of 60 s: 3.7 MB of WAVs on a 1.2 MB disk.
+    # 2 songs of 60 s: 3.8 MB of WAVs and 1.9 MB of their codes while they are made, on a
+    # 1.2 MB disk.
     line = error_of("generate", trained_run, "--out", small_disk / "o", "--seconds", "60",
                     "--num-songs", "2", "--genre", "tone")
-    assert f"--out {small_disk / 'o'}: 2 song(s) of 960,000 samples need ~3.8 MB, more " \
+    assert f"--out {small_disk / 'o'}: 2 song(s) of 960,000 samples need ~5.8 MB, more " \
            "than the 1.2 MB free there" in line
     assert "free there: ask for fewer --seconds or --num-songs" in line
     assert not any((small_disk / "o").iterdir())
+    # What a batch holds in memory (its songs' caches, a chunk of draws) is bounded up front.
+    line = error_of("generate", trained_run, "--out", tmp_path / "o", "--num-songs", str(10**9),
+                    "--batch-size", str(10**9), "--genre", "tone")
+    assert "1000000000 song(s) per rank x 1 rank(s) on this node need ~" in line
+    assert "GiB available: ask for a smaller --batch-size" in line
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
