@@ -130,6 +130,20 @@ def _kernel(SB: int, C: int, D: int, S: int, Q: int, L: int, two_codes: bool):
         q = q * x2 + float32(4.89352518554385e-03)
         return x * p / q
 
+    @cuda.jit(device=True, inline=True)
+    def dense(inputs, weights, bias, outputs, relu, tid, threads, acc):
+        """This thread's columns of outputs = inputs @ weights + bias (then max(., 0) with
+        `relu`), for the block's SB songs: each weight read once for all of them."""
+        for o in range(tid, outputs.shape[1], threads):
+            for s in range(SB):
+                acc[s] = bias[o]
+            for i in range(inputs.shape[1]):
+                w = weights[i, o]
+                for s in range(SB):
+                    acc[s] += inputs[s, i] * w
+            for s in range(SB):
+                outputs[s, o] = max(acc[s], float32(0.0)) if relu else acc[s]
+
     @cuda.jit
     def chunk(embedding, embedding_previous, conv, gate_bias, residual, residual_bias, skip_w,
               skip_b, head1, head1_b, head2, head2_b, dilations, offsets, caches, t0,
@@ -216,25 +230,9 @@ def _kernel(SB: int, C: int, D: int, S: int, Q: int, L: int, two_codes: bool):
                 s, o = i // S, i % S
                 skip[s, o] = max(skip[s, o] + skip_b[o], float32(0.0))
             cuda.syncthreads()
-            for o in range(tid, S, threads):
-                for s in range(SB):
-                    acc_f[s] = head1_b[o]
-                for i in range(S):
-                    w = head1[i, o]
-                    for s in range(SB):
-                        acc_f[s] += skip[s, i] * w
-                for s in range(SB):
-                    hidden[s, o] = max(acc_f[s], float32(0.0))
+            dense(skip, head1, head1_b, hidden, True, tid, threads, acc_f)
             cuda.syncthreads()
-            for o in range(tid, Q, threads):
-                for s in range(SB):
-                    acc_f[s] = head2_b[o]
-                for i in range(S):
-                    w = head2[i, o]
-                    for s in range(SB):
-                        acc_f[s] += hidden[s, i] * w
-                for s in range(SB):
-                    logits[s, o] = acc_f[s]
+            dense(hidden, head2, head2_b, logits, False, tid, threads, acc_f)
             cuda.syncthreads()
             if tid < SB and first + tid < batch:  # one thread per song draws its code
                 s, song = tid, first + tid
