@@ -199,6 +199,8 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
         + (f", primed with {head / rate:.2f} s of {options.prime}" if prime is not None
            else "") + (f", genre {options.genre}" if gid is not None else ""))
     resumed = sum(len(b.songs) for b in batches if b.saved)
+    if size > 1:  # every rank's: a resumed job's songs may go to other ranks than before
+        resumed = sum(ranks.allgather(resumed))
     if finished or resumed:
         say(f"continuing the job in {options.out}: {len(finished)} song(s) finished, "
             f"{resumed} resumed from their saved state")
