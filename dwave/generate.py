@@ -263,6 +263,9 @@ def _claim(job: GenerationJob, request: dict, options: GenerateConfig, samples: 
     (finished songs skipped) and check every song's target and the disk, then record the
     request. Returns (the lock, the finished songs)."""
     new = not os.path.lexists(job.directory)
+    if os.path.islink(job.directory) or not (new or os.path.isdir(job.directory)):
+        raise DwaveError(f"{job.directory} is not dwave's folder (a symlink or a file): dwave "
+                         "does not write through it; move it away or choose another --out")
     lock = DirectoryLock(job.directory, "--out", "dwave generate", "--out")
     lock.acquire()
     try:

@@ -239,6 +239,11 @@ def test_generate_never_writes_over_what_it_did_not_write(trained_run, tmp_path)
     assert (out / "song-001.wav").read_bytes() == b"the user's own recording"
     assert target.read_text() == "not a song"
     (out / "song-001.wav").unlink()
+    # dwave's job folder in --out is its own: a symlink there is not followed, a file not
+    # replaced.
+    (out / ".dwave-generate").symlink_to(tmp_path)
+    assert ".dwave-generate is not dwave's folder (a symlink or a file)" in error_of()
+    (out / ".dwave-generate").unlink()
 
     def songs():
         return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
