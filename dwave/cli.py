@@ -455,8 +455,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=_default(G, "batch_size"),
                    help="songs generated together per rank (%(default)s)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace songs dwave wrote earlier in --out (files dwave did not write "
-                        "are never replaced)")
+                   help="start over: replace songs dwave wrote earlier in --out and drop "
+                        "another request's songs in progress (files dwave did not write are "
+                        "never replaced)")
     p.add_argument("--threads", type=_positive_int,
                    help="threads per rank, each stepping its share of the batch (default: the "
                         "rank's cores: those it is bound to, or its share of the node's)")
