@@ -17,7 +17,7 @@
                                  store's, "history": every validation loss so far}
     RUN_DIR/samples/             step-N.wav + .png: listening samples (dwave.listen)
     RUN_DIR/tensorboard/         train/ and validation/ event files
-    RUN_DIR/lock                 held by rank 0 of the training job (see RunDirLock)
+    RUN_DIR/lock                 held by rank 0 of the training job (see DirectoryLock)
 
 `dwave train` writes it, `dwave generate` and `dwave status` (and through it
 slurm/train.sbatch) read it; TensorFlow is imported only by the functions that need it.
@@ -405,9 +405,6 @@ class DirectoryLock:
         if self.fd is not None:
             os.close(self.fd)  # closing releases the record lock
             self.fd = None
-
-
-RunDirLock = DirectoryLock  # RUN_DIR/lock, held by rank 0 of the training job
 
 
 def _read(fd: int) -> str:

@@ -34,7 +34,7 @@ from .config import (DEFAULT_PRESET, MODEL_FLAGS, PRECISIONS, PRESET_LEARNING_RA
                      ModelConfig)
 from .cores import cores_per_rank
 from .errors import DwaveError
-from .rundir import (AVERAGE, TENSORBOARD, RunDirLock, ValidationLog,
+from .rundir import (AVERAGE, TENSORBOARD, DirectoryLock, ValidationLog,
                      check_checkpoints_folder, checkpoint_manager, ensure_writable,
                      holds_average, read_run_config, restore_latest,
                      validation_windows, write_run_config)
@@ -590,7 +590,7 @@ def _lock_run_dir(run_dir: str, rank: int, size: int, hvd) -> None:
     refusal = None
     if rank == 0:
         try:
-            lock = RunDirLock(run_dir)
+            lock = DirectoryLock(run_dir)
             lock.acquire()
             _HELD_LOCKS.append(lock)  # never released here: it lives as long as this process
         except DwaveError as exc:

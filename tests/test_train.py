@@ -290,8 +290,8 @@ def test_a_job_on_a_busy_run_dir_is_refused_before_it_reads_the_store(tone_store
     for chunk in chunks:
         chunk.write_bytes(b"\x00")  # no longer a track's codes
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from dwave.rundir import RunDirLock; "
-         "RunDirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
+        [sys.executable, "-c", "import sys, time; from dwave.rundir import DirectoryLock; "
+         "DirectoryLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
          str(run)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert holder.stdout.readline().strip() == "held"
