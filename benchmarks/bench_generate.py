@@ -11,8 +11,9 @@ Random weights (speed does not depend on them). Prints samples/s of
       on one thread (what the lanes add);
 their ratios to (a), and the real-time factor at the model's sample rate. Each fast figure is
 the median of --repeats runs (this kind of machine is noisy; all runs are printed). Then the
-step's matrix products alone, for 32 songs: the tiled kernel (dwave/packed_product.py) against BLAS
-(numpy's sgemm), both on one core, in GFLOP/s. Writes OUT/generate.json and OUT/generate_scaling.png.
+step's matrix products alone, for 32 songs: the tiled kernel (dwave/generate/packed_product.py)
+against BLAS (numpy's sgemm), both on one core, in GFLOP/s. Writes OUT/generate.json and
+OUT/generate_scaling.png.
 
 --sections picks what runs (default: speed); the others run `dwave generate` itself, on a run
 dir of random weights this script writes (OUT/run-PRESET):
@@ -66,7 +67,7 @@ def naive_rate(model, samples: int) -> float:
 
 def fast_rate(model, songs: int, samples: int, repeats: int, threads=None) -> float:
     """Median aggregate samples/s over `repeats` runs (each printed)."""
-    from dwave.cached_generator import FastGenerator
+    from dwave.generate.cpu_engine import FastGenerator
 
     generator = FastGenerator.for_model(model, songs, threads=threads)
     uniforms = np.random.default_rng(0).random((samples, songs), dtype=np.float32)
@@ -85,8 +86,8 @@ def product_speeds(model, rows: int = 32) -> dict:
     and head products) for `rows` songs: tiled kernel vs numpy's BLAS, each best of 3."""
     import numba
 
-    from dwave.cached_generator import pack_weights
-    from dwave.packed_product import matmul
+    from dwave.generate.cpu_engine import pack_weights
+    from dwave.generate.packed_product import matmul
 
     @numba.njit
     def tiled(inputs, weights, outputs, repeats):
@@ -132,9 +133,9 @@ def make_run(run_dir: str, preset: str) -> str:
     depend on the weights' values)."""
     import tensorflow as tf
 
-    from dwave.config import ModelConfig
-    from dwave.model import WaveNet
-    from dwave.rundir import checkpoint_manager, latest_checkpoint, write_run_config
+    from dwave.model.config import ModelConfig
+    from dwave.model.network import WaveNet
+    from dwave.model.rundir import checkpoint_manager, latest_checkpoint, write_run_config
 
     if latest_checkpoint(run_dir) is None:
         tf.keras.utils.set_random_seed(0)
@@ -267,8 +268,8 @@ def memory_section(run: str, out: str, songs: int, seconds_sizes: list, prime_si
 def random_weights(preset: str):
     """ExportedWeights of the preset's shapes, random, in numpy (no TensorFlow: a GPU machine
     may not have it)."""
-    from dwave.config import ModelConfig
-    from dwave.weights import ExportedWeights
+    from dwave.model.config import ModelConfig
+    from dwave.model.weights import ExportedWeights
 
     c = ModelConfig.from_preset(preset)
     Q, C, D, S, L = (c.quantization_channels, c.residual_channels, c.dilation_channels,
@@ -288,8 +289,8 @@ def random_weights(preset: str):
 def agreement_section(preset: str, songs: int, steps: int) -> dict:
     """Teacher-forced: both engines see the same inputs at every step, so every draw is
     comparable (a free-running song goes its own way after its first different code)."""
-    from dwave.cached_generator import FastGenerator
-    from dwave.cuda_generator import CudaGenerator
+    from dwave.generate.cpu_engine import FastGenerator
+    from dwave.generate.cuda_engine import CudaGenerator
     from numba import config
 
     weights, dilations = random_weights(preset)
@@ -303,7 +304,7 @@ def agreement_section(preset: str, songs: int, steps: int) -> dict:
     started = time.perf_counter()
     _, gpu_logits = gpu.generate(uniforms, 1.0, forced=forced, keep_logits=True)
     seconds = time.perf_counter() - started
-    from dwave.cached_generator import _sample_row, inverse_temperature
+    from dwave.generate.cpu_engine import _sample_row, inverse_temperature
 
     inv_t = inverse_temperature(1.0)
     q = weights.embedding.shape[0]
@@ -323,8 +324,8 @@ def agreement_section(preset: str, songs: int, steps: int) -> dict:
 def cuda_section(preset: str, samples: int) -> dict:
     """The CUDA engine's aggregate samples/s, 1 to 4,096 songs, and the CPU engine's on this
     machine's cores (64 songs) and on one core, for the ratio the issue asks about."""
-    from dwave.cached_generator import FastGenerator
-    from dwave.cuda_generator import CudaGenerator
+    from dwave.generate.cpu_engine import FastGenerator
+    from dwave.generate.cuda_engine import CudaGenerator
 
     weights, dilations = random_weights(preset)
     rows = {}
@@ -386,8 +387,8 @@ def main() -> None:
 
     import tensorflow as tf
 
-    from dwave.config import ModelConfig
-    from dwave.model import WaveNet
+    from dwave.model.config import ModelConfig
+    from dwave.model.network import WaveNet
 
     tf.keras.utils.set_random_seed(0)
     config = ModelConfig.from_preset(args.preset)
@@ -468,7 +469,7 @@ def job_sections(args, sections: list, machine: str) -> None:
         figures["memory"]["preset"] = args.memory_preset
     if "agreement" in sections:
         if "NUMBA_ENABLE_CUDASIM" not in os.environ:
-            from dwave.engines import cuda_usable
+            from dwave.generate.engines import cuda_usable
 
             if not cuda_usable():  # the simulator, in a process of its own (read at import)
                 with open(path, "w") as f:

@@ -50,9 +50,9 @@ from machine import cpu_model  # noqa: E402
 
 def independent_baselines(store: str, run_dir: str) -> dict:
     """The two baselines, computed here with plain numpy over the same split and windows as
-    the run (not through dwave.baselines), as a check on what the trainer printed."""
-    from dwave.config import ModelConfig
-    from dwave.data import open_training_data
+    the run (not through dwave.train.baselines), as a check on what the trainer printed."""
+    from dwave.model.config import ModelConfig
+    from dwave.train.data import open_training_data
 
     with open(os.path.join(run_dir, "config.json")) as f:
         saved = json.load(f)

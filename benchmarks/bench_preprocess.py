@@ -37,10 +37,10 @@ import soundfile as sf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dwave.cluster import ClusterConfig  # noqa: E402
-from dwave.preprocess import PartTask, TrackTask, process_part, run_preprocess  # noqa: E402
-from dwave.sources import expand_sources  # noqa: E402
-from dwave.store import TrackStore  # noqa: E402
+from dwave.store.cluster import ClusterConfig  # noqa: E402
+from dwave.store.preprocess import PartTask, TrackTask, process_part, run_preprocess  # noqa: E402
+from dwave.store.sources import expand_sources  # noqa: E402
+from dwave.store.track_store import TrackStore  # noqa: E402
 
 
 def best_of(repeats: int, fn) -> float:
@@ -113,7 +113,7 @@ def worker_peak_memory_mb(path: str, scratch: str) -> tuple[float, float, float]
     (source,) = expand_sources([path]).sources
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
-        client.run(lambda: __import__("dwave.preprocess"))  # imports count in the baseline
+        client.run(lambda: __import__("dwave.store.preprocess"))  # imports count in the baseline
         (baseline, _), = client.run(rss_mb).values()
         (result,) = client.submit(process_part, PartTask("hour", (TrackTask(source, "hour", None),)),
                                   store.url, store.storage_options, config).result()
@@ -173,8 +173,9 @@ def clip_row(songs: list[str], scratch: str, count: int, repeats: int) -> dict:
     Beside it, on one core in this process: libsndfile's decode alone and dwave's whole chain
     without the store write, which split the ratio into what the decoder costs and what
     dwave adds (mono, resample, normalise, mu-law)."""
-    from dwave.preprocess import decode_track
-    from dwave.store import DEFAULT_QUANTIZATION_CHANNELS, DEFAULT_SAMPLE_RATE, StoreConfig
+    from dwave.store.preprocess import decode_track
+    from dwave.store.track_store import (DEFAULT_QUANTIZATION_CHANNELS, DEFAULT_SAMPLE_RATE,
+                                         StoreConfig)
 
     clips = make_clips(songs, os.path.join(scratch, "clips"), 4 * count)
     few = os.path.join(scratch, "clips-few")

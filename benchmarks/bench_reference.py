@@ -95,9 +95,9 @@ def train_reference(run_dir: str, reference_dir: str, threads: int | None = None
     figures (see the module's docstring)."""
     import tensorflow as tf
 
-    from dwave.config import ModelConfig
-    from dwave.data import open_training_data
-    from dwave.schedule import ADAM_EPSILON
+    from dwave.model.config import ModelConfig
+    from dwave.train.data import open_training_data
+    from dwave.train.schedule import ADAM_EPSILON
 
     with open(os.path.join(run_dir, "config.json")) as f:
         saved = json.load(f)

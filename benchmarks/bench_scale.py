@@ -89,7 +89,7 @@ def start_s3(out: str):
 
 def make_sources(directory: str, n: int):
     """N one-byte files named as FMA names its songs: what the store's tracks claim to be."""
-    from dwave.sources import expand_sources
+    from dwave.store.sources import expand_sources
 
     if not os.path.isdir(directory) or len(os.listdir(directory)) != n:
         shutil.rmtree(directory, ignore_errors=True)
@@ -102,7 +102,7 @@ def make_sources(directory: str, n: int):
 
 def build_store(url: str, sources, rng, track_samples: int = TRACK_SAMPLES) -> float:
     """The store of len(sources) tracks; returns the seconds it took."""
-    from dwave.store import TrackStore
+    from dwave.store.track_store import TrackStore
 
     store = TrackStore(url)
     started = time.perf_counter()
@@ -134,10 +134,10 @@ def measure(operation, repeat: int, requests: RequestLog | None) -> dict:
 
 
 def bookkeeping(url: str, sources_dir: str, repeat: int, requests) -> dict:
-    from dwave.data import open_samplers, scan_store
-    from dwave.info import describe_store
-    from dwave.preprocess import run_preprocess
-    from dwave.store import Index, TrackStore
+    from dwave.train.data import open_samplers, scan_store
+    from dwave.store.info import describe_store
+    from dwave.store.preprocess import run_preprocess
+    from dwave.store.track_store import Index, TrackStore
 
     store = TrackStore(url)
 
@@ -168,8 +168,8 @@ def streaming(url: str, requests, batches: int) -> dict:
     per window, and Zarr's own reader of the same windows (the baseline)."""
     import zarr
 
-    from dwave.data import open_samplers, scan_store
-    from dwave.store import is_remote
+    from dwave.train.data import open_samplers, scan_store
+    from dwave.store.track_store import is_remote
 
     scan = scan_store(url)
     out = {"window_bytes": SPAN, "batch": BATCH, "rows": {}}
@@ -215,7 +215,7 @@ def streaming(url: str, requests, batches: int) -> dict:
 
 RANK_SCRIPT = r"""
 import json, sys, numpy as np
-from dwave.data import open_training_data
+from dwave.train.data import open_training_data
 data = open_training_data(sys.argv[1], %d, %d, 0, validation_fraction=0.0, mode=sys.argv[2])
 if sys.argv[2] == "memory":
     total = sum(int(c.sum(dtype=np.int64)) for c in data.train.code_chunks())
@@ -238,7 +238,7 @@ sys.stdin.readline()  # hold the memory until every rank has reported
 def memory_mode(url: str, ranks: int = 2) -> dict:
     """`ranks` processes on this node holding the store's tracks: mapped (memory mode) and, as
     the baseline, each reading a private copy."""
-    from dwave.store import TrackStore
+    from dwave.store.track_store import TrackStore
 
     data_mb = sum(TrackStore(url).current_index()[0].tracks.columns["length"]) / 2**20
     out = {"data_mb": data_mb, "ranks": ranks}

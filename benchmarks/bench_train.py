@@ -90,8 +90,8 @@ def worker(args) -> None:
     import numpy as np
     import tensorflow as tf
 
-    from dwave.config import ModelConfig
-    from dwave.train import Trainer
+    from dwave.model.config import ModelConfig
+    from dwave.train.loop import Trainer
 
     config = ModelConfig.from_preset(args.preset)
     span = config.span(args.window)
@@ -119,7 +119,7 @@ def worker(args) -> None:
 
     results = {"ranks": size, "synthetic_step_s": timed(repeat())}
     if args.with_store:
-        from dwave.data import open_training_data
+        from dwave.train.data import open_training_data
 
         data = open_training_data(args.store, span, args.batch_size, seed=0)
         batches = iter(data.train.dataset(rank, 0, 10**9))
@@ -171,7 +171,7 @@ def keras_baseline(args) -> None:
     import numpy as np
     import tensorflow as tf
 
-    from dwave.config import ModelConfig
+    from dwave.model.config import ModelConfig
 
     c = ModelConfig.from_preset(args.preset)
     L = tf.keras.layers
@@ -318,8 +318,8 @@ def main() -> None:
 
 
 def measure(args) -> dict:
-    from dwave.config import ModelConfig
     from dwave.cores import bf16_products_native
+    from dwave.model.config import ModelConfig
 
     here = os.path.abspath(__file__)
     cores, ranks = os.cpu_count() or 1, args.ranks

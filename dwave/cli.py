@@ -12,15 +12,15 @@ import json
 import os
 import sys
 
-from .cluster import CLUSTER_KINDS, ClusterConfig
-from .config import (DATA_MODES, DEFAULT_CACHE_BYTES, MODEL_FLAGS, PRECISIONS,
-                     PRESET_LEARNING_RATES, PRESETS, STREAM_WINDOWS_PER_READ)
-from .audio import DEFAULT_MAX_SONG_MINUTES
-from .errors import DwaveError, printable
 from .demo import DemoConfig
-from .engines import ENGINES
-from .generate import GenerateConfig
-from .train import TrainConfig
+from .errors import DwaveError, printable
+from .generate.command import GenerateConfig
+from .generate.engines import ENGINES
+from .model.config import (DATA_MODES, DEFAULT_CACHE_BYTES, MODEL_FLAGS, PRECISIONS,
+                           PRESET_LEARNING_RATES, PRESETS, STREAM_WINDOWS_PER_READ)
+from .store.audio import DEFAULT_MAX_SONG_MINUTES
+from .store.cluster import CLUSTER_KINDS, ClusterConfig
+from .train.loop import TrainConfig
 from .versions import version_line
 
 
@@ -166,7 +166,7 @@ def _add_cluster_flags(p) -> None:
 
 
 def _cmd_preprocess(args) -> int:
-    from .preprocess import run_preprocess
+    from .store.preprocess import run_preprocess
 
     summary = run_preprocess(
         args.sources,
@@ -204,7 +204,7 @@ def _add_info(sub) -> None:
 
 
 def _cmd_info(args) -> int:
-    from .info import describe_store, format_description
+    from .store.info import describe_store, format_description
 
     description = describe_store(args.store, args.storage_options)
     if args.json:
@@ -242,13 +242,13 @@ def _add_store(sub) -> None:
 
 
 def _cmd_store_verify(args) -> int:
-    from .verify import verify_store
+    from .store.verify import verify_store
 
     return 0 if verify_store(args.store, args.storage_options, args.repair, log=_log) else 1
 
 
 def _cmd_store_upgrade(args) -> int:
-    from .upgrade import upgrade_store
+    from .store.upgrade import upgrade_store
 
     upgrade_store(args.store, args.storage_options, log=_log)
     return 0
@@ -372,7 +372,7 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(args) -> int:
-    from .train import run_training
+    from .train.loop import run_training
 
     overrides = {field: getattr(args, field) for field in MODEL_FLAGS
                  if getattr(args, field) is not None}  # the flags given, nothing else
@@ -401,8 +401,8 @@ def _add_status(sub) -> None:
 
 
 def _cmd_status(args) -> int:
-    from .generate_job import GenerationJob
-    from .rundir import read_progress
+    from .generate.job import GenerationJob
+    from .model.rundir import read_progress
 
     job = GenerationJob(args.run_dir)
     if job.recorded() is not None:
@@ -475,7 +475,7 @@ def _add_generate(sub) -> None:
 
 
 def _cmd_generate(args) -> int:
-    from .generate import run_generate
+    from .generate.command import run_generate
 
     run_generate(_config_from(GenerateConfig, args), log=_log)
     return 0

@@ -31,10 +31,10 @@ class DemoConfig:
 def run_demo(config: DemoConfig, log=print) -> int:
     out, source, songs, seconds = config.out, config.source, config.songs, config.seconds
     steps, ranks, generate_seconds = config.steps, config.ranks, config.generate_seconds
-    from .cluster import ClusterConfig
-    from .info import describe_store, format_description
-    from .preprocess import run_preprocess
-    from .synth import write_corpus
+    from .store.cluster import ClusterConfig
+    from .store.info import describe_store, format_description
+    from .store.preprocess import run_preprocess
+    from .store.synth import write_corpus
 
     os.makedirs(out, exist_ok=True)
     metadata = None
@@ -62,7 +62,7 @@ def run_demo(config: DemoConfig, log=print) -> int:
         + " ".join(command))
     _run_streaming(command, log)
 
-    from .generate import GenerateConfig, run_generate
+    from .generate.command import GenerateConfig, run_generate
 
     songs_dir = os.path.join(out, "songs")
     log(f"\n[4/4] generating 2 songs of {generate_seconds:g} s -> {songs_dir}")
@@ -77,7 +77,7 @@ def run_demo(config: DemoConfig, log=print) -> int:
 
 def learning_summary(run_dir: str) -> str:
     """The last validation loss against the store's baselines, from RUN_DIR/validation.json."""
-    from .rundir import read_validation_log
+    from .model.rundir import read_validation_log
 
     log = read_validation_log(run_dir)
     if not log or not log.get("history") or not log.get("baselines"):

@@ -117,8 +117,8 @@ fi
 bash scripts/install-horovod.sh "$VENV/bin/python" "$FLAVOUR" \
   || say "Horovod not installed (see above): training runs on one process until it is"
 
-# --- 4. dwave's fused CPU kernels (dwave/fused_ops.cc), built now rather than at the first run --
-"$VENV/bin/python" -c "from dwave import fused_ops; fused_ops.load()" 2>&1 \
+# --- 4. dwave's fused CPU kernels (dwave/model/fused_ops.cc), built now rather than at the first run --
+"$VENV/bin/python" -c "from dwave.model import fused_ops; fused_ops.load()" 2>&1 \
   | grep -v -E "^20..-|^To enable the following instructions" || true
 
 say "ready: $("$VENV/bin/dwave" --version)"

@@ -15,7 +15,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The CUDA engine's kernels run in Numba's simulator: this machine has no GPU. Read when numba
 # is first imported, so set before any test imports dwave; the CPU engine does not use it, and
-# dwave never picks the CUDA engine by itself under the simulator (dwave.engines).
+# dwave never picks the CUDA engine by itself under the simulator (dwave.generate.engines).
 os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 ASC_MUSIC = "/usr/share/games/asc/music"
 
@@ -69,7 +69,7 @@ def run_dwave(*args, env=None, timeout=300, check=None, cwd=None) -> subprocess.
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> tuple[str, str]:
     """Six synthetic 8-second MP3 songs with FMA-style names, and their genre CSV."""
-    from dwave.synth import write_corpus
+    from dwave.store.synth import write_corpus
 
     directory = str(tmp_path_factory.mktemp("corpus"))
     csv_path = write_corpus(directory, songs=6, seconds=8)
@@ -139,7 +139,7 @@ def s3_bucket(s3_endpoint, request) -> str:
 def synthetic_codes(seconds: float, rate: int = 16000, kind: str = "tone", seed: int = 0,
                     levels: int = 256):
     """mu-law codes of a tone or a chirp: structure a WaveNet can learn in a few steps."""
-    from dwave.audio import mu_law_encode
+    from dwave.store.audio import mu_law_encode
 
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * rate)) / rate
@@ -156,7 +156,7 @@ def make_store(url: str, tracks: dict, rate: int = 16000, storage_options=None,
                levels: int = 256, tracks_per_part: int = 2) -> str:
     """A store written directly (no decoding): `tracks` maps id -> (codes, genre), written
     `tracks_per_part` to a part, as preprocessing batches them."""
-    from dwave.store import TrackStore
+    from dwave.store.track_store import TrackStore
 
     store = TrackStore(url, storage_options)
     store.prepare(rate, levels, overwrite=True)

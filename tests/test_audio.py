@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from dwave.audio import (
+from dwave.store.audio import (
     AudioError, decode_to_mono, encode_in_place, iter_mono_blocks, mu_law_decode,
     mu_law_encode, normalisation_gain,
 )
@@ -132,7 +132,7 @@ def test_encoding_normalises_the_peak(tmp_path):
 
 @pytest.mark.parametrize("channels", [256, 65536])
 def test_in_place_encoding_equals_encoding_a_copy(channels):
-    from dwave.audio import DecodedAudio
+    from dwave.store.audio import DecodedAudio
 
     samples = np.random.default_rng(3).uniform(-0.7, 0.7, 10_007).astype(np.float32)
     expected = mu_law_encode(samples / np.float32(0.7), channels)
@@ -181,7 +181,7 @@ def test_bad_files_are_rejected_with_a_reason(tmp_path, kind, reason):
 
 
 def test_a_song_longer_than_the_limit_fails_before_its_buffer_grows(tmp_path):
-    from dwave.audio import AudioError, decode_to_mono
+    from dwave.store.audio import AudioError, decode_to_mono
 
     path = write_audio(tmp_path / "long.wav", tone(3.0, 8000), 8000)
     with pytest.raises(AudioError, match=r"too long: its header declares 3 s, more than the "

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from dwave.baselines import bigram_bits, count_codes, evaluate, unigram_bits
+from dwave.train.baselines import bigram_bits, count_codes, evaluate, unigram_bits
 
 
 def brute_force(tracks, levels, previous, targets):

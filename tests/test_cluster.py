@@ -29,10 +29,10 @@ def test_preprocess_on_ec2_builds_the_cluster_dask_cloudprovider_expects(tmp_pat
     them, and runs the workers locally, so everything after the cluster's construction is real."""
     from distributed import LocalCluster
 
-    import dwave.cluster
-    from dwave.cluster import ClusterConfig
-    from dwave.info import describe_store
-    from dwave.preprocess import run_preprocess
+    import dwave.store.cluster
+    from dwave.store.cluster import ClusterConfig
+    from dwave.store.info import describe_store
+    from dwave.store.preprocess import run_preprocess
 
     received = []
 
@@ -46,8 +46,8 @@ def test_preprocess_on_ec2_builds_the_cluster_dask_cloudprovider_expects(tmp_pat
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # what a real EC2Cluster needs
         monkeypatch.setenv(name, "stand-in")
-    real_cluster_class = dwave.cluster.cluster_class
-    monkeypatch.setattr(dwave.cluster, "cluster_class",
+    real_cluster_class = dwave.store.cluster.cluster_class
+    monkeypatch.setattr(dwave.store.cluster, "cluster_class",
                         lambda kind: StandInEC2Cluster if kind == "ec2"
                         else real_cluster_class(kind))
     songs, _ = corpus
@@ -64,7 +64,7 @@ def test_preprocess_on_ec2_builds_the_cluster_dask_cloudprovider_expects(tmp_pat
 
 
 def test_unset_ec2_values_are_left_to_dask_config():
-    from dwave.cluster import ClusterConfig, ec2_cluster_kwargs
+    from dwave.store.cluster import ClusterConfig, ec2_cluster_kwargs
 
     assert ec2_cluster_kwargs(ClusterConfig(kind="ec2")) == {"n_workers": 2, "security": True}
 
@@ -74,7 +74,7 @@ def test_slurm_job_script_runs_one_single_threaded_worker_of_this_python(tmp_pat
 
     from dask_jobqueue import SLURMCluster
 
-    from dwave.cluster import ClusterConfig, slurm_cluster_kwargs
+    from dwave.store.cluster import ClusterConfig, slurm_cluster_kwargs
 
     kwargs = slurm_cluster_kwargs(ClusterConfig(kind="slurm", partition="gpu", walltime="01:00:00",
                                                  worker_memory="2GiB", account="music",
@@ -90,7 +90,7 @@ def test_slurm_job_shape_comes_from_the_sites_jobqueue_yaml_unless_a_flag_overri
     import dask
     from dask_jobqueue import SLURMCluster
 
-    from dwave.cluster import ClusterConfig, slurm_cluster_kwargs
+    from dwave.store.cluster import ClusterConfig, slurm_cluster_kwargs
 
     site = {"jobqueue.slurm.cores": 4, "jobqueue.slurm.processes": 2,
             "jobqueue.slurm.memory": "8GiB", "jobqueue.slurm.interface": "lo",
@@ -112,7 +112,7 @@ def test_slurm_job_shape_comes_from_the_sites_jobqueue_yaml_unless_a_flag_overri
 
 
 def test_scheduler_and_cluster_kind_do_not_combine():
-    from dwave.cluster import ClusterConfig
+    from dwave.store.cluster import ClusterConfig
 
     with pytest.raises(DwaveError, match="do not combine"):
         ClusterConfig(kind="ec2", scheduler="tcp://127.0.0.1:8786")
@@ -148,7 +148,7 @@ def test_a_missing_scheduler_file_or_dead_address_is_a_bounded_one_line_error(tm
     import socket
     import time
 
-    from dwave.cluster import ClusterConfig, dask_client
+    from dwave.store.cluster import ClusterConfig, dask_client
     from dwave.errors import DwaveError
 
     with socket.socket() as s:  # a port nobody listens on
@@ -165,7 +165,7 @@ def test_a_missing_scheduler_file_or_dead_address_is_a_bounded_one_line_error(tm
 
 
 def test_the_local_dashboard_listens_on_loopback_only():
-    from dwave.cluster import ClusterConfig, dask_client
+    from dwave.store.cluster import ClusterConfig, dask_client
 
     with dask_client(ClusterConfig(workers=1), log=print) as client:
         # The addresses the scheduler's HTTP server (the dashboard) really bound.
@@ -177,7 +177,7 @@ def test_the_local_dashboard_listens_on_loopback_only():
 def test_local_workers_run_without_dasks_malloc_trimming_unless_the_user_sets_it(monkeypatch):
     import os
 
-    from dwave.cluster import NO_MALLOC_TRIM, ClusterConfig, dask_client
+    from dwave.store.cluster import NO_MALLOC_TRIM, ClusterConfig, dask_client
 
     def worker_trim(client):
         (value,) = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")).values()

@@ -62,7 +62,7 @@ def in_container(image, work, *command, timeout=1800, read_only=False) -> str:
 
 @pytest.mark.timeout(3600)  # the first build alone takes 10-15 minutes on 2 cores
 def test_the_image_preprocesses_trains_on_two_ranks_and_generates(image, tmp_path):
-    from dwave.synth import write_corpus
+    from dwave.store.synth import write_corpus
 
     write_corpus(str(tmp_path / "songs"), songs=6, seconds=6.0)
     said = in_container(image, tmp_path, "dwave", "--version")

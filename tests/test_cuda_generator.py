@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dwave.cached_generator import FastGenerator
-from dwave.weights import ExportedWeights
+from dwave.generate.cpu_engine import FastGenerator
+from dwave.model.weights import ExportedWeights
 
 
 def random_weights(Q=20, C=6, D=5, S=8, dilations=(1, 2, 1, 2), conditions=3,
@@ -32,7 +32,7 @@ def random_weights(Q=20, C=6, D=5, S=8, dilations=(1, 2, 1, 2), conditions=3,
 
 
 def engines(weights, dilations, batch, condition):
-    from dwave.cuda_generator import CudaGenerator
+    from dwave.generate.cuda_engine import CudaGenerator
 
     cpu = FastGenerator(weights, dilations, batch, condition, threads=1)
     # 2 songs per block: 3 songs leave the last block half empty; 4 threads split columns.
@@ -89,9 +89,9 @@ def test_a_song_state_moves_between_engines_and_resumes_where_it_was():
 
 
 def test_the_engine_is_chosen_by_name_and_the_simulator_is_never_the_default():
-    from dwave.cuda_generator import CudaGenerator
-    from dwave.engines import default_engine, make_engine
     from dwave.errors import DwaveError
+    from dwave.generate.cuda_engine import CudaGenerator
+    from dwave.generate.engines import default_engine, make_engine
 
     weights, dilations = random_weights()
     assert isinstance(make_engine("cuda", weights, dilations, 2, [0, 1]), CudaGenerator)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import make_store
-from dwave.data import open_training_data, split_tracks, Track
+from dwave.train.data import open_training_data, split_tracks, Track
 from dwave.errors import DwaveError
 
 
@@ -78,7 +78,7 @@ def test_memory_and_stream_modes_give_the_same_batches_through_tf_data(ramp_stor
 
 def test_defaults_stream_mode_reads_windows_in_groups_and_memory_mode_one_by_one(ramp_store):
     url, _ = ramp_store
-    from dwave.config import STREAM_WINDOWS_PER_READ
+    from dwave.model.config import STREAM_WINDOWS_PER_READ
 
     stream = open_training_data(url, 1000, 4, seed=1, validation_fraction=0, mode="stream")
     memory = open_training_data(url, 1000, 4, seed=1, validation_fraction=0, mode="memory")
@@ -114,7 +114,7 @@ def test_grouped_windows_share_reads_yet_stay_spread_and_uniform(tmp_path):
 def test_grouped_draws_keep_tracks_in_proportion_and_positions_uniform():
     """The grouped draw's marginal: each track in proportion to its valid starts, and every
     region of a track (its edges included) drawn equally often, within sampling noise."""
-    from dwave.data import grouped_starts
+    from dwave.train.data import grouped_starts
 
     lengths, span = np.array([200_000, 60_000, 7_000]), 1000
     starts = lengths - span + 1

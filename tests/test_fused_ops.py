@@ -1,4 +1,4 @@
-"""dwave's fused CPU kernels (dwave/fused_ops.cc) against TensorFlow's own ops for the same
+"""dwave's fused CPU kernels (dwave/model/fused_ops.cc) against TensorFlow's own ops for the same
 arithmetic, forward and gradient; the model with and without them; building, caching and
 falling back."""
 
@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from dwave.config import ModelConfig
+from dwave.model.config import ModelConfig
 
 from conftest import ROOT
 
@@ -26,7 +26,7 @@ def tf():
 
 @pytest.fixture(scope="module")
 def ops():
-    from dwave import fused_ops
+    from dwave.model import fused_ops
 
     module = fused_ops.load()
     assert module is not None, f"the fused kernels did not build: {fused_ops._loaded['reason']}"
@@ -139,7 +139,7 @@ def test_residual_is_now_plus_product_plus_bias(tf, ops, tr, shape):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_model_computes_the_same_with_and_without_fused_kernels(tf, ops, precision):
     """Same weights, same codes: logits and every weight's gradient agree, valid and causal."""
-    from dwave.model import WaveNet
+    from dwave.model.network import WaveNet
 
     config = ModelConfig.from_preset("tiny", condition_values=["a", "b"])
     models = []
@@ -169,7 +169,7 @@ def test_the_model_computes_the_same_with_and_without_fused_kernels(tf, ops, pre
 def test_float16_products_use_tensorflows_ops(tf, ops):
     """The kernels read and write float32 and bfloat16 only: --precision mixed (float16, for
     GPUs) keeps TensorFlow's ops even on a CPU."""
-    from dwave.model import WaveNet
+    from dwave.model.network import WaveNet
 
     config = ModelConfig.from_preset("tiny")
     assert WaveNet(config, "mixed").fused_ops is None
@@ -185,9 +185,9 @@ def run_python(code: str, cache: str, **env) -> subprocess.CompletedProcess:
 
 
 LOAD = """
-    from dwave import fused_ops
-    from dwave.model import WaveNet
-    from dwave.config import ModelConfig
+    from dwave.model import fused_ops
+    from dwave.model.network import WaveNet
+    from dwave.model.config import ModelConfig
     module = fused_ops.load()
     model = WaveNet(ModelConfig.from_preset("tiny"))
     print("loaded" if module is not None else "fallback", model.fused_ops is not None)
@@ -247,7 +247,7 @@ def test_dwave_fused_ops_0_asks_for_tensorflows_ops_quietly(tmp_path):
 
 
 def test_a_portable_level_is_one_build_for_every_cpu_that_has_it(monkeypatch):
-    from dwave import fused_ops
+    from dwave.model import fused_ops
 
     def key_on(cpu: str) -> str:
         monkeypatch.setattr(fused_ops, "_cpu_identity", lambda: cpu)
@@ -261,7 +261,7 @@ def test_a_portable_level_is_one_build_for_every_cpu_that_has_it(monkeypatch):
 
 
 def test_a_level_the_cpu_lacks_is_refused_in_words_before_any_build(monkeypatch):
-    from dwave import fused_ops
+    from dwave.model import fused_ops
 
     monkeypatch.setitem(fused_ops._LEVEL_FLAGS, "x86-64-v3", {"avx2", "no-such-cpu-flag"})
     monkeypatch.setenv("DWAVE_MARCH", "x86-64-v3")

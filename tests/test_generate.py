@@ -12,14 +12,14 @@ import pytest
 import soundfile as sf
 
 from conftest import MPI_ENV, ROOT, run_dwave, write_tone
-from dwave.config import ModelConfig
+from dwave.model.config import ModelConfig
 
 
 
 def random_model(genres=(), seed=0, **overrides):
     import tensorflow as tf
 
-    from dwave.model import WaveNet
+    from dwave.model.network import WaveNet
 
     tf.keras.utils.set_random_seed(seed)
     config = ModelConfig.from_preset("tiny", condition_values=list(genres), **overrides)
@@ -42,7 +42,7 @@ ODD_SIZES = dict(residual_channels=12, dilation_channels=10, skip_channels=20,
     ((), dict(input_kernel=1), 2)])
 def test_teacher_forced_fast_logits_equal_the_full_network(genres, sizes, threads):
     from dwave.cores import usable_cores
-    from dwave.cached_generator import FastGenerator
+    from dwave.generate.cpu_engine import FastGenerator
 
     model = random_model(genres, **sizes)
     config = model.config
@@ -65,7 +65,7 @@ def test_teacher_forced_fast_logits_equal_the_full_network(genres, sizes, thread
 
 @pytest.mark.parametrize("input_kernel", [2, 1])
 def test_priming_then_one_step_equals_the_full_network_on_prime_plus_one(input_kernel):
-    from dwave.cached_generator import FastGenerator, prime_state
+    from dwave.generate.cpu_engine import FastGenerator, prime_state
 
     model = random_model(("a", "b"), input_kernel=input_kernel)
     rf = model.config.receptive_field
@@ -85,7 +85,7 @@ def test_priming_then_one_step_equals_the_full_network_on_prime_plus_one(input_k
 
 
 def test_temperature_zero_follows_the_argmax_and_sampling_follows_the_softmax():
-    from dwave.cached_generator import FastGenerator
+    from dwave.generate.cpu_engine import FastGenerator
 
     model = random_model()
     generator = FastGenerator.for_model(model, 2)
@@ -103,7 +103,7 @@ def test_temperature_zero_follows_the_argmax_and_sampling_follows_the_softmax():
 
 
 def test_a_temperature_whose_inverse_overflows_acts_as_zero():
-    from dwave.cached_generator import FastGenerator, inverse_temperature
+    from dwave.generate.cpu_engine import FastGenerator, inverse_temperature
 
     assert inverse_temperature(1e-40) == 0 and inverse_temperature(0.0) == 0
     assert inverse_temperature(0.5) == np.float32(2.0)
@@ -118,8 +118,8 @@ def test_a_temperature_whose_inverse_overflows_acts_as_zero():
 
 
 def test_a_song_does_not_depend_on_its_batch():
-    from dwave.cached_generator import FastGenerator
-    from dwave.generate import song_uniforms
+    from dwave.generate.cpu_engine import FastGenerator
+    from dwave.generate.command import song_uniforms
 
     model = random_model()
     uniforms = np.stack([song_uniforms(7, s, 400) for s in range(9)], axis=1)
@@ -166,7 +166,7 @@ def test_generate_with_a_prime_starts_from_the_song(trained_run, tmp_path):
               "--prime-seconds", "0.5", "--genre", "chirp", "--temperature", "0", check=0)
     audio, rate = sf.read(out / "song-000.wav", dtype="float32")
     assert len(audio) == 8000 + 4000  # the prime, then what follows
-    from dwave.audio import decode_to_mono, mu_law_decode, mu_law_encode, normalisation_gain
+    from dwave.store.audio import decode_to_mono, mu_law_decode, mu_law_encode, normalisation_gain
 
     decoded = decode_to_mono(prime, 16000)
     expected = mu_law_decode(mu_law_encode(decoded.samples * normalisation_gain(decoded)))[:8000]
@@ -270,7 +270,7 @@ def test_song_files_are_complete_or_absent_and_stale_temporaries_go(tmp_path):
 
     import soundfile as sf
 
-    from dwave.song_files import check_song_targets, remove_stale_temporaries, write_song
+    from dwave.generate.song_files import check_song_targets, remove_stale_temporaries, write_song
 
     codes = np.random.default_rng(0).integers(0, 256, 4000)
     write_song(str(tmp_path / "song-000"), codes, 16000, 256)
@@ -299,7 +299,7 @@ def test_a_primed_songs_spectrogram_marks_where_the_prime_ends(tmp_path):
     end: at a quarter of the width for 1 s of prime in 4 s, and absent without a prime."""
     import matplotlib.image
 
-    from dwave.song_files import write_song
+    from dwave.generate.song_files import write_song
 
     codes = np.random.default_rng(0).integers(0, 256, 4 * 16000)
 
@@ -332,8 +332,8 @@ def test_a_song_written_in_chunks_is_the_file_written_whole(tmp_path):
     import soundfile as sf
     from scipy.signal import spectrogram
 
-    from dwave import song_files
-    from dwave.audio import mu_law_decode
+    from dwave.generate import song_files
+    from dwave.store.audio import mu_law_decode
 
     codes = np.random.default_rng(3).integers(0, 256, 50_000)
     audio = np.clip(mu_law_decode(codes, 256), -1.0, 1.0)
@@ -368,7 +368,7 @@ def test_a_long_songs_writer_holds_what_a_short_ones_does(tmp_path):
     columns are capped (a long song's segments averaged into them)."""
     import tracemalloc
 
-    from dwave.song_files import SongWriter
+    from dwave.generate.song_files import SongWriter
 
     chunk = np.random.default_rng(4).integers(0, 256, 2000)
 
@@ -495,7 +495,7 @@ def test_songs_in_progress_are_continued_only_by_their_own_request(trained_run, 
 
     # A second job while one runs: the lock, held by another process.
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from dwave.rundir import DirectoryLock; "
+        [sys.executable, "-c", "import sys, time; from dwave.model.rundir import DirectoryLock; "
          "DirectoryLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
          str(out / ".dwave-generate")], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:

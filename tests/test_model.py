@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dwave.config import PRESETS, ModelConfig
 from dwave.errors import DwaveError
+from dwave.model.config import PRESETS, ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def tf():
 def build(config, seed=0):
     import tensorflow as tf
 
-    from dwave.model import WaveNet
+    from dwave.model.network import WaveNet
 
     tf.keras.utils.set_random_seed(seed)
     return WaveNet(config)
@@ -151,7 +151,7 @@ def test_precision_sets_the_products_type_and_only_that(precision, dtype, tolera
     """The products run in the asked type (read from the traced graph, not from a setting);
     weights stay float32 and the logits agree with the float32 network to the type's precision
     (bfloat16 keeps 8 bits of mantissa: ~0.4 % per product)."""
-    from dwave.model import WaveNet
+    from dwave.model.network import WaveNet
 
     config = ModelConfig.from_preset("tiny", residual_channels=8, dilation_channels=8,
                                      skip_channels=16)

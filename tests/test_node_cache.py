@@ -11,7 +11,7 @@ from conftest import ROOT, make_store
 
 RANK = r"""
 import sys, hashlib
-from dwave.data import open_training_data
+from dwave.train.data import open_training_data
 data = open_training_data(sys.argv[1], 1000, 8, 0, validation_fraction=0.0, mode="memory",
                           load=False)
 data.load(log=lambda line: print("LOG", line, flush=True))
@@ -21,8 +21,8 @@ print("BATCHES", hashlib.sha256(codes).hexdigest(), flush=True)
 
 
 def test_two_ranks_of_a_node_share_one_copy_of_an_s3_store(s3_bucket, tmp_path):
-    from dwave.data import open_training_data
-    from dwave.store import TrackStore
+    from dwave.train.data import open_training_data
+    from dwave.store.track_store import TrackStore
 
     url = f"s3://{s3_bucket}/store"
     rng = np.random.default_rng(0)

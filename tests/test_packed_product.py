@@ -8,7 +8,7 @@ import numba
 import numpy as np
 import pytest
 
-from dwave.packed_product import WIDTH, matmul, pack, pad_blocks, padded
+from dwave.generate.packed_product import WIDTH, matmul, pack, pad_blocks, padded
 
 KERNELS = [True, False]  # tiled (FMA), plain loops
 
@@ -86,10 +86,10 @@ def test_fast_generation_equals_the_full_network_on_the_loop_path(env, tmp_path)
 
     script = """
 import numpy as np, tensorflow as tf
-from dwave import packed_product
-from dwave.config import ModelConfig
-from dwave.cached_generator import FastGenerator
-from dwave.model import WaveNet
+from dwave.generate import packed_product
+from dwave.model.config import ModelConfig
+from dwave.generate.cpu_engine import FastGenerator
+from dwave.model.network import WaveNet
 assert packed_product.KERNEL == "loops", packed_product.KERNEL
 tf.keras.utils.set_random_seed(0)
 model = WaveNet(ModelConfig(residual_channels=12, dilation_channels=10, skip_channels=20,
@@ -115,7 +115,7 @@ def test_the_barrier_holds_with_more_threads_than_cores():
     before it goes on (a partner that was descheduled is waited for by napping, not spun for)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from dwave.barrier import barrier, flags
+    from dwave.generate.barrier import barrier, flags
 
     @numba.njit(nogil=True)
     def worker(arrivals, me, parts, phases, rounds, errors):

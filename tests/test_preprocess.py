@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from dwave.audio import decode_to_mono, mu_law_encode
-from dwave.store import TrackStore
+from dwave.store.audio import decode_to_mono, mu_law_encode
+from dwave.store.track_store import TrackStore
 
 from conftest import ASC_MUSIC, ROOT, run_dwave, tone, write_audio
 
@@ -186,8 +186,8 @@ def test_ctrl_c_stops_a_run_with_one_line_and_a_resumable_store(tmp_path, long_s
 def test_a_dask_worker_killed_mid_run_does_not_fail_the_run(tmp_path, long_songs):
     from distributed import Client, LocalCluster
 
-    from dwave.cluster import ClusterConfig
-    from dwave.preprocess import run_preprocess
+    from dwave.store.cluster import ClusterConfig
+    from dwave.store.preprocess import run_preprocess
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import make_store, run_dwave, synthetic_codes
 from dwave.errors import DwaveError
-from dwave.train import TrainConfig, resume_changes
+from dwave.train.loop import TrainConfig, resume_changes
 
 FAST = ["--batch-size", "2", "--listen-seconds", "0", "--warmup-steps", "0"]
 
@@ -56,8 +56,8 @@ def test_generate_refuses_another_runs_checkpoint_naming_the_difference(trained_
     # an older dwave would) is refused outside the run's own checkpoints/ folder.
     import tensorflow as tf
 
-    from dwave.model import WaveNet
-    from dwave.rundir import read_run_config
+    from dwave.model.network import WaveNet
+    from dwave.model.rundir import read_run_config
 
     config, _ = read_run_config(str(trained_run))
     bare = tf.train.Checkpoint(model=WaveNet(config)).write(str(tmp_path / "bare" / "ckpt"))

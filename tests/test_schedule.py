@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dwave.config import ModelConfig
-from dwave.schedule import ADAM_EPSILON, current_rate, rate_at
-from dwave.train import Trainer
+from dwave.model.config import ModelConfig
+from dwave.train.loop import Trainer
+from dwave.train.schedule import ADAM_EPSILON, current_rate, rate_at
 
 CONFIG = ModelConfig(residual_channels=8, dilation_channels=8, skip_channels=16, stacks=1,
                      max_dilation=4)

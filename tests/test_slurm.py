@@ -75,7 +75,7 @@ def output_tail(log) -> str:
 
 
 def describe(store) -> dict:
-    from dwave.info import describe_store
+    from dwave.store.info import describe_store
 
     return describe_store(str(store))
 
@@ -159,7 +159,7 @@ def test_the_preprocess_jobs_scheduler_speaks_tls_with_a_key_only_the_job_has(tm
 
 @pytest.mark.slow
 def test_cluster_slurm_scheduler_speaks_tls_and_keeps_its_dashboard_local(tmp_path):
-    from dwave.cluster import ClusterConfig, dask_client
+    from dwave.store.cluster import ClusterConfig, dask_client
 
     logs = tmp_path / "logs"
     options = ClusterConfig(kind="slurm", workers=1, log_directory=str(logs))

@@ -11,11 +11,11 @@ import zipfile
 import numpy as np
 import pytest
 
-from dwave.audio import decode_to_mono
+from dwave.store.audio import decode_to_mono
 from dwave.errors import DwaveError
-from dwave.metadata import load_genres
-from dwave.download import download
-from dwave.sources import expand_sources, track_id_for
+from dwave.store.metadata import load_genres
+from dwave.store.download import download
+from dwave.store.sources import expand_sources, track_id_for
 
 from conftest import write_tone
 
@@ -294,7 +294,7 @@ class _TrickleHandler(_FlakyRangeHandler):
 
 @pytest.mark.slow
 def test_a_trickling_server_stalls_with_a_clear_error(tmp_path):
-    from dwave.download import fetch_with_resume
+    from dwave.store.download import fetch_with_resume
 
     payload = b"x" * 4000
     server, handler = _serve(_TrickleHandler, payload=payload)
@@ -356,7 +356,7 @@ def test_an_s3_zip_is_expanded_and_its_members_read_by_range(tmp_path, s3_bucket
               "--no-progress", "--workers", "1", check=0)
     run_dwave("preprocess", archive, "--out", tmp_path / "local", "--no-progress",
               "--workers", "1", check=0)
-    from dwave.store import TrackStore
+    from dwave.store.track_store import TrackStore
 
     stores = [TrackStore(str(tmp_path / name)) for name in ("s3", "local")]
     tables = [{t: s.read_codes(t).tobytes() for t in s.read_index().tracks.columns["id"]}

@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from dwave.part_codes import CHUNK_SAMPLES, SHARD_SAMPLES, encode_shards
-from dwave.preprocess import PART_MAX_SONGS, TrackTask, group_into_parts
-from dwave.sources import Source
-from dwave.store import StoreConfig, TrackStore
+from dwave.store.part_codes import CHUNK_SAMPLES, SHARD_SAMPLES, encode_shards
+from dwave.store.preprocess import PART_MAX_SONGS, TrackTask, group_into_parts
+from dwave.store.sources import Source
+from dwave.store.track_store import StoreConfig, TrackStore
 
 from conftest import make_store
 
@@ -21,7 +21,7 @@ from conftest import make_store
 def test_dwaves_shard_objects_are_byte_for_byte_what_zarr_writes(tmp_path, dtype, samples):
     import zarr
 
-    from dwave.part_codes import create_codes_array
+    from dwave.store.part_codes import create_codes_array
 
     codes = np.random.default_rng(0).integers(1, 1000 if dtype == np.uint16 else 256,
                                               samples).astype(dtype)
@@ -129,7 +129,7 @@ def test_songs_are_grouped_into_parts_by_count_bytes_and_workers():
 def test_memory_mode_maps_the_store_in_place(tmp_path):
     """Memory mode reads a local store through memory maps of its own shard files (the page
     cache: one copy per node), not a private buffer per rank."""
-    from dwave.data import open_training_data
+    from dwave.train.data import open_training_data
 
     url = make_store(str(tmp_path / "s"), {"a": ((np.arange(30000) % 251).astype(np.uint8), None)})
     data = open_training_data(url, 1000, 4, 0, validation_fraction=0.0, mode="memory")

@@ -304,7 +304,7 @@ def test_s3_errors_while_checking_the_store_are_errors_not_an_empty_place(status
 
 def _prepare_in_a_process(url, rate, start, results):
     from dwave.errors import DwaveError
-    from dwave.store import TrackStore
+    from dwave.store.track_store import TrackStore
 
     start.wait()
     try:
@@ -345,7 +345,7 @@ def test_a_root_caught_half_written_is_waited_for_not_refused(tmp_path):
     import threading
     import uuid
 
-    from dwave.store import TrackStore
+    from dwave.store.track_store import TrackStore
 
     url = tmp_path / "store"
     TrackStore(str(url)).prepare(None, None, False)
@@ -361,7 +361,7 @@ def test_a_root_caught_half_written_is_waited_for_not_refused(tmp_path):
 
 def test_a_store_created_meanwhile_with_other_settings_is_not_relabelled(tmp_path):
     from dwave.errors import DwaveError
-    from dwave.store import TrackStore
+    from dwave.store.track_store import TrackStore
 
     url = str(tmp_path / "store")
     TrackStore(url).prepare(8000, None, False)
@@ -396,10 +396,10 @@ def test_a_damaged_index_is_an_error_for_readers_and_rebuilt_from_the_parts_by_p
 def test_a_store_deleted_or_replaced_under_a_stream_reader_says_so(tmp_path):
     import shutil
 
-    from dwave.cluster import ClusterConfig
-    from dwave.data import open_samplers, scan_store
+    from dwave.store.cluster import ClusterConfig
+    from dwave.train.data import open_samplers, scan_store
     from dwave.errors import DwaveError
-    from dwave.preprocess import run_preprocess
+    from dwave.store.preprocess import run_preprocess
 
     songs = tmp_path / "songs"
     songs.mkdir()
@@ -439,11 +439,11 @@ def test_a_store_deleted_or_replaced_under_a_stream_reader_says_so(tmp_path):
 @pytest.mark.slow
 def test_a_damaged_part_stops_training_or_is_skipped_and_verify_repair_lets_a_rerun_redo_it(
         tmp_path):
-    from dwave.cluster import ClusterConfig
-    from dwave.data import open_samplers, scan_store
+    from dwave.store.cluster import ClusterConfig
+    from dwave.train.data import open_samplers, scan_store
     from dwave.errors import DwaveError
-    from dwave.info import describe_store
-    from dwave.preprocess import run_preprocess
+    from dwave.store.info import describe_store
+    from dwave.store.preprocess import run_preprocess
 
     songs = tmp_path / "songs"
     songs.mkdir()

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from dwave.store import TrackStore
+from dwave.store.track_store import TrackStore
 
 from conftest import run_dwave
 
@@ -80,7 +80,7 @@ def test_a_version1_store_is_upgraded_in_place_with_its_codes_and_attributes(ver
 
 @pytest.mark.filterwarnings("ignore:Consolidated metadata")
 def test_an_interrupted_upgrade_finishes_when_run_again(version1, monkeypatch):
-    from dwave import upgrade
+    from dwave.store import upgrade
 
     path, tracks = version1
     monkeypatch.setattr(upgrade, "UPGRADE_PART_SAMPLES", 5000)  # one track a part

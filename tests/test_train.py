@@ -79,9 +79,9 @@ def test_real_music_with_default_flags_goes_below_the_bigram_and_writes_samples(
     # made from it, as WAV + PNG and as TensorBoard audio.
     import soundfile as sf
 
-    from dwave.audio import mu_law_decode
-    from dwave.config import ModelConfig
-    from dwave.data import open_training_data
+    from dwave.store.audio import mu_law_decode
+    from dwave.model.config import ModelConfig
+    from dwave.train.data import open_training_data
 
     t = config["train"]
     span = ModelConfig.from_dict(config["model"]).span(t["window"])
@@ -112,8 +112,8 @@ def tf_value(event):
 
 INITIAL_WEIGHTS = """
 import hashlib, sys
-from dwave.config import ModelConfig
-from dwave.train import Trainer
+from dwave.model.config import ModelConfig
+from dwave.train.loop import Trainer
 for seed in map(int, sys.argv[1:]):
     trainer = Trainer(ModelConfig.from_preset("tiny"), 1e-3, 0, 1, seed=seed)
     digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in trainer.model.variables))
@@ -163,10 +163,10 @@ def test_two_ranks_stay_identical_and_equal_one_big_batch_step(launcher, tone_st
     # batches together (world size 2: the same scaled learning rate), compare with ckpt-1.
     import tensorflow as tf
 
-    from dwave.data import open_training_data
-    from dwave.schedule import rate_at
-    from dwave.rundir import read_run_config
-    from dwave.train import Trainer
+    from dwave.train.data import open_training_data
+    from dwave.train.schedule import rate_at
+    from dwave.model.rundir import read_run_config
+    from dwave.train.loop import Trainer
 
     model_config, train_config = read_run_config(str(run))
     span = model_config.span(train_config["window"])
@@ -290,7 +290,7 @@ def test_a_job_on_a_busy_run_dir_is_refused_before_it_reads_the_store(tone_store
     for chunk in chunks:
         chunk.write_bytes(b"\x00")  # no longer a track's codes
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from dwave.rundir import DirectoryLock; "
+        [sys.executable, "-c", "import sys, time; from dwave.model.rundir import DirectoryLock; "
          "DirectoryLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
          str(run)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -313,7 +313,7 @@ def test_a_job_on_a_busy_run_dir_is_refused_before_it_reads_the_store(tone_store
 def test_the_stores_levels_define_the_model_and_the_songs(levels, tmp_path):
     """A 64- or 1024-level store trains a model of that many levels on its codes as stored
     (uint16 above 256: never wrapped to uint8), and generation decodes with them."""
-    from dwave.data import open_training_data
+    from dwave.train.data import open_training_data
 
     url = make_store(str(tmp_path / "store"), {
         str(i): (synthetic_codes(1.0, seed=i, levels=levels), "tone") for i in range(3)},
@@ -332,7 +332,7 @@ def test_the_stores_levels_define_the_model_and_the_songs(levels, tmp_path):
     run_dwave("generate", run, "--out", out, "--seconds", "0.05", check=0)
     import tensorflow as tf
 
-    from dwave.generate import load_model
+    from dwave.generate.command import load_model
 
     model, _, _ = load_model(str(run))
     assert model.head2_w.shape[-1] == levels and model.embedding.shape[0] == levels
@@ -476,9 +476,9 @@ def test_a_moving_average_is_checkpointed_and_generation_uses_it(tone_store, tmp
     it beside the weights, and `dwave generate` runs the average (and says so)."""
     import tensorflow as tf
 
-    from dwave.generate import load_model
-    from dwave.model import WaveNet
-    from dwave.rundir import AVERAGE, holds_average, latest_checkpoint
+    from dwave.generate.command import load_model
+    from dwave.model.network import WaveNet
+    from dwave.model.rundir import AVERAGE, holds_average, latest_checkpoint
 
     run = tmp_path / "run"
     run_dwave("train", tone_store, "--run-dir", run, "--steps", "3", "--ema", "0", *FAST,

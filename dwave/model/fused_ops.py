@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the training step (dwave/fused_ops.cc), built on first use.
+"""Fused CPU kernels for the training step (dwave/model/fused_ops.cc), built on first use.
 
 The C++ source is compiled with the host's compiler (`g++`, or $CXX) against the installed
 TensorFlow's headers, for this machine's CPU (-march=native), into a cache keyed by everything

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .errors import printable
-from .store import TrackStore
+from ..errors import printable
+from .track_store import TrackStore
 
 
 def describe_store(url: str, storage_options: dict | None = None) -> dict:

@@ -15,7 +15,7 @@ Where the codes live:
 
 * "memory" (default while the training tracks fit in `cache_bytes`): the parts' shards are
   memory-mapped (a store on S3 is first copied once per node into a node cache, see
-  dwave.node_cache), so the codes live once in the node's page cache, shared by all of its
+  dwave.store.node_cache), so the codes live once in the node's page cache, shared by all of its
   ranks; a window is then a slice. What a store of a few thousand songs needs (an hour of
   16 kHz audio is 58 MB).
 * "stream": each window is one byte-range read from the store as it is drawn (the store may be
@@ -34,9 +34,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import DATA_MODES, DEFAULT_CACHE_BYTES, DEFAULT_CONDITION, STREAM_WINDOWS_PER_READ
-from .errors import DwaveError
-from .store import TrackStore
+from ..errors import DwaveError
+from ..model.config import (DATA_MODES, DEFAULT_CACHE_BYTES, DEFAULT_CONDITION,
+                            STREAM_WINDOWS_PER_READ)
+from ..store.track_store import TrackStore
 
 UNKNOWN_VALUE = "unknown"  # the condition value of a track the store has none for
 # Grouped reads (WindowSampler): windows planned per round, and rounds kept in memory.
@@ -144,7 +145,7 @@ class WindowSampler:
         """Memory mode: map the tracks' shards (a remote store's copied to the node cache
         first, once per node). Stream mode: nothing."""
         if self.mode == "memory" and self.mapped is None:
-            from .node_cache import local_copy
+            from ..store.node_cache import local_copy
 
             self.mapped = self.store.mapped_reader(self.dtype,
                                                    local_copy(self.store, self.tracks, log))

@@ -21,14 +21,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from .rundir import SAMPLES
-
+from ..model.rundir import SAMPLES
 
 
 def primed_generator(model, prime: np.ndarray, condition_id: int | None):
     """A one-song fast generator holding a copy of the model's current weights, its caches
     filled from `prime` (1-D codes)."""
-    from .cached_generator import FastGenerator, prime_state
+    from ..generate.cpu_engine import FastGenerator, prime_state
 
     condition = None if condition_id is None else [condition_id]
     generator = FastGenerator.for_model(model, 1, condition, threads=1)
@@ -72,8 +71,8 @@ class Listener:
         return True
 
     def _make(self, generator, prime: np.ndarray, step: int, blocking: float) -> str:
-        from .audio import mu_law_decode
-        from .song_files import write_song
+        from ..generate.song_files import write_song
+        from ..store.audio import mu_law_decode
 
         started = time.perf_counter()
         codes = np.concatenate([prime.astype(np.int64),

@@ -6,7 +6,7 @@
                         into OUT with the same request continues the job: finished songs are
                         skipped, songs in progress resume from their last saved state.
     lock                held by rank 0 while a job runs: one job writes OUT at a time
-    song-NNN.codes      the song's codes so far, prime first (dwave.audio.code_dtype), appended
+    song-NNN.codes      the song's codes so far, prime first (audio.code_dtype), appended
     song-NNN.state.npz  the song's generator state at its last save (a SongsState of one song),
                         its random stream's state, and how many codes of .codes that state has
                         made; codes after those are made again, identically, on resume
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import DwaveError
+from ..errors import DwaveError
 
 DIRECTORY = ".dwave-generate"
 RECORD = "job.json"
@@ -116,8 +116,8 @@ class GenerationJob:
     def begin(self, request: dict, num_songs: int, continuing: bool) -> None:
         """Make this request OUT's job (rank 0, holding the lock, after `check` and the song
         targets' check): a new job's leftover progress files go."""
-        from .rundir import atomic_write_json
-        from .versions import software_versions
+        from ..model.rundir import atomic_write_json
+        from ..versions import software_versions
 
         if not continuing:
             self.drop_progress()

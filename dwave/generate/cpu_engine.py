@@ -7,7 +7,7 @@ whole network over the receptive field (Paine et al. 2016, "Fast Wavenet Generat
 
 The step is a Numba-compiled loop over float32 weights exported from the model, padded to
 whole 16-column panels and packed once for the tiled product kernel in
-`dwave.packed_product`: a whole chunk of samples runs without returning to Python, and all
+`dwave.generate.packed_product`: a whole chunk of samples runs without returning to Python, and all
 songs of a lane advance together
 (each product is a (songs x channels) matrix times the weights). A TensorFlow graph pays
 microseconds of dispatch per op, and a step is ~200 ops, which is why this is not a
@@ -17,7 +17,7 @@ Random draws come in as uniforms, one stream per song (seeded by the song's numb
 song's samples do not depend on which batch, lane or rank generated it. Priming fills every
 cache from one pass of the full network (TensorFlow, causal mode) over the prime.
 
-An engine (this one, dwave.cuda_generator's) is made from a model's ExportedWeights and its
+An engine (this one, dwave.generate.cuda_engine's) is made from a model's ExportedWeights and its
 dilations and takes and gives its songs' whole state as a `SongsState`: priming makes one
 (`prime_state`), a checkpoint saves one, a resumed job restores it, whichever engine runs.
 """
@@ -30,8 +30,8 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from .cores import usable_cores
-from .errors import DwaveError
+from ..cores import usable_cores
+from ..errors import DwaveError
 from .barrier import barrier, flags
 from .packed_product import KERNEL, ROWS, WIDTH, matmul, pack, pad_blocks, padded
 
@@ -118,8 +118,8 @@ class PackedWeights(NamedTuple):
 
 
 def pack_weights(weights) -> PackedWeights:
-    """A model's ExportedWeights (dwave.weights), padded and packed for this kernel (conv biases
-    are left out: they go into each song's gate bias, see gate_biases)."""
+    """A model's ExportedWeights (dwave.model.weights), padded and packed for this kernel (conv
+    biases are left out: they go into each song's gate bias, see gate_biases)."""
     C, D = weights.embedding.shape[1], weights.conv.shape[2] // 2
     S, Q = weights.skip.shape[1], weights.head2.shape[1]
     # A one-layer model has no residual: one zero layer keeps the arrays' shapes uniform.
@@ -329,9 +329,9 @@ def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, first_p
 
     The threads split the columns of the big products (conv, skip, head) and of the gate,
     and each computes the small residual product and the ring updates in full on its own
-    copy: so a layer needs one barrier (dwave.barrier), after the gate, and the head three.
+    copy: so a layer needs one barrier (dwave.generate.barrier), after the gate, and the head three.
     Every thread draws the same samples (same logits, same uniforms): no barrier for codes.
-    `tiled`: which product kernel (dwave.packed_product.KERNEL).
+    `tiled`: which product kernel (dwave.generate.packed_product.KERNEL).
     """
     w = weights
     x, fg, zs, skip, hidden, logits = work  # x: this thread's; the rest shared
@@ -425,7 +425,7 @@ def _tanh(x):
 @numba.njit(cache=True, nogil=True)
 def _sample_row(logits, inv_t, uniform, q):
     """Inverse-CDF draw from softmax(logits * inv_t): each term's exp in float32, their sums
-    in float64 for a clean CDF (dwave.cuda_generator draws the same way). `logits` may be
+    in float64 for a clean CDF (dwave.generate.cuda_engine draws the same way). `logits` may be
     padded past q: only its first q count (a contiguous row: a slice of it would make this
     loop, run for every song and step, measurably slower)."""
     top = logits[0]

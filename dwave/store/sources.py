@@ -17,8 +17,8 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
+from ..errors import DwaveError
 from .download import download, split_checksum
-from .errors import DwaveError
 
 #: Extensions of the formats libsndfile decodes. Files with other extensions found while walking
 #: a directory, glob or archive are not songs (cover art, READMEs, checksums) and are counted,

@@ -1,5 +1,5 @@
-"""Which engine advances the songs: `cpu` (dwave.cached_generator, the compiled loop on the
-rank's cores) or `cuda` (dwave.cuda_generator, Numba CUDA kernels on the rank's GPU). Both are
+"""Which engine advances the songs: `cpu` (dwave.generate.cpu_engine, the compiled loop on the
+rank's cores) or `cuda` (dwave.generate.cuda_engine, Numba CUDA kernels on the rank's GPU). Both are
 made from a model's ExportedWeights and its dilations and share one interface: restore(
 SongsState), state(), generate(uniforms, temperature, forced=None, keep_logits=False)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import DwaveError
+from ..errors import DwaveError
 
 ENGINES = ("cpu", "cuda")
 
@@ -32,11 +32,11 @@ def default_engine() -> str:
 def make_engine(name: str, weights, dilations, batch: int, condition_ids=None,
                 threads: int | None = None, cores: int | None = None):
     if name == "cpu":
-        from .cached_generator import FastGenerator
+        from .cpu_engine import FastGenerator
 
         return FastGenerator(weights, dilations, batch, condition_ids, threads, cores)
     if name == "cuda":
-        from .cuda_generator import CudaGenerator
+        from .cuda_engine import CudaGenerator
 
         return CudaGenerator(weights, dilations, batch, condition_ids)
     raise DwaveError(f"unknown engine {name!r}: choose from {', '.join(ENGINES)}")

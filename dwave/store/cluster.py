@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Iterator
 
-from .errors import DwaveError
+from ..errors import DwaveError
 
 CLUSTER_KINDS = ("local", "slurm", "ec2")
 
@@ -142,7 +142,7 @@ def _check_tls_credentials(target: str) -> None:
     if address.startswith("tls://") and not dask.config.get("distributed.comm.tls.ca-file"):
         raise DwaveError(
             f"--scheduler {target}: the scheduler speaks TLS and this process has no "
-            "credentials: run `eval \"$(python -m dwave.tls DIR)\"` with the job's DIR first "
+            "credentials: run `eval \"$(python -m dwave.store.tls DIR)\"` with the job's DIR first "
             "(slurm/preprocess.sbatch does), or connect from inside the job")
 
 
@@ -273,7 +273,7 @@ def dask_client(options: ClusterConfig | None = None, log=print) -> Iterator:
 
             kwargs = slurm_cluster_kwargs(options)
             # The scheduler listens on this host's network for the worker jobs: TLS with a key
-            # made for this run (dwave/tls.py says why), in a private directory beside the
+            # made for this run (dwave/store/tls.py says why), in a private directory beside the
             # worker logs (a shared file system: the worker jobs read it there).
             credentials = write_credentials(stack.enter_context(
                 _private_directory(kwargs["log_directory"])))

@@ -5,7 +5,7 @@ tracks, so that a preprocess rerun writes them again."""
 
 from __future__ import annotations
 
-from .store import TrackStore
+from .track_store import TrackStore
 
 
 def verify_store(url: str, storage_options: dict | None = None, repair: bool = False,

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .audio import code_dtype
+from ..errors import DwaveError
+from ..model.rundir import DirectoryLock
+from ..store.audio import code_dtype
 from .engines import ENGINES, default_engine
-from .errors import DwaveError
-from .generate_job import GenerationJob, SavedSong, file_digest, song_stem
-from .rundir import DirectoryLock
+from .job import GenerationJob, SavedSong, file_digest, song_stem
 from .song_files import (COLUMNS, SongWriter, check_song_targets, is_dwave_song,
                          remove_stale_temporaries, wav_bytes)
 
@@ -69,8 +69,8 @@ class GenerateConfig:
 
 def load_model(run_dir: str, checkpoint: str | None = None):
     """(model, config, checkpoint path) of a training run; clear errors for what is missing."""
-    from .rundir import (AVERAGE, check_checkpoint_model, holds_average, latest_checkpoint,
-                         read_run_config)
+    from ..model.rundir import (AVERAGE, check_checkpoint_model, holds_average, latest_checkpoint,
+                                read_run_config)
 
     if not os.path.isdir(run_dir):
         raise DwaveError(f"run dir {run_dir} does not exist")
@@ -84,7 +84,7 @@ def load_model(run_dir: str, checkpoint: str | None = None):
     check_checkpoint_model(path, config, run_dir)
     import tensorflow as tf
 
-    from .model import WaveNet
+    from ..model.network import WaveNet
 
     model = WaveNet(config)
     # A run trained with --ema generates from the moving average of its weights: the weights
@@ -121,7 +121,7 @@ def condition_index(config, value: str | None) -> int | None:
 
 def prime_codes(path: str, seconds: float, sample_rate: int, channels: int) -> np.ndarray:
     """The opening of a real song, through preprocessing's decode/resample/mu-law path."""
-    from .audio import AudioError, decode_to_mono, encode_in_place, normalisation_gain
+    from ..store.audio import AudioError, decode_to_mono, encode_in_place, normalisation_gain
 
     try:
         decoded = decode_to_mono(path, sample_rate)
@@ -146,8 +146,8 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
     """Generate the songs of `options`, or those a stopped run with the same request left;
     returns this rank's figures. SIGTERM/SIGINT/SIGUSR1 save every song in progress and
     return early (`stopped`); the same command resumes them."""
-    from .ranks import world
-    from .stop_signal import StopSignal
+    from ..ranks import world
+    from ..stop_signal import StopSignal
 
     stop = StopSignal()  # first: a signal while the model loads is kept for the first chunk
     ranks = world()
@@ -187,7 +187,7 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
     mine = [i for i in range(rank, options.num_songs, size) if i not in set(finished)]
     batches = _plan(job, mine, options.batch_size, dtype)
 
-    from .cores import cores_per_rank
+    from ..cores import cores_per_rank
 
     cores = cores_per_rank(ranks.ranks_on_node)
     threads = options.threads or cores
@@ -290,7 +290,7 @@ def _start(batch, engine: str, model, weights, prime, condition, options: Genera
            threads: int, cores: int) -> tuple:
     """The batch's engine and its songs' random streams: restored from their saved state, or
     new, from the prime (only its last receptive field is run) or from silence."""
-    from .cached_generator import SongsState, prime_state
+    from .cpu_engine import SongsState, prime_state
     from .engines import make_engine
 
     generator = make_engine(engine, weights, model.config.dilations, len(batch.songs),
@@ -372,7 +372,7 @@ def _plan(job: GenerationJob, songs: list, batch_size: int, dtype) -> list:
 
 
 def _as_state(saved: SavedSong):
-    from .cached_generator import SongsState
+    from .cpu_engine import SongsState
 
     return SongsState(saved.caches[None], saved.t, np.array([saved.next_code]),
                       np.array([saved.previous_code]))
@@ -420,7 +420,7 @@ def _checkpoint_to_use(options: GenerateConfig, job: GenerationJob, say) -> str 
 
 
 def _request(options: GenerateConfig, config, checkpoint: str, prime, engine: str) -> dict:
-    """What the songs' audio depends on (dwave.generate_job's job.json)."""
+    """What the songs' audio depends on (dwave.generate.job's job.json)."""
     import hashlib
 
     return {"run_dir": os.path.realpath(options.run_dir),
@@ -477,7 +477,7 @@ def _check_disk(out: str, songs: int, samples: int, sample_rate: int, dtype) -> 
 
 
 def _check_writable(directory: str) -> None:
-    from .rundir import ensure_writable
+    from ..model.rundir import ensure_writable
 
     try:
         ensure_writable(directory)

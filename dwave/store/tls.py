@@ -6,13 +6,13 @@ as the job's user. So every such cluster dwave starts speaks TLS with a key made
 alone: Dask's servers require a client certificate signed by the job's CA (mutual TLS), and only
 the job's own processes hold the key, written in a directory only the user can read.
 
-    python -m dwave.tls DIR     writes DIR/{ca,cert,key}.pem (DIR made 0700, files 0600) and
+    python -m dwave.store.tls DIR     writes DIR/{ca,cert,key}.pem (DIR made 0700, files 0600) and
                                 prints the `export` lines that give them to every Dask process
                                 (scheduler, workers, the dwave client) through Dask's
                                 configuration; slurm/preprocess.sbatch evals them.
 
 `--cluster slurm` writes them the same way into a private directory beside the worker logs and
-gives them to dask-jobqueue (dwave/cluster.py); dask-cloudprovider's EC2 clusters make theirs
+gives them to dask-jobqueue (dwave/store/cluster.py); dask-cloudprovider's EC2 clusters make theirs
 by default.
 """
 
@@ -67,7 +67,7 @@ def environment(paths: dict[str, str]) -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m dwave.tls DIR  (writes DIR/{ca,cert,key}.pem; prints the "
+        print("usage: python -m dwave.store.tls DIR  (writes DIR/{ca,cert,key}.pem; prints the "
               "export lines for Dask)", file=sys.stderr)
         return 2
     for name, value in environment(write_credentials(argv[0])).items():

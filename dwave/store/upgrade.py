@@ -1,6 +1,6 @@
 """`dwave store upgrade`: a version-1 store (one Zarr array per track under tracks/, their
-attributes consolidated into the root) converted in place to version 2 (dwave.store), without
-decoding any song again.
+attributes consolidated into the root) converted in place to version 2 (dwave.store.track_store),
+without decoding any song again.
 
 Order, so that a killed upgrade is finished by running it again: the parts first (their ids are
 digests of their tracks, so a rerun finds the ones already written complete and skips them),
@@ -14,10 +14,11 @@ import time
 
 import numpy as np
 
-from .errors import DwaveError
+from ..errors import DwaveError
 from .part_codes import SHARD_SAMPLES
 from .preprocess import PART_MAX_SONGS
-from .store import STORE_FORMAT_VERSION, ZARR_JSON, Index, StoreConfig, TrackStore, part_id_for
+from .track_store import (STORE_FORMAT_VERSION, ZARR_JSON, Index, StoreConfig, TrackStore,
+                          part_id_for)
 
 # Samples per part when converting (the songs are decoded already, so a part is sized by its
 # codes: 4 shards, a few hundred MB of memory at most while it is written).

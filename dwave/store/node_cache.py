@@ -1,6 +1,6 @@
 """One copy per node of a remote store's training shards, for memory mode.
 
-Memory mode maps the shards of the training tracks (dwave.part_codes.MappedReader). A store on
+Memory mode maps the shards of the training tracks (dwave.store.part_codes.MappedReader). A store on
 a local or shared file system is mapped where it is: the page cache holds each page once for
 every rank of the node. A store on S3 is first copied into a node-local directory, by the first
 rank of the node to get there (an flock serialises them; the others find the copy done): one
@@ -20,9 +20,9 @@ import os
 import tempfile
 import time
 
-from .errors import DwaveError
+from ..errors import DwaveError
 from .part_codes import SHARD_SAMPLES, shard_key
-from .store import TrackStore, is_remote
+from .track_store import TrackStore, is_remote
 
 COPY_BATCH = 16  # shards fetched at once (16 x 16 MiB in memory at most)
 

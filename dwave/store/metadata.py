@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 
-from .errors import DwaveError
+from ..errors import DwaveError
 
 
 def _normalise_id(track_id: str) -> str:

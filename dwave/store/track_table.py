@@ -52,7 +52,7 @@ class TrackTable:
     @classmethod
     def from_json(cls, data: dict, where: str) -> "TrackTable":
         """A table read back from a store; `where` names it in the error for a damaged one."""
-        from .errors import DwaveError
+        from ..errors import DwaveError
 
         try:
             lengths = {len(data[name]) for name in REQUIRED_FIELDS}

@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 
-from .errors import DwaveError
+from ..errors import DwaveError
 
 _BLOCK = 1 << 20
 

@@ -2,8 +2,9 @@
 
 Causal dilated convolutions of kernel 2, gated tanh x sigmoid units, residual and skip 1x1
 connections, and a ReLU -> 1x1 -> ReLU -> 1x1 head giving logits over the mu-law codes; the
-input layer embeds the current code and (ModelConfig.input_kernel 2) the one before; optional global conditioning (ModelConfig.condition: genre today;
-an embedding added inside every gate, one row per value).
+input layer embeds the current code and (ModelConfig.input_kernel 2) the one before; optional
+global conditioning (ModelConfig.condition: genre today; an embedding added inside every gate,
+one row per value).
 
 Two ways to run the same weights:
 
@@ -23,9 +24,9 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from ..errors import DwaveError
 from . import fused_ops
 from .config import ModelConfig
-from .errors import DwaveError
 from .weights import ExportedWeights  # noqa: F401  (the model exports them)
 
 keras = tf.keras
@@ -65,7 +66,7 @@ class WaveNet(keras.Model):
 
     def __init__(self, config: ModelConfig, precision: str = "fp32", fused: bool | None = None):
         """`fused`: run the gate and the conv's input through dwave's fused CPU kernels
-        (dwave/fused_ops.py); None: where they load and no GPU is visible (they are CPU-only).
+        (dwave/model/fused_ops.py); None: where they load and no GPU is visible (they are CPU-only).
         The same arithmetic either way."""
         super().__init__(name="wavenet")
         self.config = config

@@ -1,4 +1,4 @@
-"""The run directory: a format with rules, owned here (as dwave.store owns the store).
+"""The run directory: a format with rules, owned here (as dwave.store.track_store owns the store).
 
     RUN_DIR/config.json          {"model": ModelConfig, "train": TrainConfig, "world_size",
                                  "step", "written_by"}: written_by is the software of the
@@ -15,7 +15,7 @@
                                  batch_size, seed, val_batches: the run's first, kept on every
                                  resume so the losses stay comparable), "baselines": the
                                  store's, "history": every validation loss so far}
-    RUN_DIR/samples/             step-N.wav + .png: listening samples (dwave.listen)
+    RUN_DIR/samples/             step-N.wav + .png: listening samples (dwave.train.listen)
     RUN_DIR/tensorboard/         train/ and validation/ event files
     RUN_DIR/lock                 held by rank 0 of the training job (see DirectoryLock)
 
@@ -35,9 +35,9 @@ import socket
 import sys
 import time
 
+from ..errors import DwaveError
+from ..versions import software_versions
 from .config import ModelConfig
-from .errors import DwaveError
-from .versions import software_versions
 
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"

@@ -13,13 +13,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from ..errors import DwaveError, printable
 from .audio import (DEFAULT_MAX_SONG_MINUTES, AudioError, decode_to_mono, encode_in_place,
                     normalisation_gain)
 from .cluster import ClusterConfig
-from .errors import DwaveError, printable
 from .sources import Source, check_out_apart_from_sources, expand_sources
-from .store import Index, IndexDamaged, StoreConfig, TrackStore, part_id_for, \
-    resolve_storage_options
+from .track_store import (Index, IndexDamaged, StoreConfig, TrackStore, part_id_for,
+                          resolve_storage_options)
 
 # A part holds at most this many songs and this much source data: enough songs that a Dask
 # task's fixed cost (20-40 ms) is nothing beside their decoding (a 30-s clip: ~30 ms), few

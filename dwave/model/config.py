@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .errors import DwaveError
+from ..errors import DwaveError
 
 PRESETS: dict[str, dict] = {
     # For tests and the demo: seconds per hundred steps on a laptop core.
@@ -40,18 +40,18 @@ DEFAULT_PRESET = "tiny"
 DEFAULT_CONDITION = "genre"
 
 # --precision: the type of the matrix products (everything else, weights included, is float32;
-# dwave.model maps each to its TensorFlow dtype).
+# dwave.model.network maps each to its TensorFlow dtype).
 PRECISIONS: dict[str, str] = {
     "fp32": "float32",
     "bf16": "bfloat16, no loss scaling (CPUs with AVX512-BF16 or AMX, A100/H100 GPUs)",
     "mixed": "float16 with loss scaling (GPUs)",
 }
 
-# --data-mode: where training windows come from (dwave.data says how each works). Without the
+# --data-mode: where training windows come from (dwave.train.data says how each works). Without the
 # flag: memory while the training tracks' codes fit in DEFAULT_CACHE_BYTES, else stream.
 DATA_MODES = ("memory", "stream")
 DEFAULT_CACHE_BYTES = 4 << 30
-# --windows-per-read: training windows that share one read of the store (dwave.data's grouped
+# --windows-per-read: training windows that share one read of the store (dwave.train.data's grouped
 # draws). Stream mode reads 16 at a time by default: a request costs ~5 ms of CPU in s3fs (and
 # ~9 in moto), so one per window caps a rank near 100-200 windows/s, where 16 a read gave
 # 1,500 on loopback S3 (benchmarks/bench_scale.py); memory mode, where a read is a slice,
@@ -88,7 +88,7 @@ class ModelConfig:
     input_kernel: int = 2
     # Global conditioning: `condition` names the track attribute (in the store's index) the
     # model is conditioned on, `condition_values` its values, one embedding row each; empty:
-    # unconditioned. Genre is the one the store records today (dwave.metadata); another (an
+    # unconditioned. Genre is the one the store records today (dwave.store.metadata); another (an
     # artist, a label column) needs the metadata reader and the store index, not the model.
     condition: str = DEFAULT_CONDITION
     condition_values: list[str] = field(default_factory=list)
@@ -148,7 +148,7 @@ class ModelConfig:
     def products(self, window: int, batch: int = 1) -> list[tuple[str, int, int, int]]:
         """The forward pass's matrix products in training (valid mode, `window` predicted
         samples per sequence) as (name, m, k, n): an (m, k) @ (k, n) product each, as
-        dwave.model computes them. The backward pass does two more of each shape's size."""
+        dwave.model.network computes them. The backward pass does two more of each shape's size."""
         C, D, S, Q = (self.residual_channels, self.dilation_channels, self.skip_channels,
                       self.quantization_channels)
         length = window + sum(self.dilations)  # the input layer's outputs per sequence

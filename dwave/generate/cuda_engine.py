@@ -1,6 +1,6 @@
 """The CUDA engine: cached WaveNet sampling on a GPU through Numba, thousands of songs at once.
 
-The same arithmetic as dwave.cached_generator's loop (ExportedWeights' contract: ring-buffer
+The same arithmetic as dwave.generate.cpu_engine's loop (ExportedWeights' contract: ring-buffer
 caches, [filter | gate] from [past | now], the gate as tanh(f) * sigmoid(g) with the same
 rational tanh, inverse-CDF sampling in float64 from each song's own uniforms), laid out for a
 GPU: each thread block owns SONGS_PER_BLOCK songs and runs a whole chunk of steps for them
@@ -24,7 +24,7 @@ import math
 import numpy as np
 from numba import cuda, float32, float64, int64
 
-from .cached_generator import SongsState, inverse_temperature, ring_offsets
+from .cpu_engine import SongsState, inverse_temperature, ring_offsets
 
 SONGS_PER_BLOCK = 8  # each weight read serves this many songs
 THREADS_PER_BLOCK = 128
@@ -56,7 +56,7 @@ class CudaGenerator:
         gate_bias = np.broadcast_to(weights.conv_bias, (batch, L, 2 * D))
         if weights.condition is not None:
             if condition_ids is None:
-                from .errors import DwaveError
+                from ..errors import DwaveError
 
                 raise DwaveError("this model is conditioned: pass a condition for every song")
             gate_bias = gate_bias + weights.condition[np.asarray(condition_ids)].reshape(
@@ -66,7 +66,7 @@ class CudaGenerator:
                 weights.head2, weights.head2_bias)
         self.weights = tuple(cuda.to_device(np.ascontiguousarray(a, np.float32)) for a in host)
         self.rings = (cuda.to_device(self.dilations), cuda.to_device(ring_offsets(dilations)))
-        from .cached_generator import silence
+        from .cpu_engine import silence
 
         self.restore(silence(batch, self.dilations, C, self.quantization_channels))
 
@@ -112,7 +112,7 @@ def _kernel(SB: int, C: int, D: int, S: int, Q: int, L: int, two_codes: bool):
 
     @cuda.jit(device=True, inline=True)
     def tanh(x):
-        # dwave.cached_generator._tanh: the same rational function, so both engines agree to
+        # dwave.generate.cpu_engine._tanh: the same rational function, so both engines agree to
         # the rounding of their sums.
         limit = float32(7.90531110763549805)
         x = min(max(x, -limit), limit)
@@ -248,7 +248,7 @@ def _kernel(SB: int, C: int, D: int, S: int, Q: int, L: int, two_codes: bool):
                         if logits[s, o] > logits[s, best]:
                             best = o
                     code[s] = best
-                else:  # as dwave.cached_generator._sample_row
+                else:  # as dwave.generate.cpu_engine._sample_row
                     top = logits[s, 0]
                     for o in range(1, Q):
                         top = max(top, logits[s, o])

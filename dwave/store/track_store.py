@@ -10,13 +10,13 @@ opens every piece)::
                                 attrs: tracks (the part's track table), samples, complete,
                                 written_by (the software that wrote this part)
         codes                   1-D uint8 (uint16 above 256 levels) mu-law codes of the part's
-                                tracks, one after another; sharded (see dwave.part_codes)
+                                tracks, one after another; sharded (see dwave.store.part_codes)
       index/                    attrs: parts (the parts folded in), tracks (their track table),
                                 failures [{source, reason}], updated
       damaged/<part_id>-<time>/ parts set aside by `dwave store verify --repair` or preprocess
                                 (shards missing or cut short): kept as they were, never read
 
-The track table (dwave.track_table) stores columns: id, part, offset, length, duration, genre,
+The track table (dwave.store.track_table) stores columns: id, part, offset, length, duration, genre,
 source, fingerprint, ... Track t's codes are parts/<part>/codes[offset:offset + length].
 
 A part counts only once its ``complete`` attribute is set, written after all of its codes: a
@@ -27,7 +27,7 @@ parts written since are folded into it. A reader lists ``parts/`` (one request p
 to see parts a killed run wrote but did not index, and parts removed since.
 
 Version 1 stores (one Zarr array per track under ``tracks/``, consolidated metadata) are
-converted in place by ``dwave store upgrade`` (dwave.upgrade) without decoding anything again.
+converted in place by ``dwave store upgrade`` (dwave.store.upgrade) without decoding anything again.
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import DwaveError
-from .part_codes import (SHARD_KEY, MappedReader, RangeReader, create_codes_array,
-                         encode_shards, shard_key, shard_sizes)
+from ..errors import DwaveError
+from ..versions import software_versions
+from .part_codes import (SHARD_KEY, MappedReader, RangeReader, create_codes_array, encode_shards,
+                         shard_key, shard_sizes)
 from .track_table import TrackTable
-from .versions import software_versions
 
 STORE_FORMAT_VERSION = 2
 ZARR_JSON = "zarr.json"  # a Zarr 3 node's metadata: the store's root attributes live in it

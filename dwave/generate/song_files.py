@@ -25,7 +25,7 @@ import struct
 
 import numpy as np
 
-from .errors import DwaveError
+from ..errors import DwaveError
 
 MARK = "dwave"
 _TEMPORARY = ".dwave-tmp-"
@@ -92,7 +92,7 @@ class SongWriter:
     def write(self, codes: np.ndarray) -> None:
         from scipy.signal import spectrogram
 
-        from .audio import mu_law_decode
+        from ..store.audio import mu_law_decode
 
         if self.written + len(codes) > self.total:
             raise ValueError(f"{self.stem}: {self.written + len(codes)} samples for a song of "

@@ -8,10 +8,10 @@ SLURM:                 srun --mpi=pmix dwave train ...   (see slurm/train.sbatch
 Every rank draws its own windows (seeded by seed, rank and step), computes gradients on them,
 and Horovod averages the gradients with a ring allreduce before each identical update, so
 N ranks with batch B train exactly like one process with batch N*B (the learning rate is
-scaled by N, reached by a warm-up: dwave.schedule). Rank 0 alone writes checkpoints, config,
+scaled by N, reached by a warm-up: dwave.train.schedule). Rank 0 alone writes checkpoints, config,
 TensorBoard logs and the listening samples.
 
-The run directory's layout and rules are dwave.rundir's.
+The run directory's layout and rules are dwave.model.rundir's.
 
 Rerunning with the same run directory resumes from the latest checkpoint, optimizer state
 included. SIGTERM (SLURM's warning before the time limit, `scancel --signal=TERM`) makes all
@@ -30,15 +30,15 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .config import (DEFAULT_PRESET, MODEL_FLAGS, PRECISIONS, PRESET_LEARNING_RATES,
-                     ModelConfig)
-from .cores import cores_per_rank
-from .errors import DwaveError
-from .rundir import (AVERAGE, TENSORBOARD, DirectoryLock, ValidationLog,
-                     check_checkpoints_folder, checkpoint_manager, ensure_writable,
-                     holds_average, read_run_config, restore_latest,
-                     validation_windows, write_run_config)
-from .stop_signal import StopSignal
+from ..cores import cores_per_rank
+from ..errors import DwaveError
+from ..model.config import (DEFAULT_PRESET, MODEL_FLAGS, PRECISIONS, PRESET_LEARNING_RATES,
+                            ModelConfig)
+from ..model.rundir import (AVERAGE, TENSORBOARD, DirectoryLock, ValidationLog,
+                            check_checkpoints_folder, checkpoint_manager, ensure_writable,
+                            holds_average, read_run_config, restore_latest, validation_windows,
+                            write_run_config)
+from ..stop_signal import StopSignal
 
 LN2 = math.log(2.0)
 
@@ -128,7 +128,7 @@ class Trainer:
                  ema: float = 0.0):
         import tensorflow as tf
 
-        from .model import WaveNet
+        from ..model.network import WaveNet
         from .schedule import make_optimizer
 
         if seed is not None:
@@ -239,7 +239,7 @@ class Trainer:
 
 
 def default_learning_rate(lr: float | None, preset: str | None, saved) -> float:
-    """--lr if given; else a resumed run's own rate; else the preset's (dwave.config)."""
+    """--lr if given; else a resumed run's own rate; else the preset's (dwave.model.config)."""
     if lr is not None:
         return lr
     saved_lr = saved[1].get("lr") if saved else None
@@ -310,7 +310,7 @@ def resolve_model_config(saved: ModelConfig | None, preset: str | None, override
 def _precision_line(product_dtype: str, on_gpu: bool, fused: bool) -> str:
     """What the products run in and who runs the gates (read from the model), and whether this
     CPU does the products natively."""
-    from .cores import bf16_products_native
+    from ..cores import bf16_products_native
 
     line = f"precision: matrix products in {product_dtype}, everything else in float32"
     line += ("; gates and conv inputs by dwave's fused CPU kernels" if fused
@@ -367,7 +367,7 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
                             windows["seed"]))
     data = open_data(on_bad_track=None)  # every other check now; the tracks' after the lock
 
-    from .ranks import start_horovod
+    from ..ranks import start_horovod
 
     hvd = start_horovod()
     rank, size = hvd.rank(), hvd.size()
