@@ -304,12 +304,13 @@ def agreement_section(preset: str, songs: int, steps: int) -> dict:
     started = time.perf_counter()
     _, gpu_logits = gpu.generate(uniforms, 1.0, forced=forced, keep_logits=True)
     seconds = time.perf_counter() - started
-    from dwave.generate.cpu_engine import _sample_row, inverse_temperature
+    from dwave.generate.cpu_engine import inverse_temperature
+    from dwave.model.output import draw_code
 
     inv_t = inverse_temperature(1.0)
     q = weights.embedding.shape[0]
-    same = [_sample_row(cpu_logits[k, b], inv_t, uniforms[k, b], q)
-            == _sample_row(gpu_logits[k, b], inv_t, uniforms[k, b], q)
+    same = [draw_code(cpu_logits[k, b], inv_t, uniforms[k, b], q)
+            == draw_code(gpu_logits[k, b], inv_t, uniforms[k, b], q)
             for k in range(steps) for b in range(songs)]
     row = {"simulator": bool(config.ENABLE_CUDASIM), "songs": songs, "steps": steps,
            "same_code_share": float(np.mean(same)), "draws": len(same),

@@ -61,17 +61,17 @@ def independent_baselines(store: str, run_dir: str) -> dict:
     rf = model.receptive_field
     data = open_training_data(store, model.span(train["window"]), train["batch_size"], train["seed"],
                               train["validation_fraction"])
-    levels = data.levels
-    unigram = np.zeros(levels)
-    pairs = np.zeros((levels, levels))
+    Q = data.quantization_channels
+    unigram = np.zeros(Q)
+    pairs = np.zeros((Q, Q))
     for i, track in enumerate(data.train.tracks):
         codes = data.train.read([(i, 0, track.length)])[0].astype(np.int64)
-        unigram += np.bincount(codes, minlength=levels)
+        unigram += np.bincount(codes, minlength=Q)
         np.add.at(pairs, (codes[:-1], codes[1:]), 1)
     windows = np.concatenate([data.validation.batch(0, i)[0] for i in range(train["val_batches"])])
     targets, previous = windows[:, rf:].ravel(), windows[:, rf - 1:-1].ravel()
-    p_unigram = (unigram + 1) / (unigram.sum() + levels)
-    p_bigram = (pairs + 1) / (pairs.sum(axis=1, keepdims=True) + levels)
+    p_unigram = (unigram + 1) / (unigram.sum() + Q)
+    p_bigram = (pairs + 1) / (pairs.sum(axis=1, keepdims=True) + Q)
     return {"unigram_bits": float(-np.log2(p_unigram[targets]).mean()),
             "bigram_bits": float(-np.log2(p_bigram[previous, targets]).mean()),
             "training_samples": int(unigram.sum()), "validation_targets": int(targets.size),

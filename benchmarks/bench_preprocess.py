@@ -173,9 +173,9 @@ def clip_row(songs: list[str], scratch: str, count: int, repeats: int) -> dict:
     Beside it, on one core in this process: libsndfile's decode alone and dwave's whole chain
     without the store write, which split the ratio into what the decoder costs and what
     dwave adds (mono, resample, normalise, mu-law)."""
+    from dwave.store.audio import DEFAULT_QUANTIZATION_CHANNELS, DEFAULT_SAMPLE_RATE
     from dwave.store.preprocess import decode_track
-    from dwave.store.track_store import (DEFAULT_QUANTIZATION_CHANNELS, DEFAULT_SAMPLE_RATE,
-                                         StoreConfig)
+    from dwave.store.track_store import StoreConfig
 
     clips = make_clips(songs, os.path.join(scratch, "clips"), 4 * count)
     few = os.path.join(scratch, "clips-few")

@@ -79,24 +79,21 @@ def best_of(rounds: int, steps: int, step) -> float:
 
 def worker(args) -> None:
     """Full training steps of dwave's Trainer: Horovod unless --independent."""
-    if args.independent:
-        hvd, size, rank = None, 1, args.rank
-    else:
-        from dwave.ranks import start_horovod
+    from dwave.ranks import Ranks, start_horovod
 
-        hvd = start_horovod()
-        size, rank = hvd.size(), hvd.rank()
+    ranks = Ranks() if args.independent else start_horovod()
+    size, rank = ranks.size, (args.rank if args.independent else ranks.rank)
     _threads(args.threads)
     import numpy as np
     import tensorflow as tf
 
     from dwave.model.config import ModelConfig
-    from dwave.train.loop import Trainer
+    from dwave.train.trainer import Trainer
 
     config = ModelConfig.from_preset(args.preset)
     span = config.span(args.window)
     tf.keras.utils.set_random_seed(0)
-    trainer = Trainer(config, 1e-4, 0, size, args.precision, hvd=hvd if size > 1 else None)
+    trainer = Trainer(config, 1e-4, 0, size, args.precision, ranks)
     trainer.broadcast_from_rank0()
     no_stop = tf.constant(False)
 
@@ -104,8 +101,7 @@ def worker(args) -> None:
         for _ in range(args.warmup):
             trainer.train_step(*next(batches), no_stop)
         _wait_for_all(args.barrier, rank, args.ranks)
-        if size > 1:
-            hvd.allreduce(tf.constant(0.0))  # start the clock together
+        ranks.sum(tf.constant(0.0))  # start the clock together
         return best_of(args.rounds, args.steps,
                        lambda: trainer.train_step(*next(batches), no_stop)[0])
 

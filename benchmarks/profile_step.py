@@ -71,7 +71,7 @@ def main() -> None:
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     from dwave.model.config import ModelConfig
-    from dwave.train.loop import Trainer
+    from dwave.train.trainer import Trainer
 
     config = ModelConfig.from_preset(args.preset)
     trainer = Trainer(config, 1e-4, 0, 1, args.precision)

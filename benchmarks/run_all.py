@@ -44,7 +44,7 @@ sys.path.insert(0, ROOT)
 from bench_train import bf16_products_only, dwave_row  # noqa: E402
 from machine import cpu_model  # noqa: E402
 
-from dwave.model.config import STREAM_WINDOWS_PER_READ  # noqa: E402
+from dwave.train.config import STREAM_WINDOWS_PER_READ  # noqa: E402
 STAGES = ("preprocess", "train", "learning", "generate", "generate_job", "scale")
 # bench_train's presets and per-rank batches: the issue-12 figures (base 1 x 4000, small 4 x 4000).
 TRAIN_BENCHMARKS = {"base": 1, "small": 4}

@@ -16,11 +16,12 @@ from .demo import DemoConfig
 from .errors import DwaveError, printable
 from .generate.command import GenerateConfig
 from .generate.engines import ENGINES
-from .model.config import (DATA_MODES, DEFAULT_CACHE_BYTES, MODEL_FLAGS, PRECISIONS,
-                           PRESET_LEARNING_RATES, PRESETS, STREAM_WINDOWS_PER_READ)
-from .store.audio import DEFAULT_MAX_SONG_MINUTES
+from .model.config import MODEL_FLAGS, PRECISIONS, PRESETS
+from .store.audio import (DEFAULT_MAX_SONG_MINUTES, DEFAULT_QUANTIZATION_CHANNELS,
+                          DEFAULT_SAMPLE_RATE)
 from .store.cluster import CLUSTER_KINDS, ClusterConfig
-from .train.loop import TrainConfig
+from .train.config import (DATA_MODES, DEFAULT_CACHE_BYTES, PRESET_LEARNING_RATES,
+                           STREAM_WINDOWS_PER_READ, TrainConfig)
 from .versions import version_line
 
 
@@ -97,9 +98,10 @@ def _add_preprocess(sub) -> None:
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="songs to process")
     p.add_argument("--out", "-o", required=True, metavar="STORE", help="the store to write")
     p.add_argument("--sample-rate", type=_positive_int, metavar="HZ",
-                   help="output sample rate (default: the store's, else 16000)")
+                   help=f"output sample rate (default: the store's, else {DEFAULT_SAMPLE_RATE})")
     p.add_argument("--quantization-channels", type=_positive_int, metavar="N",
-                   help="mu-law levels, 2..65536 (default: the store's, else 256)")
+                   help="mu-law codes, 2..65536 (default: the store's, else "
+                        f"{DEFAULT_QUANTIZATION_CHANNELS})")
     _add_cluster_flags(p)
     p.add_argument("--metadata", metavar="CSV",
                    help="genres: FMA's tracks.csv, or a CSV with track_id,genre columns")

@@ -78,7 +78,7 @@ def test_memory_and_stream_modes_give_the_same_batches_through_tf_data(ramp_stor
 
 def test_defaults_stream_mode_reads_windows_in_groups_and_memory_mode_one_by_one(ramp_store):
     url, _ = ramp_store
-    from dwave.model.config import STREAM_WINDOWS_PER_READ
+    from dwave.train.config import STREAM_WINDOWS_PER_READ
 
     stream = open_training_data(url, 1000, 4, seed=1, validation_fraction=0, mode="stream")
     memory = open_training_data(url, 1000, 4, seed=1, validation_fraction=0, mode="memory")

@@ -119,7 +119,10 @@ def test_a_temperature_whose_inverse_overflows_acts_as_zero():
 
 def test_a_song_does_not_depend_on_its_batch():
     from dwave.generate.cpu_engine import FastGenerator
-    from dwave.generate.command import song_uniforms
+    from dwave.generate.command import song_stream
+
+    def song_uniforms(seed, song, samples):  # a song's draws, as dwave generate makes them
+        return song_stream(seed, song).random(samples, dtype=np.float32)
 
     model = random_model()
     uniforms = np.stack([song_uniforms(7, s, 400) for s in range(9)], axis=1)
@@ -495,7 +498,7 @@ def test_songs_in_progress_are_continued_only_by_their_own_request(trained_run, 
 
     # A second job while one runs: the lock, held by another process.
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from dwave.model.rundir import DirectoryLock; "
+        [sys.executable, "-c", "import sys, time; from dwave.files import DirectoryLock; "
          "DirectoryLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
          str(out / ".dwave-generate")], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import make_store, run_dwave, synthetic_codes
 from dwave.errors import DwaveError
-from dwave.train.loop import TrainConfig, resume_changes
+from dwave.train.config import TrainConfig, resume_changes
 
 FAST = ["--batch-size", "2", "--listen-seconds", "0", "--warmup-steps", "0"]
 

@@ -4,17 +4,31 @@ Adam update moving a weight by exactly what that step's rate implies."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from dwave.model.config import ModelConfig
-from dwave.train.loop import Trainer
-from dwave.train.schedule import ADAM_EPSILON, current_rate, rate_at
+from dwave.train.schedule import ADAM_EPSILON, current_rate
+from dwave.train.trainer import Trainer
 
 CONFIG = ModelConfig(residual_channels=8, dilation_channels=8, skip_channels=16, stacks=1,
                      max_dilation=4)
 LR, RANKS, WARMUP = 1e-3, 4, 10
+
+
+def rate_at(update: int, base: float, peak: float, warmup_steps: int, decay_steps: int = 0,
+            decay_to: float = 1.0) -> float:
+    """RankWarmup written again in plain Python, the independent computation these tests
+    check it against: the rate update number `update` (0-based) uses."""
+    warmup_steps = warmup_steps if base != peak else 0
+    rate = peak if warmup_steps == 0 else base + (peak - base) * min(1.0, update / warmup_steps)
+    if decay_to < 1.0 and decay_steps > warmup_steps:
+        progress = min(1.0, max(0.0, (update - warmup_steps) / (decay_steps - warmup_steps)))
+        rate *= decay_to + (1.0 - decay_to) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return rate
 
 
 def batch(seed: int):

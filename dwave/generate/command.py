@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DwaveError
-from ..model.rundir import DirectoryLock
+from ..files import DirectoryLock
+from ..model.rundir import load_model
 from ..store.audio import code_dtype
 from .engines import ENGINES, default_engine
 from .job import GenerationJob, SavedSong, file_digest, song_stem
@@ -67,42 +68,6 @@ class GenerateConfig:
                              f"{self.save_every:g}")
 
 
-def load_model(run_dir: str, checkpoint: str | None = None):
-    """(model, config, checkpoint path) of a training run; clear errors for what is missing."""
-    from ..model.rundir import (AVERAGE, check_checkpoint_model, holds_average, latest_checkpoint,
-                                read_run_config)
-
-    if not os.path.isdir(run_dir):
-        raise DwaveError(f"run dir {run_dir} does not exist")
-    saved = read_run_config(run_dir)
-    if saved is None:
-        raise DwaveError(f"{run_dir} has no config.json: is it a `dwave train` run dir?")
-    config = saved[0]
-    path = checkpoint or latest_checkpoint(run_dir)
-    if path is None:
-        raise DwaveError(f"{run_dir} has no checkpoint yet: train first (or pass --checkpoint)")
-    check_checkpoint_model(path, config, run_dir)
-    import tensorflow as tf
-
-    from ..model.network import WaveNet
-
-    model = WaveNet(config)
-    # A run trained with --ema generates from the moving average of its weights: the weights
-    # its validation scored.
-    average = ([tf.Variable(tf.zeros_like(v)) for v in model.trainable_variables]
-               if holds_average(path) else [])
-    try:
-        tf.train.Checkpoint(model=model, **({AVERAGE: average} if average else {})) \
-            .restore(path).expect_partial().assert_existing_objects_matched()
-    except (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0][:200]
-        raise DwaveError(f"cannot restore checkpoint {path}: {reason}") from None
-    for value, v in zip(average, model.trainable_variables):
-        v.assign(value)
-    model.averaged = bool(average)
-    return model, config, path
-
-
 def condition_index(config, value: str | None) -> int | None:
     """The row of `value` in a conditioned model's condition table (`--genre` names it)."""
     name, values = config.condition, config.condition_values
@@ -138,10 +103,6 @@ def song_stream(seed: int, song: int) -> np.random.Generator:
     return np.random.default_rng([seed, song])
 
 
-def song_uniforms(seed: int, song: int, samples: int) -> np.ndarray:
-    return song_stream(seed, song).random(samples, dtype=np.float32)
-
-
 def run_generate(options: GenerateConfig, log=print) -> dict:
     """Generate the songs of `options`, or those a stopped run with the same request left;
     returns this rank's figures. SIGTERM/SIGINT/SIGUSR1 save every song in progress and
@@ -155,8 +116,8 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
     say = log if rank == 0 else (lambda *_: None)
     _check_writable(options.out)  # before minutes of generating, not after
     job = GenerationJob(options.out)
-    model, config, checkpoint = load_model(options.run_dir, _checkpoint_to_use(options, job,
-                                                                                 say))
+    loaded = load_model(options.run_dir, _checkpoint_to_use(options, job, say))
+    model, config, checkpoint = loaded.model, loaded.config, loaded.checkpoint
     gid = condition_index(config, options.genre)
     rate, q = config.sample_rate, config.quantization_channels
     dtype = code_dtype(q)  # codes as written, not int64
@@ -193,7 +154,7 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
     threads = options.threads or cores
     say(f"dwave generate: {options.num_songs} song(s) of {options.seconds:g} s at {rate} Hz "
         f"from {checkpoint}" + (" (its moving average of the weights)"
-                                if getattr(model, "averaged", False) else "")
+                                if loaded.averaged else "")
         + f", temperature {options.temperature:g}, {size} rank(s) x "
         + (f"{threads} thread(s)" if engine == "cpu" else "the CUDA engine")
         + (f", primed with {head / rate:.2f} s of {options.prime}" if prime is not None
@@ -477,7 +438,7 @@ def _check_disk(out: str, songs: int, samples: int, sample_rate: int, dtype) -> 
 
 
 def _check_writable(directory: str) -> None:
-    from ..model.rundir import ensure_writable
+    from ..files import ensure_writable
 
     try:
         ensure_writable(directory)

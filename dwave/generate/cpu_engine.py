@@ -32,6 +32,7 @@ import numpy as np
 
 from ..cores import usable_cores
 from ..errors import DwaveError
+from ..model.output import draw_code
 from .barrier import barrier, flags
 from .packed_product import KERNEL, ROWS, WIDTH, matmul, pack, pad_blocks, padded
 
@@ -393,10 +394,8 @@ def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, first_p
                 previous[b] = code[b]
             if forced[k, b] >= 0:
                 code[b] = forced[k, b]
-            elif inv_t == 0.0:
-                code[b] = np.argmax(logits[b, :Q])
-            else:
-                code[b] = _sample_row(logits[b], inv_t, uniforms[k, b], Q)
+            else:  # the output distribution's draw (dwave.model.output)
+                code[b] = draw_code(logits[b], inv_t, uniforms[k, b], Q)
             if me == 0:
                 codes_out[k, b] = code[b]
 
@@ -420,27 +419,3 @@ def _tanh(x):
     q = q * x2 + np.float32(2.26843463243900e-03)
     q = q * x2 + np.float32(4.89352518554385e-03)
     return x * p / q
-
-
-@numba.njit(cache=True, nogil=True)
-def _sample_row(logits, inv_t, uniform, q):
-    """Inverse-CDF draw from softmax(logits * inv_t): each term's exp in float32, their sums
-    in float64 for a clean CDF (dwave.generate.cuda_engine draws the same way). `logits` may be
-    padded past q: only its first q count (a contiguous row: a slice of it would make this
-    loop, run for every song and step, measurably slower)."""
-    top = logits[0]
-    for i in range(1, q):
-        top = max(top, logits[i])
-    top = top * inv_t
-    total = 0.0
-    probs = np.empty(q, np.float64)
-    for i in range(q):
-        probs[i] = np.exp(logits[i] * inv_t - top)
-        total += probs[i]
-    target = uniform * total
-    running = 0.0
-    for i in range(q):
-        running += probs[i]
-        if running > target:
-            return i
-    return q - 1

@@ -248,7 +248,7 @@ def _kernel(SB: int, C: int, D: int, S: int, Q: int, L: int, two_codes: bool):
                         if logits[s, o] > logits[s, best]:
                             best = o
                     code[s] = best
-                else:  # as dwave.generate.cpu_engine._sample_row
+                else:  # as dwave.model.output.draw_code
                     top = logits[s, 0]
                     for o in range(1, Q):
                         top = max(top, logits[s, o])

@@ -116,7 +116,7 @@ class GenerationJob:
     def begin(self, request: dict, num_songs: int, continuing: bool) -> None:
         """Make this request OUT's job (rank 0, holding the lock, after `check` and the song
         targets' check): a new job's leftover progress files go."""
-        from ..model.rundir import atomic_write_json
+        from ..files import atomic_write_json
         from ..versions import software_versions
 
         if not continuing:

@@ -1,4 +1,4 @@
-"""Model configuration: presets, the receptive field, JSON round trip. No TensorFlow here, so
+"""Model configuration: presets, the receptive field, the product precisions, JSON round trip. No TensorFlow here, so
 the CLI and the data pipeline can read a run's config without importing it."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..errors import DwaveError
+from ..store.audio import DEFAULT_QUANTIZATION_CHANNELS, DEFAULT_SAMPLE_RATE
 
 PRESETS: dict[str, dict] = {
     # For tests and the demo: seconds per hundred steps on a laptop core.
@@ -26,15 +27,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-# Adam's default rate for one rank, per preset, settled with benchmarks/bench_learning.py
-# (batch 4 x 4000). `small` at 2e-3 with the default moving average of the weights (--ema
-# 0.999): on the corpus's tuning half it beats 1e-3 at every validation, most early on, because
-# the average smooths the noisier updates; without the average 2e-3 was no better than 1e-3 and
-# spikier (asc-music), so `--ema 0` runs want `--lr 1e-3`. `tiny` learns too slowly at 1e-3 and
-# is below the bigram by step 250 at 5e-3. `base` and `music` keep the reference's 1e-3 (not
-# measured at 2e-3). A run that overrides a preset's channels keeps the preset's rate.
-PRESET_LEARNING_RATES: dict[str, float] = {"tiny": 5e-3, "small": 2e-3, "base": 1e-3,
-                                           "music": 1e-3}
 DEFAULT_PRESET = "tiny"
 # The global condition a conditioned model uses unless told otherwise: the store records genres.
 DEFAULT_CONDITION = "genre"
@@ -46,18 +38,6 @@ PRECISIONS: dict[str, str] = {
     "bf16": "bfloat16, no loss scaling (CPUs with AVX512-BF16 or AMX, A100/H100 GPUs)",
     "mixed": "float16 with loss scaling (GPUs)",
 }
-
-# --data-mode: where training windows come from (dwave.train.data says how each works). Without the
-# flag: memory while the training tracks' codes fit in DEFAULT_CACHE_BYTES, else stream.
-DATA_MODES = ("memory", "stream")
-DEFAULT_CACHE_BYTES = 4 << 30
-# --windows-per-read: training windows that share one read of the store (dwave.train.data's grouped
-# draws). Stream mode reads 16 at a time by default: a request costs ~5 ms of CPU in s3fs (and
-# ~9 in moto), so one per window caps a rank near 100-200 windows/s, where 16 a read gave
-# 1,500 on loopback S3 (benchmarks/bench_scale.py); memory mode, where a read is a slice,
-# draws each window on its own.
-STREAM_WINDOWS_PER_READ = 16
-
 
 # The architecture fields a new run may set over its preset, with what each means: `dwave
 # train` makes one flag of each (--residual-channels N, ...).
@@ -76,7 +56,7 @@ MODEL_FLAGS: dict[str, str] = {
 class ModelConfig:
     """The architecture. Saved as config.json in every run directory."""
 
-    quantization_channels: int = 256
+    quantization_channels: int = DEFAULT_QUANTIZATION_CHANNELS
     residual_channels: int = 64
     dilation_channels: int = 64  # for each of filter and gate
     skip_channels: int = 256
@@ -92,7 +72,7 @@ class ModelConfig:
     # artist, a label column) needs the metadata reader and the store index, not the model.
     condition: str = DEFAULT_CONDITION
     condition_values: list[str] = field(default_factory=list)
-    sample_rate: int = 16000
+    sample_rate: int = DEFAULT_SAMPLE_RATE
 
     def __post_init__(self):
         for name in ("quantization_channels", "residual_channels", "dilation_channels",

@@ -157,6 +157,15 @@ def load():
     return module
 
 
+def for_training(precision: str):
+    """The kernels for a training step whose products run in `precision` (dwave.model.config's
+    PRECISIONS), or None for TensorFlow's own ops: they are CPU-only (none while a GPU is
+    visible) and read float32 and bfloat16 only (none for mixed precision's float16)."""
+    if precision not in ("fp32", "bf16") or tf.config.list_physical_devices("GPU"):
+        return None
+    return load()
+
+
 def _register_gradients(module) -> None:
     @tf.RegisterGradient("DwaveGate")
     def _gate_grad(op, dz):

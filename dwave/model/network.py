@@ -1,10 +1,10 @@
 """WaveNet (van den Oord et al. 2016) in TensorFlow/Keras: the model and nothing else.
 
 Causal dilated convolutions of kernel 2, gated tanh x sigmoid units, residual and skip 1x1
-connections, and a ReLU -> 1x1 -> ReLU -> 1x1 head giving logits over the mu-law codes; the
-input layer embeds the current code and (ModelConfig.input_kernel 2) the one before; optional
-global conditioning (ModelConfig.condition: genre today; an embedding added inside every gate,
-one row per value).
+connections, and a ReLU -> 1x1 -> ReLU -> 1x1 head giving the output distribution's parameters
+(dwave.model.output: logits over the mu-law codes); the input layer embeds the current code and
+(ModelConfig.input_kernel 2) the one before; optional global conditioning (ModelConfig.condition:
+genre today; an embedding added inside every gate, one row per value).
 
 Two ways to run the same weights:
 
@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..errors import DwaveError
-from . import fused_ops
+from . import output
 from .config import ModelConfig
 from .weights import ExportedWeights  # noqa: F401  (the model exports them)
 
@@ -61,20 +61,23 @@ def product(x, w, dtype):
 
 
 class WaveNet(keras.Model):
-    """Weights as plain variables, so the training step and the fast generator (which reads the
-    same variables) share one definition of the arithmetic."""
+    """Weights as plain variables, exported as ExportedWeights for the generation engines.
 
-    def __init__(self, config: ModelConfig, precision: str = "fp32", fused: bool | None = None):
-        """`fused`: run the gate and the conv's input through dwave's fused CPU kernels
-        (dwave/model/fused_ops.py); None: where they load and no GPU is visible (they are CPU-only).
-        The same arithmetic either way."""
+    The layer arithmetic is written three times, each for where it runs: here (TensorFlow,
+    the definition), in dwave/model/fused_ops.cc (training's fused CPU kernels) and in the
+    engines' compiled steps (dwave.generate.cpu_engine, cuda_engine). Tests pin each copy to
+    this one: tests/test_fused_ops.py, test_generate.py's fast-equals-full checks and
+    tests/test_cuda_generator.py."""
+
+    def __init__(self, config: ModelConfig, precision: str = "fp32", fused_ops=None):
+        """`fused_ops`: dwave's fused CPU kernels (the module dwave.model.fused_ops loads; a
+        training step asks for them with fused_ops.for_training) to run the gate and the conv's
+        input through; None: TensorFlow's own ops, for the same arithmetic. Building the model
+        loads, compiles and prints nothing."""
         super().__init__(name="wavenet")
         self.config = config
         self.product_dtype = PRODUCT_DTYPES[precision]
-        if fused is None:
-            fused = not tf.config.list_physical_devices("GPU")
-        fused = fused and self.product_dtype in (tf.float32, tf.bfloat16)  # the kernels' types
-        self.fused_ops = fused_ops.load() if fused else None
+        self.fused_ops = fused_ops
         c = config
         C, D, S, Q = (c.residual_channels, c.dilation_channels, c.skip_channels,
                       c.quantization_channels)
@@ -118,8 +121,9 @@ class WaveNet(keras.Model):
         self.skip_b = self.add_weight(name="skip_bias", shape=(S,), initializer=zeros)
         self.head1_w = self.add_weight(name="head1", shape=(S, S), initializer=glorot)
         self.head1_b = self.add_weight(name="head1_bias", shape=(S,), initializer=zeros)
-        self.head2_w = self.add_weight(name="head2", shape=(S, Q), initializer=glorot)
-        self.head2_b = self.add_weight(name="head2_bias", shape=(Q,), initializer=zeros)
+        width = output.for_model(config).width  # the output distribution's parameters
+        self.head2_w = self.add_weight(name="head2", shape=(S, width), initializer=glorot)
+        self.head2_b = self.add_weight(name="head2_bias", shape=(width,), initializer=zeros)
         if c.conditioned:
             # Global conditioning: the paper's V_f h and V_g h, for every layer at once.
             # Named after the condition ("genre"): the name that checkpoints hold.

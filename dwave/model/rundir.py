@@ -17,7 +17,7 @@
                                  store's, "history": every validation loss so far}
     RUN_DIR/samples/             step-N.wav + .png: listening samples (dwave.train.listen)
     RUN_DIR/tensorboard/         train/ and validation/ event files
-    RUN_DIR/lock                 held by rank 0 of the training job (see DirectoryLock)
+    RUN_DIR/lock                 held by rank 0 of the training job (dwave.files.DirectoryLock)
 
 `dwave train` writes it, `dwave generate` and `dwave status` (and through it
 slurm/train.sbatch) read it; TensorFlow is imported only by the functions that need it.
@@ -25,17 +25,14 @@ slurm/train.sbatch) read it; TensorFlow is imported only by the functions that n
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import json
 import os
 import re
-import socket
 import sys
-import time
+from typing import NamedTuple
 
 from ..errors import DwaveError
+from ..files import atomic_write_json
 from ..versions import software_versions
 from .config import ModelConfig
 
@@ -45,36 +42,9 @@ CHECKPOINT_PREFIX = "ckpt"
 VALIDATION_LOG = "validation.json"
 SAMPLES = "samples"
 TENSORBOARD = "tensorboard"
-LOCK = "lock"
 
 
 # -- config.json and progress -----------------------------------------------------------------
-
-
-def ensure_writable(directory: str) -> None:
-    """Make `directory` and prove it writable now (an OSError if not): TensorFlow's writers and
-    a long generation would otherwise fail minutes later."""
-    os.makedirs(directory, exist_ok=True)
-    probe = os.path.join(directory, f".dwave-write-test-{os.getpid()}")
-    with open(probe, "wb"):
-        pass
-    os.remove(probe)
-
-
-
-def atomic_write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())  # on disk before it replaces the old one
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)  # ours, half-written
-        raise
 
 
 def read_run_config(run_dir: str) -> tuple[ModelConfig, dict] | None:
@@ -343,72 +313,44 @@ class ValidationLog:
             print(f"warning: cannot write {self.path} ({exc.strerror})", file=sys.stderr)
 
 
-# -- the lock ---------------------------------------------------------------------------------
-# One training job per run directory: RUN_DIR/lock, held by rank 0 for the whole run.
-#
-# Two jobs on one run directory would both write checkpoints and config.json, and one run's
-# checkpoint would end up holding the other's weights. The lock is a POSIX record lock
-# (fcntl.lockf) on RUN_DIR/lock: local file systems, NFS (v4, or v3 with lockd) and the parallel
-# file systems of clusters (Lustre mounted with flock/localflock, GPFS, BeeGFS) honour it
-# between machines, and it goes away with the process that holds it, however that process dies
-# (the kernel, or the NFS server's lease, releases it): no stale lock to clean up by hand.
-#
-# Only rank 0 takes it: all ranks of one job share the run directory. The file's text names the
-# holder (host, pid, SLURM job), for the error the next job prints.
+# -- a run's model, for generation ------------------------------------------------------------
 
 
-class DirectoryLock:
-    """DIRECTORY/lock, held from acquire() until release() or the holder's death: one job at a
-    time writes the directory. `what` names the directory and `job` the holder in the error
-    (`flag`: the option that chooses another)."""
-
-    def __init__(self, directory: str, what: str = "run dir", job: str = "training job",
-                 flag: str = "--run-dir"):
-        self.run_dir = directory
-        self.path = os.path.join(directory, LOCK)
-        self.what, self.job, self.flag = what, job, flag
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        """Take the lock or raise a one-line DwaveError naming the holder."""
-        try:
-            os.makedirs(self.run_dir, exist_ok=True)
-            # O_NOFOLLOW: a symlink at RUN_DIR/lock is not ours to truncate the target of.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise DwaveError(f"{self.path} is a symlink; dwave does not follow it (it would "
-                                 "write over its target): move it away and rerun") from None
-            raise DwaveError(f"cannot create {self.path} ({exc.strerror}): check that the "
-                             f"{self.what} is writable") from None
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = _read(fd)
-            os.close(fd)
-            if exc.errno in (errno.EACCES, errno.EAGAIN):
-                raise DwaveError(
-                    f"{self.what} {self.run_dir} is in use by another {self.job} "
-                    f"({holder or 'holder unknown'}): wait for it to end, stop it, or use "
-                    f"another {self.flag}") from None
-            raise DwaveError(f"cannot lock {self.path} ({exc.strerror}): the file system may "
-                             f"not support locks; use a {self.what} on one that does") from None
-        job = os.environ.get("SLURM_JOB_ID")
-        text = (f"host {socket.gethostname()} pid {os.getpid()}"
-                + (f" SLURM job {job}" if job else "")
-                + f" since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, text.encode(), 0)
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing releases the record lock
-            self.fd = None
+class LoadedModel(NamedTuple):
+    model: object  # a WaveNet (dwave.model.network) holding the checkpoint's weights
+    config: ModelConfig
+    checkpoint: str  # the checkpoint's path
+    averaged: bool  # the weights are the run's moving average of them (--ema)
 
 
-def _read(fd: int) -> str:
+def load_model(run_dir: str, checkpoint: str | None = None) -> LoadedModel:
+    """A training run's model for generation, from `checkpoint` or the run's latest; clear
+    errors for what is missing."""
+    if not os.path.isdir(run_dir):
+        raise DwaveError(f"run dir {run_dir} does not exist")
+    saved = read_run_config(run_dir)
+    if saved is None:
+        raise DwaveError(f"{run_dir} has no config.json: is it a `dwave train` run dir?")
+    config = saved[0]
+    path = checkpoint or latest_checkpoint(run_dir)
+    if path is None:
+        raise DwaveError(f"{run_dir} has no checkpoint yet: train first (or pass --checkpoint)")
+    check_checkpoint_model(path, config, run_dir)
+    import tensorflow as tf
+
+    from .network import WaveNet
+
+    model = WaveNet(config)
+    # A run trained with --ema generates from the moving average of its weights: the weights
+    # its validation scored.
+    average = ([tf.Variable(tf.zeros_like(v)) for v in model.trainable_variables]
+               if holds_average(path) else [])
     try:
-        return os.pread(fd, 512, 0).decode(errors="replace").strip()
-    except OSError:
-        return ""
+        tf.train.Checkpoint(model=model, **({AVERAGE: average} if average else {})) \
+            .restore(path).expect_partial().assert_existing_objects_matched()
+    except (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise DwaveError(f"cannot restore checkpoint {path}: {reason}") from None
+    for value, v in zip(average, model.trainable_variables):
+        v.assign(value)
+    return LoadedModel(model, config, path, bool(average))

@@ -30,6 +30,11 @@ class AudioError(Exception):
 # mu-law companding (ITU-T G.711 curve, as in the WaveNet paper, section 2.2)
 # --------------------------------------------------------------------------------------------
 
+# What a song becomes unless told otherwise: the defaults of the store (`dwave preprocess`), and
+# so of every model trained on one. Their one home.
+DEFAULT_SAMPLE_RATE = 16000
+DEFAULT_QUANTIZATION_CHANNELS = 256
+
 
 def code_dtype(quantization_channels: int) -> np.dtype:
     """The smallest unsigned integer type that holds `quantization_channels` codes."""
@@ -38,7 +43,8 @@ def code_dtype(quantization_channels: int) -> np.dtype:
     return np.dtype(np.uint8 if quantization_channels <= 256 else np.uint16)
 
 
-def mu_law_encode(audio: np.ndarray, quantization_channels: int = 256,
+def mu_law_encode(audio: np.ndarray,
+                  quantization_channels: int = DEFAULT_QUANTIZATION_CHANNELS,
                   gain: float = 1.0) -> np.ndarray:
     """Compand `audio` * `gain` in [-1, 1] and quantise it to integer codes 0 .. channels-1.
 
@@ -67,7 +73,8 @@ def mu_law_encode(audio: np.ndarray, quantization_channels: int = 256,
     return a.astype(dtype)
 
 
-def mu_law_decode(codes: np.ndarray, quantization_channels: int = 256) -> np.ndarray:
+def mu_law_decode(codes: np.ndarray,
+                  quantization_channels: int = DEFAULT_QUANTIZATION_CHANNELS) -> np.ndarray:
     """Inverse of :func:`mu_law_encode`: integer codes -> float32 audio in [-1, 1]."""
     mu = quantization_channels - 1
     companded = 2.0 * (np.asarray(codes, dtype=np.float32) / mu) - 1.0
@@ -276,7 +283,8 @@ def normalisation_gain(decoded: DecodedAudio) -> np.float32:
 
 
 def encode_in_place(
-    decoded: DecodedAudio, gain: np.float32, quantization_channels: int = 256,
+    decoded: DecodedAudio, gain: np.float32,
+    quantization_channels: int = DEFAULT_QUANTIZATION_CHANNELS,
     chunk: int = 1 << 20,
 ) -> np.ndarray:
     """Normalise by `gain` and mu-law encode the whole track, reusing the float buffer.

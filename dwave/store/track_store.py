@@ -47,6 +47,7 @@ import numpy as np
 
 from ..errors import DwaveError
 from ..versions import software_versions
+from .audio import DEFAULT_QUANTIZATION_CHANNELS, DEFAULT_SAMPLE_RATE
 from .part_codes import (SHARD_KEY, MappedReader, RangeReader, create_codes_array, encode_shards,
                          shard_key, shard_sizes)
 from .track_table import TrackTable
@@ -58,9 +59,7 @@ ZARR_JSON = "zarr.json"  # a Zarr 3 node's metadata: the store's root attributes
 # written this moment.
 _PARTIAL_ZARR_JSON = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
 GROUPS = ("parts", "index")
-DEFAULT_SAMPLE_RATE = 16000
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 192000
-DEFAULT_QUANTIZATION_CHANNELS = 256
 
 
 def is_remote(url: str) -> bool:
@@ -239,10 +238,6 @@ class TrackStore:
             if not inside <= {ZARR_JSON}:
                 return False
         return True
-
-    def exists(self) -> bool:
-        """A readable dwave store is there (a damaged or foreign location raises)."""
-        return self.location_state() == "store"
 
     def _remove_store(self) -> None:
         """Delete what dwave wrote (its root metadata and its two groups), nothing else."""

@@ -21,54 +21,54 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Counting pairs needs levels^2 counters: 256 levels are 65,536; 4096 levels 16.8 M (134 MB).
+# Counting pairs needs quantization_channels^2 counters (8 bytes each): 4096 codes are 134 MB.
 # Beyond that the bigram is not computed (reported as NaN).
-MAX_BIGRAM_LEVELS = 4096
+MAX_BIGRAM_CODES = 4096
 
 
 @dataclass(frozen=True)
 class CodeCounts:
     """Counts of codes and of consecutive code pairs over some tracks."""
 
-    levels: int
-    unigram: np.ndarray  # (levels,) int64
-    bigram: np.ndarray | None  # (levels, levels) int64: [previous, next]; None above the cap
+    quantization_channels: int  # Q: how many codes there are (the output distribution's)
+    unigram: np.ndarray  # (Q,) int64
+    bigram: np.ndarray | None  # (Q, Q) int64: [previous, next]; None above MAX_BIGRAM_CODES
 
     @property
     def samples(self) -> int:
         return int(self.unigram.sum())
 
 
-def count_codes(tracks: Iterable[np.ndarray], levels: int) -> CodeCounts:
+def count_codes(tracks: Iterable[np.ndarray], quantization_channels: int) -> CodeCounts:
     """Counts over `tracks` (1-D code arrays). Pairs are counted within a track only, never
     across the end of one track and the start of the next."""
-    unigram = np.zeros(levels, np.int64)
-    bigram = np.zeros(levels * levels, np.int64) if levels <= MAX_BIGRAM_LEVELS else None
+    Q = quantization_channels
+    unigram = np.zeros(Q, np.int64)
+    bigram = np.zeros(Q * Q, np.int64) if Q <= MAX_BIGRAM_CODES else None
     for codes in tracks:
         codes = np.asarray(codes)
-        unigram += np.bincount(codes, minlength=levels)
+        unigram += np.bincount(codes, minlength=Q)
         if bigram is not None and codes.size > 1:
-            pairs = codes[:-1].astype(np.int64) * levels + codes[1:]
-            bigram += np.bincount(pairs, minlength=levels * levels)
-    return CodeCounts(levels, unigram,
-                      None if bigram is None else bigram.reshape(levels, levels))
+            pairs = codes[:-1].astype(np.int64) * Q + codes[1:]
+            bigram += np.bincount(pairs, minlength=Q * Q)
+    return CodeCounts(Q, unigram, None if bigram is None else bigram.reshape(Q, Q))
 
 
 def unigram_bits(counts: CodeCounts, targets: np.ndarray) -> float:
     """Mean cost in bits of `targets` under the add-one-smoothed code histogram."""
     targets = np.asarray(targets).ravel()
-    log_p = np.log2(counts.unigram + 1.0) - math.log2(counts.samples + counts.levels)
+    log_p = np.log2(counts.unigram + 1.0) - math.log2(counts.samples + counts.quantization_channels)
     return float(-log_p[targets].mean())
 
 
 def bigram_bits(counts: CodeCounts, previous: np.ndarray, targets: np.ndarray) -> float:
     """Mean cost in bits of each target given the code before it, under add-one-smoothed
-    pair counts. NaN when the levels are too many to count pairs."""
+    pair counts. NaN when there are too many codes to count pairs."""
     if counts.bigram is None:
         return math.nan
     previous, targets = np.asarray(previous).ravel(), np.asarray(targets).ravel()
     pair = counts.bigram[previous, targets] + 1.0
-    row = counts.bigram.sum(axis=1)[previous] + counts.levels
+    row = counts.bigram.sum(axis=1)[previous] + counts.quantization_channels
     return float(-(np.log2(pair) - np.log2(row)).mean())
 
 
@@ -83,11 +83,6 @@ class Baselines:
     def to_dict(self) -> dict:
         return {"unigram_bits": self.unigram_bits, "bigram_bits": self.bigram_bits,
                 "fitted_samples": self.fitted_samples}
-
-    def describe(self) -> str:
-        bigram = "n/a" if math.isnan(self.bigram_bits) else f"{self.bigram_bits:.3f}"
-        return (f"code histogram {self.unigram_bits:.3f} bits/sample, bigram {bigram} "
-                f"(fitted on {self.fitted_samples:,} training samples)")
 
 
 def evaluate(counts: CodeCounts, windows: Iterable[np.ndarray], receptive_field: int) -> Baselines:

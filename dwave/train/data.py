@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DwaveError
-from ..model.config import (DATA_MODES, DEFAULT_CACHE_BYTES, DEFAULT_CONDITION,
-                            STREAM_WINDOWS_PER_READ)
+from ..model.config import DEFAULT_CONDITION
+from .config import DATA_MODES, DEFAULT_CACHE_BYTES, STREAM_WINDOWS_PER_READ
 from ..store.track_store import TrackStore
 
 UNKNOWN_VALUE = "unknown"  # the condition value of a track the store has none for
@@ -309,7 +309,7 @@ class TrainingData:
     validation: WindowSampler | None
     condition_values: list[str]
     sample_rate: int
-    levels: int  # quantization channels of the store's codes
+    quantization_channels: int  # quantization channels of the store's codes
     train_samples: int
     left_out: dict  # {"tracks": N, "values": [...]}: tracks of values the run does not know;
     #                 "damaged": [Track]: tracks --on-bad-track skip left out
@@ -334,14 +334,14 @@ def list_tracks(store: TrackStore, condition: str = DEFAULT_CONDITION) -> list[T
 @dataclass
 class StoreScan:
     """What training needs to know of a store before a model exists: its tracks, the values of
-    the condition, its rate and levels."""
+    the condition, its sample rate and quantization channels."""
 
     store: TrackStore
     tracks: list[Track]
     condition: str  # the track attribute the tracks are labelled by (a genre, today)
     condition_values: list[str]  # sorted; tracks without one have UNKNOWN_VALUE
     sample_rate: int
-    levels: int  # quantization channels of the store's codes
+    quantization_channels: int  # quantization channels of the store's codes
     dtype: np.dtype
     store_id: str | None = None  # the store's identity when scanned: a replaced store is not it
 
@@ -417,7 +417,7 @@ def open_samplers(scan: StoreScan, span: int, batch_size: int, seed: int,
         validation=make(val, 1, val_span, val_batch, val_seed) if val else None,
         condition_values=values,
         sample_rate=scan.sample_rate,
-        levels=scan.levels,
+        quantization_channels=scan.quantization_channels,
         train_samples=sum(t.length for t in train),
         left_out={"tracks": len(left_out), "values": unknown, "damaged": damaged},
     )

@@ -44,10 +44,12 @@ def sample_codes(generator, samples: int, seed: int) -> np.ndarray:
 class Listener:
     """Makes and writes the listening samples of one training run, one at a time, beside it."""
 
-    def __init__(self, run_dir: str, seconds: float, sample_rate: int, levels: int, writer=None):
+    def __init__(self, run_dir: str, seconds: float, sample_rate: int,
+                 quantization_channels: int, writer=None):
         self.directory = os.path.join(run_dir, SAMPLES)
         self.samples = max(1, int(round(seconds * sample_rate)))
-        self.sample_rate, self.levels, self.writer = sample_rate, levels, writer
+        self.sample_rate, self.writer = sample_rate, writer
+        self.quantization_channels = quantization_channels
         self.pool = ThreadPoolExecutor(1, "dwave-listen")
         self.pending: tuple[int, Future] | None = None
         self.reports: list[str] = []
@@ -79,11 +81,11 @@ class Listener:
                                 sample_codes(generator, self.samples, seed=step)])
         os.makedirs(self.directory, exist_ok=True)
         stem = os.path.join(self.directory, f"step-{step:07d}")
-        write_song(stem, codes, self.sample_rate, self.levels, primed=len(prime))
+        write_song(stem, codes, self.sample_rate, self.quantization_channels, primed=len(prime))
         if self.writer is not None:
             import tensorflow as tf
 
-            audio = mu_law_decode(codes, self.levels).astype(np.float32)
+            audio = mu_law_decode(codes, self.quantization_channels).astype(np.float32)
             with self.writer.as_default(step=step):
                 tf.summary.audio("sample", audio[None, :, None], self.sample_rate,
                                  max_outputs=1,

@@ -8,8 +8,8 @@ SLURM:                 srun --mpi=pmix dwave train ...   (see slurm/train.sbatch
 Every rank draws its own windows (seeded by seed, rank and step), computes gradients on them,
 and Horovod averages the gradients with a ring allreduce before each identical update, so
 N ranks with batch B train exactly like one process with batch N*B (the learning rate is
-scaled by N, reached by a warm-up: dwave.train.schedule). Rank 0 alone writes checkpoints, config,
-TensorBoard logs and the listening samples.
+scaled by N, reached by a warm-up: dwave.train.schedule). Rank 0 alone writes checkpoints,
+config, TensorBoard logs and the listening samples. Every collective is in dwave.ranks.
 
 The run directory's layout and rules are dwave.model.rundir's.
 
@@ -20,291 +20,216 @@ ranks stop after the current step, write a checkpoint and exit 0.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import hashlib
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 
-from ..cores import cores_per_rank
 from ..errors import DwaveError
-from ..model.config import (DEFAULT_PRESET, MODEL_FLAGS, PRECISIONS, PRESET_LEARNING_RATES,
-                            ModelConfig)
-from ..model.rundir import (AVERAGE, TENSORBOARD, DirectoryLock, ValidationLog,
-                            check_checkpoints_folder, checkpoint_manager, ensure_writable,
-                            holds_average, read_run_config, restore_latest, validation_windows,
-                            write_run_config)
+from ..files import DirectoryLock, ensure_writable
+from ..model.config import ModelConfig
+from ..model.rundir import (AVERAGE, TENSORBOARD, ValidationLog, check_checkpoints_folder,
+                            checkpoint_manager, holds_average, read_run_config, restore_latest,
+                            validation_windows, write_run_config)
+from ..ranks import Ranks
 from ..stop_signal import StopSignal
+from .config import TrainConfig, default_learning_rate, resolve_model_config, resume_changes
 
 LN2 = math.log(2.0)
 
 
+def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
+                 model_overrides: dict | None = None, storage_options: dict | None = None,
+                 log=print) -> dict:
+    """Train (or resume) in `run_dir`. Returns a summary dict (rank 0's view)."""
+    from ..ranks import start_horovod
+    from .trainer import Trainer
+
+    stop = StopSignal()
+    # The store and the run dir are checked before TensorFlow loads: a bad one fails in a second.
+    run = _resolve_run(train, run_dir, preset, model_overrides or {}, storage_options)
+    train, model_config = run.train, run.model
+    ranks = start_horovod()
+    say = log if ranks.rank == 0 else (lambda *_: None)
+    threads = ranks.configure_devices(train.threads)  # before any TensorFlow op runs
+    _lock_run_dir(run_dir, ranks)
+    # Only once the run dir is ours: a refused second job never looks at the store's tracks.
+    data = run.open_data(on_bad_track=train.on_bad_track)
+    data.load(say)
+
+    trainer = Trainer(model_config, train.lr, train.warmup_steps, ranks.size, train.precision,
+                      ranks, seed=train.seed, decay_steps=train.steps,
+                      decay_to=train.decay_to, clip_norm=train.clip_norm, ema=train.ema)
+    checkpoints = _Checkpoints(run_dir, train, model_config, trainer, ranks.rank)
+    restored = checkpoints.restore(run.resuming)
+    trainer.broadcast_from_rank0()
+    start_step = int(trainer.step.numpy())
+
+    _describe_run(say, run, data, trainer, ranks, threads, restored, start_step)
+    history = ValidationLog(run_dir, run.resuming, run.windows) if ranks.rank == 0 else None
+    if history is not None and data.validation:
+        history.baselines = _baselines(data, model_config, run.windows["val_batches"]).to_dict()
+        b = history.baselines
+        say(f"baselines on the validation windows: code histogram {b['unigram_bits']:.3f} "
+            f"bits/sample, bigram p(x_t | x_t-1) {b['bigram_bits']:.3f}: a WaveNet that learns "
+            f"is below the bigram within a few hundred steps")
+    if start_step >= train.steps:
+        say(f"run already at step {start_step} >= --steps {train.steps}: nothing to do")
+        return {"step": start_step, "stopped": False, "resumed_from": start_step}
+    if not run.resuming:
+        checkpoints.save(start_step)  # config.json and ckpt-0 on disk from the first second
+
+    report = _Report(run_dir, train, model_config, ranks, data, history, start_step, say)
+    step, loss_bits, val_bits, stopped = _train_steps(trainer, data, train, run.windows, ranks,
+                                                      stop, checkpoints, report, start_step)
+    checkpoints.save(step)
+    report.close()
+    digests = _check_ranks_in_sync(trainer, ranks)
+
+    summary = {"step": step, "loss_bits": loss_bits, "validation_bits": val_bits,
+               "stopped": stopped, "resumed_from": start_step if restored else None,
+               "checkpoint": checkpoints.latest if ranks.rank == 0 else None,
+               "weights_sha256": digests}
+    if stopped:
+        say(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {step}: "
+            f"checkpoint written; rerun the same command to resume")
+    say(f"done: step {step}, train loss {loss_bits:.3f} bits/sample"
+        + (f", validation {val_bits:.3f}" + history.versus_baselines(val_bits)
+           if val_bits is not None and history is not None else "")
+        + f"; checkpoint {summary['checkpoint']}")
+    return summary
+
+
+def _train_steps(trainer, data, train: TrainConfig, windows: dict, ranks: Ranks, stop,
+                 checkpoints, report, start_step: int):
+    """The loop: a step, its report, validation and listening when due, a checkpoint when
+    due, until --steps or a stop on any rank. Returns (step, train loss, last validation loss
+    in bits, stopped)."""
+    import tensorflow as tf
+
+    from .watchdog import Watchdog
+
+    batches = data.train.batches(ranks.rank, start_step, train.steps)
+    watchdog = Watchdog(train.stall_minutes * 60 if ranks.distributed else 0, ranks.rank)
+    step, loss_bits, val_bits, stopped = start_step, math.nan, None, False
+    while step < train.steps:
+        codes, condition = next(batches)
+        loss, stop_all = trainer.train_step(codes, condition, tf.constant(stop.requested))
+        watchdog.beat()
+        step += 1
+        loss_bits = float(loss) / LN2
+        if not math.isfinite(loss_bits):
+            raise DwaveError(f"loss became {loss_bits} at step {step}: lower --lr (now "
+                             f"{train.lr:g}) or use --precision fp32")
+        report.step(step, loss_bits, trainer, final=step == train.steps or bool(stop_all))
+        if data.validation and (step % train.val_every == 0 or step == train.steps):
+            started = time.perf_counter()
+            with trainer.averaged_weights():
+                val_bits = trainer.validation_bits(data.validation, windows["val_batches"])
+            watchdog.beat()
+            report.validated(step, val_bits, time.perf_counter() - started, trainer,
+                             wait=step == train.steps)
+        report.listened()
+        if bool(stop_all):
+            stopped = True
+            break
+        if step % train.ckpt_every == 0 and step < train.steps:
+            checkpoints.save(step)
+            watchdog.beat()
+    watchdog.stop()
+    return step, loss_bits, val_bits, stopped
+
+
+# -- the run's configuration ------------------------------------------------------------------
+
+
 @dataclass
-class TrainConfig:
-    """How to train (the architecture is ModelConfig). Saved beside the model config."""
+class _Run:
+    """A run resolved from its flags, its run dir and its store, before TensorFlow loads."""
 
-    store: str
-    steps: int = 1000
-    batch_size: int = 4  # per rank
-    lr: float | None = None  # Adam's rate for one rank (N ranks: N * lr); None: the preset's
-    warmup_steps: int = 100  # N ranks: the rate climbs from lr to N * lr over these updates
-    window: int = 4000  # predicted samples per window; the span read is receptive field + this
-    genre_conditioning: bool | None = None  # None: as the run dir has it, else off
-    val_every: int = 200
-    val_batches: int = 8
-    ckpt_every: int = 500
-    keep_checkpoints: int = 3
-    precision: str = "fp32"
-    seed: int = 0
-    validation_fraction: float = 0.1
-    data_mode: str | None = None  # memory | stream; default: memory if it fits
-    windows_per_read: int | None = None  # windows sharing one read; default: by the data mode
-    on_bad_track: str = "stop"  # a track not all there: stop, or skip it (counted)
-    stall_minutes: float = 15.0  # several ranks: end the job when no step completes this long
-    threads: int | None = None  # TF threads per rank; default: cores / local ranks
-    listen_seconds: float = 1.0  # a sample of this length at each validation; 0: none
-    decay_to: float = 1.0  # the rate's cosine decay after the warm-up ends here (x peak); 1: none
-    clip_norm: float = 0.0  # the gradients' global norm is clipped to this; 0: not clipped
-    # Validate, listen and generate with an exponential moving average of the weights (decay
-    # min(ema, (1 + t) / (10 + t)) at update t); 0: off. On the learning benchmark's tuning half
-    # it is 0.05 bit better from step 300 on, and lags the weights in the first 200 steps.
-    ema: float = 0.999
-
-    def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise DwaveError(f"--precision must be one of {', '.join(PRECISIONS)}, got "
-                             f"{self.precision!r}")
-        for name in ("steps", "batch_size", "window", "val_every", "ckpt_every") + (
-                ("windows_per_read",) if self.windows_per_read is not None else ()):
-            if getattr(self, name) < 1:
-                raise DwaveError(f"--{name.replace('_', '-')} must be positive")
-        if self.warmup_steps < 0 or (self.lr is not None and not self.lr > 0):
-            raise DwaveError("--lr must be positive and --warmup-steps not negative")
-        if not (self.stall_minutes >= 0 and math.isfinite(self.stall_minutes)):
-            raise DwaveError(f"--stall-minutes must be a number >= 0, got {self.stall_minutes:g}")
-        if not 0 < self.decay_to <= 1:
-            raise DwaveError(f"--decay-to must be in (0, 1], got {self.decay_to:g}")
-        if not (self.clip_norm >= 0 and math.isfinite(self.clip_norm)):
-            raise DwaveError(f"--clip-norm must be a number >= 0, got {self.clip_norm:g}")
-        if not 0 <= self.ema < 1:
-            raise DwaveError(f"--ema must be in [0, 1), got {self.ema:g}")
-        if not 0 <= self.listen_seconds <= 60:
-            raise DwaveError(f"--listen-seconds must be between 0 and 60, got "
-                             f"{self.listen_seconds:g}")
+    train: TrainConfig  # the flags, --lr resolved
+    model: ModelConfig
+    resuming: bool
+    changes: list[str]  # flags changed since the run's last start
+    windows: dict  # how the validation windows are drawn (dwave.model.rundir.validation_windows)
+    span: int
+    open_data: functools.partial  # (on_bad_track) -> dwave.train.data's samplers
 
 
-# -- pure pieces ------------------------------------------------------------------------------
+def _resolve_run(train: TrainConfig, run_dir: str, preset: str | None, overrides: dict,
+                 storage_options: dict | None) -> _Run:
+    from .data import open_samplers, scan_store
+
+    saved = read_run_config(run_dir)
+    saved_model = saved[0] if saved else None
+    train = dataclasses.replace(train, lr=default_learning_rate(train.lr, preset, saved))
+    # The condition the run's tracks are labelled by: the saved model's, else the default's.
+    scan = scan_store(train.store, storage_options, (saved_model or ModelConfig()).condition)
+    model_config = resolve_model_config(saved_model, preset, overrides,
+                                        train.genre_conditioning, scan.condition_values,
+                                        scan.sample_rate, run_dir, scan.quantization_channels)
+    resuming = saved_model is not None
+    if not resuming:
+        check_checkpoints_folder(run_dir)
+    changes = resume_changes(saved[1], train) if resuming else []
+    span = model_config.span(train.window)
+    windows = validation_windows(run_dir, resuming, dataclasses.asdict(train))
+    open_data = functools.partial(
+        open_samplers, scan, span, train.batch_size, train.seed, train.validation_fraction,
+        mode=train.data_mode, values=model_config.condition_values or None, load=False,
+        windows_per_read=train.windows_per_read,
+        validation_windows=(model_config.span(windows["window"]), windows["batch_size"],
+                            windows["seed"]))
+    open_data(on_bad_track=None)  # every other check now; the tracks' after the lock
+    return _Run(train, model_config, resuming, changes, windows, span, open_data)
 
 
-def weights_digest(variables) -> str:
-    """sha256 of every weight's bytes: equal digests mean bit-identical models."""
-    h = hashlib.sha256()
-    for v in variables:
-        h.update(v.numpy().tobytes())
-    return h.hexdigest()
+def _describe_run(say, run: _Run, data, trainer, ranks: Ranks, threads: int, restored,
+                  start_step: int) -> None:
+    """The run's first lines: ranks, model, data, optimizer (its rate read back from it),
+    precision, resume, and what was left out."""
+    import tensorflow as tf
 
-
-def format_eta(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-# -- the model, the step, the optimizer --------------------------------------------------------
-
-
-class Trainer:
-    """The model, optimizer and compiled steps of one rank. `hvd` is None for plain TF (tests
-    that replay a distributed step in one process)."""
-
-    def __init__(self, model_config: ModelConfig, lr: float, warmup_steps: int, world_size: int,
-                 precision: str = "fp32", hvd=None, seed: int | None = None,
-                 decay_steps: int = 0, decay_to: float = 1.0, clip_norm: float = 0.0,
-                 ema: float = 0.0):
-        import tensorflow as tf
-
-        from ..model.network import WaveNet
-        from .schedule import make_optimizer
-
-        if seed is not None:
-            # The same initial weights for the same seed, in any process. tf.random.set_seed
-            # alone is not enough: Keras draws the seed of each unseeded initializer from
-            # Python's `random`, which this seeds too (with numpy's global state).
-            tf.keras.utils.set_random_seed(seed)
-        self.config = model_config
-        self.hvd = hvd
-        self.model = WaveNet(model_config, precision)
-        self.mixed = precision == "mixed"
-        self.optimizer = make_optimizer(lr, world_size, warmup_steps, self.mixed, decay_steps,
-                                        decay_to)
-        self.optimizer.build(self.model.trainable_variables)
-        self.clip_norm, self.ema = clip_norm, ema
-        # The moving average of every weight (Polyak averaging), kept beside them.
-        self.averages = [tf.Variable(v, trainable=False, name=v.name.split(":")[0] + "/average")
-                         for v in self.model.trainable_variables] if ema > 0 else []
-        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        self.train_step = tf.function(self._train_step, reduce_retracing=True)
-        self.eval_step = tf.function(self.loss, reduce_retracing=True)
-
-    def loss(self, codes, condition):
-        """Mean cross-entropy in nats of predicting codes[:, rf:] from codes[:, :-1]."""
-        import tensorflow as tf
-
-        rf = self.config.receptive_field
-        logits = self.model(codes[:, :-1],
-                            condition=condition if self.config.conditioned else None,
-                            training=True)
-        targets = tf.cast(codes[:, rf:], tf.int32)
-        # -log softmax(logits)[target] = logsumexp(logits) - logits[target]: with its gradient,
-        # faster on a CPU than TF's fused sparse_softmax_cross_entropy_with_logits kernel.
-        picked = tf.gather(logits, targets, batch_dims=2)
-        return tf.reduce_mean(tf.reduce_logsumexp(logits, axis=-1) - picked)
-
-    def _train_step(self, codes, condition, stop_requested):
-        """One synchronous update. Returns (loss averaged over ranks, any rank asked to stop).
-        One collective per step: the gradients, the loss and the stop flag travel in one group.
-        Horovod negotiates each collective in its own cycle (HOROVOD_CYCLE_TIME), so the
-        gradients in several fusions plus a loss and a flag apart cost several rounds per step
-        (`small`, two ranks of one node under Gloo: 78-85 % of two independent processes, and
-        87-93 % as one group; benchmarks/bench_train.py)."""
-        import tensorflow as tf
-
-        variables = self.model.trainable_variables
-        with tf.GradientTape() as tape:
-            loss = self.loss(codes, condition)
-            scaled = self.optimizer.get_scaled_loss(loss) if self.mixed else loss
-        grads = tape.gradient(scaled, variables)
-        if self.mixed:
-            grads = self.optimizer.get_unscaled_gradients(grads)
-        stop = tf.cast(stop_requested, tf.float32)
-        if self.hvd:
-            # Dense: the embedding's gradient is IndexedSlices, small enough to send whole.
-            # Averaged, the flag is > 0 exactly when some rank's is 1.
-            *grads, shared = self.hvd.grouped_allreduce(
-                [tf.convert_to_tensor(g) for g in grads] + [tf.stack([loss, stop])],
-                op=self.hvd.Average)
-            loss, stop = shared[0], shared[1]
-        if self.clip_norm > 0:  # after the allreduce: every rank clips the same gradients
-            grads, _ = tf.clip_by_global_norm(grads, self.clip_norm)
-        self.optimizer.apply_gradients(zip(grads, variables))
-        if self.averages:
-            # TensorFlow's ExponentialMovingAverage with num_updates: a smaller decay early,
-            # so the average is not held at the initial weights for the first ~1/(1-ema) steps.
-            t = tf.cast(self.step, tf.float32)
-            decay = tf.minimum(self.ema, (1.0 + t) / (10.0 + t))
-            for average, v in zip(self.averages, variables):
-                average.assign(decay * average + (1.0 - decay) * v)
-        self.step.assign_add(1)
-        return loss, stop > 0
-
-    def start_average(self) -> None:
-        """The moving average starts again from the current weights."""
-        for average, v in zip(self.averages, self.model.trainable_variables):
-            average.assign(v)
-
-    @contextlib.contextmanager
-    def averaged_weights(self):
-        """The model holds the weights' moving average inside the block (with --ema; else its
-        own weights), its own weights again after it."""
-        own = [v.numpy() for v in self.model.trainable_variables] if self.averages else []
-        for average, v in zip(self.averages, self.model.trainable_variables):
-            v.assign(average)
-        try:
-            yield
-        finally:
-            for value, v in zip(own, self.model.trainable_variables):
-                v.assign(value)
-
-    @property
-    def learning_rate(self) -> float:
-        """The rate of the last update, read back from the optimizer."""
-        from .schedule import current_rate
-
-        return current_rate(self.optimizer)
-
-    def broadcast_from_rank0(self):
-        """Make every rank start from rank 0's weights and optimizer state."""
-        if self.hvd:
-            self.hvd.broadcast_variables(self.model.variables + self.averages, root_rank=0)
-            self.hvd.broadcast_variables(self.optimizer.variables, root_rank=0)
-            self.hvd.broadcast_variables([self.step], root_rank=0)
-
-
-# -- the run directory ------------------------------------------------------------------------
-
-
-def default_learning_rate(lr: float | None, preset: str | None, saved) -> float:
-    """--lr if given; else a resumed run's own rate; else the preset's (dwave.model.config)."""
-    if lr is not None:
-        return lr
-    saved_lr = saved[1].get("lr") if saved else None
-    if isinstance(saved_lr, (int, float)) and saved_lr > 0:
-        return float(saved_lr)
-    return PRESET_LEARNING_RATES.get(preset or DEFAULT_PRESET, PRESET_LEARNING_RATES["base"])
-
-
-# Training flags a resume may change, said when it does. The rest: steps and schedules of
-# validation, checkpoints and listening samples change nothing a user would miss.
-RESUME_FLAGS = ("store", "window", "batch_size", "seed", "precision", "lr", "warmup_steps",
-                "data_mode", "windows_per_read", "val_batches", "decay_to", "clip_norm", "ema")
-
-
-def resume_changes(saved: dict, train: TrainConfig) -> list[str]:
-    """What a resume changes in the flags the run was last started with, as `--flag new
-    (was old)`; an error for the two changes a resume cannot make."""
-    now = dataclasses.asdict(train)
-    was_fraction = saved.get("validation_fraction", train.validation_fraction)
-    if was_fraction != train.validation_fraction:
-        raise DwaveError(
-            f"--validation-fraction {train.validation_fraction:g}: this run holds out "
-            f"{was_fraction:g} of the tracks, and another split would train on its validation "
-            f"tracks; resume with --validation-fraction {was_fraction:g} or use a new --run-dir")
-    was_precision = saved.get("precision", train.precision)
-    if (was_precision == "mixed") != (train.precision == "mixed"):
-        raise DwaveError(
-            f"--precision {train.precision}: this run was trained with --precision "
-            f"{was_precision}, and its optimizer state is saved in that form (mixed "
-            "precision keeps a loss scale); resume with --precision "
-            f"{was_precision} or use a new --run-dir")
-    return [f"--{key.replace('_', '-')} {now[key]} (was {saved[key]})" for key in RESUME_FLAGS
-            if key in saved and saved[key] != now[key]]
-
-
-def resolve_model_config(saved: ModelConfig | None, preset: str | None, overrides: dict,
-                         conditioning: bool | None, store_values: list[str],
-                         sample_rate: int, run_dir: str = "", levels: int = 256) -> ModelConfig:
-    """The run's architecture.
-
-    A new run: the preset (default `tiny`) with overrides, at the store's sample rate and
-    quantization levels, conditioned on the store's values of the condition if asked. An
-    existing run (`saved`): its config; flags or a store that disagree with it are an error
-    rather than a silently different model.
-    """
-    if saved is None:
-        return ModelConfig.from_preset(preset or DEFAULT_PRESET, sample_rate=sample_rate,
-                                       quantization_channels=levels,
-                                       condition_values=store_values if conditioning else [],
-                                       **overrides)
-    wanted = ModelConfig.from_preset(preset, **overrides).to_dict() if preset else overrides
-    have = saved.to_dict()
-    clashes = [f"{k} {have[k]} (flags ask for {v})" for k, v in wanted.items()
-               if k in MODEL_FLAGS and have[k] != v]
-    if conditioning is not None and conditioning != saved.conditioned:
-        clashes.append(f"{saved.condition} conditioning " + ("on" if saved.conditioned else "off"))
-    if saved.sample_rate != sample_rate:
-        clashes.append(f"sample rate {saved.sample_rate} (the store's is {sample_rate})")
-    if saved.quantization_channels != levels:
-        clashes.append(f"{saved.quantization_channels} quantization levels (the store's codes "
-                       f"have {levels})")
-    if clashes:
-        raise DwaveError(f"run dir {run_dir} holds a model with {'; '.join(clashes)}: use a new "
-                         "--run-dir, or the flags it was started with")
-    return saved
+    train, model_config, size = run.train, run.model, ranks.size
+    say(f"dwave train: {size} rank{'s' if size > 1 else ''} x {threads} threads, "
+        f"{model_config.describe()}, {trainer.model.parameter_count:,} parameters")
+    hours = data.train_samples / data.sample_rate / 3600
+    say(f"data: {len(data.train.tracks)} training tracks ({hours:.2f} h), "
+        f"{len(data.validation.tracks) if data.validation else 0} validation tracks, "
+        f"{data.train.mode} mode ({data.train.windows_per_read} window(s) a read); span "
+        f"{run.span} = receptive field {model_config.receptive_field} + {train.window}; batch "
+        f"{train.batch_size} per rank, {train.batch_size * size} global")
+    say("optimizer: Adam, " + (
+        f"rate {train.lr:g}" if size == 1 else
+        f"rate {train.lr:g} x {size} ranks = {train.lr * size:g}, reached from {train.lr:g} "
+        f"over a warm-up of {train.warmup_steps} steps")
+        + (f", then a cosine decay to {train.decay_to:g} x at step {train.steps}"
+           if train.decay_to < 1 else "")
+        + (f", gradients clipped to global norm {train.clip_norm:g}" if train.clip_norm else "")
+        + (f", validated on a moving average of the weights ({train.ema:g})" if train.ema else "")
+        + f"; now {trainer.learning_rate:.3g} (read from the optimizer)")
+    say(_precision_line(trainer.model.product_dtype.name, bool(tf.config.list_logical_devices(
+        "GPU")), trainer.model.fused_ops is not None))
+    if restored:
+        say(f"resuming from {restored} at step {start_step}")
+    windows = run.windows
+    if run.changes:
+        say("flags changed since the run's last start: " + "; ".join(run.changes) + ". "
+            f"Validation keeps the run's windows (window {windows['window']}, batch "
+            f"{windows['batch_size']}, seed {windows['seed']}, {windows['val_batches']} "
+            "batches): its log stays comparable")
+    if data.left_out["damaged"]:
+        say(f"warning: left out {len(data.left_out['damaged'])} track(s) whose shards are "
+            f"missing or cut short (--on-bad-track skip; e.g. {data.left_out['damaged'][0].id} "
+            f"in parts/{data.left_out['damaged'][0].part}): `dwave store verify --repair` and "
+            "a preprocess rerun bring them back")
+    if data.left_out["tracks"]:
+        say(f"left out {data.left_out['tracks']} track(s) of {model_config.condition}s this run "
+            f"was not started with ({', '.join(data.left_out['values'])}): a new --run-dir can "
+            "condition on them")
 
 
 def _precision_line(product_dtype: str, on_gpu: bool, fused: bool) -> str:
@@ -321,243 +246,165 @@ def _precision_line(product_dtype: str, on_gpu: bool, fused: bool) -> str:
     return line
 
 
-def configure_devices(hvd, threads: int | None) -> int:
-    """One GPU per local rank when GPUs exist; the node's cores shared between its ranks."""
-    import tensorflow as tf
+# -- the run directory: lock, checkpoints -----------------------------------------------------
 
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        gpu = gpus[hvd.local_rank() % len(gpus)]
-        tf.config.set_visible_devices(gpu, "GPU")
-        tf.config.experimental.set_memory_growth(gpu, True)
-    threads = threads or cores_per_rank(hvd.local_size())
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
-    return threads
+_HELD_LOCKS: list = []
 
 
-def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
-                 model_overrides: dict | None = None, storage_options: dict | None = None,
-                 log=print) -> dict:
-    """Train (or resume) in `run_dir`. Returns a summary dict (rank 0's view)."""
-    from .data import open_samplers, scan_store
+def _lock_run_dir(run_dir: str, ranks: Ranks) -> None:
+    """Rank 0 takes RUN_DIR/lock for the rest of the process (released when it exits, however
+    it exits); every rank learns whether it got it, so a refused job stops on all ranks."""
+    refusal = None
+    if ranks.rank == 0:
+        try:
+            lock = DirectoryLock(run_dir)
+            lock.acquire()
+            _HELD_LOCKS.append(lock)  # never released here: it lives as long as this process
+        except DwaveError as exc:
+            refusal = str(exc)
+    refusal = ranks.from_rank0(refusal)
+    if refusal:
+        raise DwaveError(refusal)
 
-    stop = StopSignal()
-    # The store and the run dir are checked before TensorFlow loads: a bad one fails in a second.
-    saved = read_run_config(run_dir)
-    saved_model = saved[0] if saved else None
-    train = dataclasses.replace(train, lr=default_learning_rate(train.lr, preset, saved))
-    # The condition the run's tracks are labelled by: the saved model's, else the default's.
-    scan = scan_store(train.store, storage_options, (saved_model or ModelConfig()).condition)
-    model_config = resolve_model_config(saved_model, preset, model_overrides or {},
-                                        train.genre_conditioning, scan.condition_values,
-                                        scan.sample_rate,
-                                        run_dir, scan.levels)
-    resuming = saved_model is not None
-    if not resuming:
-        check_checkpoints_folder(run_dir)
-    changes = resume_changes(saved[1], train) if resuming else []
-    span = model_config.span(train.window)
-    windows = validation_windows(run_dir, resuming, dataclasses.asdict(train))
-    open_data = functools.partial(
-        open_samplers, scan, span, train.batch_size, train.seed, train.validation_fraction,
-        mode=train.data_mode, values=model_config.condition_values or None, load=False,
-        windows_per_read=train.windows_per_read,
-        validation_windows=(model_config.span(windows["window"]), windows["batch_size"],
-                            windows["seed"]))
-    data = open_data(on_bad_track=None)  # every other check now; the tracks' after the lock
 
-    from ..ranks import start_horovod
+class _Checkpoints:
+    """The run's checkpoints: the model, optimizer, step and (with --ema) the weights' moving
+    average, restored on every rank and saved by rank 0."""
 
-    hvd = start_horovod()
-    rank, size = hvd.rank(), hvd.size()
-    say = log if rank == 0 else (lambda *_: None)
-    threads = configure_devices(hvd, train.threads)  # before any TensorFlow op runs
-    _lock_run_dir(run_dir, rank, size, hvd)
-    # Only once the run dir is ours: a refused second job never looks at the store's tracks.
-    data = open_data(on_bad_track=train.on_bad_track)
-    data.load(say)
+    def __init__(self, run_dir: str, train: TrainConfig, model_config: ModelConfig, trainer,
+                 rank: int):
+        self.run_dir, self.train, self.model_config = run_dir, train, model_config
+        self.trainer, self.rank, self.world_size = trainer, rank, trainer.ranks.size
+        self.state = dict(model=trainer.model, optimizer=trainer.optimizer, step=trainer.step)
+        averages = {AVERAGE: trainer.averages} if trainer.averages else {}
+        self.checkpoint, self.manager = checkpoint_manager(
+            run_dir, train.keep_checkpoints, model_config, **self.state, **averages)
 
-    import tensorflow as tf
+    @property
+    def latest(self) -> str | None:
+        return self.manager.latest_checkpoint
 
-    trainer = Trainer(model_config, train.lr, train.warmup_steps, size, train.precision,
-                      hvd if size > 1 else None, seed=train.seed, decay_steps=train.steps,
-                      decay_to=train.decay_to, clip_norm=train.clip_norm, ema=train.ema)
-    state = dict(model=trainer.model, optimizer=trainer.optimizer, step=trainer.step)
-    averages = {AVERAGE: trainer.averages} if trainer.averages else {}
-    checkpoint, manager = checkpoint_manager(run_dir, train.keep_checkpoints, model_config,
-                                             **state, **averages)
-    # --ema turned on for a run whose checkpoints have no average: it starts from the weights.
-    fresh_average = bool(averages and manager.latest_checkpoint
-                         and not holds_average(manager.latest_checkpoint))
-    if fresh_average:
-        checkpoint = tf.train.Checkpoint(**state)
-    restored = restore_latest(checkpoint, manager, model_config, run_dir, resuming)
-    if fresh_average:
-        trainer.start_average()
-    trainer.broadcast_from_rank0()
-    start_step = int(trainer.step.numpy())
+    def restore(self, resuming: bool) -> str | None:
+        """The latest checkpoint into the trainer; its path, None for a new run."""
+        import tensorflow as tf
 
-    say(f"dwave train: {size} rank{'s' if size > 1 else ''} x {threads} threads, "
-        f"{model_config.describe()}, {trainer.model.parameter_count:,} parameters")
-    say(f"data: {len(data.train.tracks)} training tracks ({data.train_samples / data.sample_rate / 3600:.2f} h), "
-        f"{len(data.validation.tracks) if data.validation else 0} validation tracks, "
-        f"{data.train.mode} mode ({data.train.windows_per_read} window(s) a read); span {span} = receptive field {model_config.receptive_field}"
-        f" + {train.window}; batch {train.batch_size} per rank, {train.batch_size * size} global")
-    say("optimizer: Adam, " + (
-        f"rate {train.lr:g}" if size == 1 else
-        f"rate {train.lr:g} x {size} ranks = {train.lr * size:g}, reached from {train.lr:g} "
-        f"over a warm-up of {train.warmup_steps} steps")
-        + (f", then a cosine decay to {train.decay_to:g} x at step {train.steps}"
-           if train.decay_to < 1 else "")
-        + (f", gradients clipped to global norm {train.clip_norm:g}" if train.clip_norm else "")
-        + (f", validated on a moving average of the weights ({train.ema:g})" if train.ema else "")
-        + f"; now {trainer.learning_rate:.3g} (read from the optimizer)")
-    say(_precision_line(trainer.model.product_dtype.name, bool(tf.config.list_logical_devices(
-        "GPU")), trainer.model.fused_ops is not None))
-    if restored:
-        say(f"resuming from {restored} at step {start_step}")
-    if changes:
-        say("flags changed since the run's last start: " + "; ".join(changes) + ". Validation "
-            f"keeps the run's windows (window {windows['window']}, batch {windows['batch_size']}"
-            f", seed {windows['seed']}, {windows['val_batches']} batches): its log stays "
-            "comparable")
-    if data.left_out["damaged"]:
-        say(f"warning: left out {len(data.left_out['damaged'])} track(s) whose shards are "
-            f"missing or cut short (--on-bad-track skip; e.g. {data.left_out['damaged'][0].id} "
-            f"in parts/{data.left_out['damaged'][0].part}): `dwave store verify --repair` and "
-            "a preprocess rerun bring them back")
-    if data.left_out["tracks"]:
-        say(f"left out {data.left_out['tracks']} track(s) of {model_config.condition}s this run "
-            f"was not started with ({', '.join(data.left_out['values'])}): a new --run-dir can "
-            "condition on them")
-    history = ValidationLog(run_dir, resuming, windows) if rank == 0 else None
-    if history is not None and data.validation:
-        history.baselines = _baselines(data, model_config, windows["val_batches"]).to_dict()
-        b = history.baselines
-        say(f"baselines on the validation windows: code histogram {b['unigram_bits']:.3f} "
-            f"bits/sample, bigram p(x_t | x_t-1) {b['bigram_bits']:.3f}: a WaveNet that learns "
-            f"is below the bigram within a few hundred steps")
-    if start_step >= train.steps:
-        say(f"run already at step {start_step} >= --steps {train.steps}: nothing to do")
-        return {"step": start_step, "stopped": False, "resumed_from": start_step}
+        # --ema turned on for a run whose checkpoints have no average: it starts from the weights.
+        fresh_average = bool(self.trainer.averages and self.latest
+                             and not holds_average(self.latest))
+        checkpoint = tf.train.Checkpoint(**self.state) if fresh_average else self.checkpoint
+        restored = restore_latest(checkpoint, self.manager, self.model_config, self.run_dir,
+                                  resuming)
+        if fresh_average:
+            self.trainer.start_average()
+        return restored
 
-    def save(step: int) -> None:
-        if rank == 0:
-            os.makedirs(run_dir, exist_ok=True)
-            # The checkpoint first, then the step in config.json that says it exists: a failed
-            # save (disk full) leaves config.json at the last checkpoint that is complete, so
-            # `dwave status` never calls a run finished without its final weights.
-            try:
-                manager.save(checkpoint_number=step)
-                write_run_config(run_dir, model_config, dataclasses.asdict(train), size, step)
-            except (tf.errors.OpError, OSError) as exc:
-                reason = (exc.message if isinstance(exc, tf.errors.OpError) else str(exc))
-                reason = reason.strip().splitlines()[-1].split("; ")[-1]
-                reason = reason.split(" [Op:")[0][:120]  # TF's op name means nothing here
-                last = manager.latest_checkpoint
-                raise DwaveError(
-                    f"cannot write the step-{step} checkpoint in {run_dir} ({reason}): the run "
-                    f"dir still resumes from {os.path.basename(last) if last else 'its start'}; "
-                    "free space (or move the run dir somewhere with room) and rerun the same "
-                    "command") from None
+    def save(self, step: int) -> None:
+        """Rank 0 writes the step's checkpoint, then the step in config.json that says it
+        exists: a failed save (disk full) leaves config.json at the last checkpoint that is
+        complete, so `dwave status` never calls a run finished without its final weights."""
+        if self.rank != 0:
+            return
+        import tensorflow as tf
 
-    if not resuming:
-        save(start_step)  # config.json and ckpt-0 on disk from the first second
+        os.makedirs(self.run_dir, exist_ok=True)
+        try:
+            self.manager.save(checkpoint_number=step)
+            write_run_config(self.run_dir, self.model_config, dataclasses.asdict(self.train),
+                             self.world_size, step)
+        except (tf.errors.OpError, OSError) as exc:
+            reason = (exc.message if isinstance(exc, tf.errors.OpError) else str(exc))
+            reason = reason.strip().splitlines()[-1].split("; ")[-1]
+            reason = reason.split(" [Op:")[0][:120]  # TF's op name means nothing here
+            last = self.latest
+            raise DwaveError(
+                f"cannot write the step-{step} checkpoint in {self.run_dir} ({reason}): the run "
+                f"dir still resumes from {os.path.basename(last) if last else 'its start'}; "
+                "free space (or move the run dir somewhere with room) and rerun the same "
+                "command") from None
 
-    writers = None
-    if rank == 0:
-        writers = {name: tf.summary.create_file_writer(_writable_directory(
-            os.path.join(run_dir, TENSORBOARD, name))) for name in ("train", "validation")}
 
-    batches = data.train.batches(rank, start_step, train.steps)
-    predicted_per_step = train.batch_size * train.window * size
-    progress = _Progress(train.steps, start_step, say)
-    step, loss_bits, stopped = start_step, math.nan, False
-    window_started, window_steps = time.perf_counter(), 0
-    val_bits = None
-    listener = None
-    if rank == 0 and data.validation and train.listen_seconds > 0:
-        from .listen import Listener
+# -- what the run reports ---------------------------------------------------------------------
 
-        listener = Listener(run_dir, train.listen_seconds, model_config.sample_rate,
-                            model_config.quantization_channels, writers["validation"])
-    from .watchdog import Watchdog
 
-    watchdog = Watchdog(train.stall_minutes * 60 if size > 1 else 0, rank)
-    loop_started = time.perf_counter()
-    while step < train.steps:
-        codes, condition = next(batches)
-        loss, stop_all = trainer.train_step(codes, condition, tf.constant(stop.requested))
-        watchdog.beat()
-        step += 1
-        window_steps += 1
-        loss_bits = float(loss) / LN2
-        if not math.isfinite(loss_bits):
-            raise DwaveError(f"loss became {loss_bits} at step {step}: lower --lr (now "
-                             f"{train.lr:g}) or use --precision fp32")
+class _Report:
+    """Everything a run tells while it trains: the progress line, TensorBoard's scalars, the
+    validation log and its line, and the listening samples. Rank 0 writes; the others only
+    count."""
+
+    def __init__(self, run_dir: str, train: TrainConfig, model_config: ModelConfig,
+                 ranks: Ranks, data, history, start_step: int, say):
+        import tensorflow as tf
+
+        self.say, self.history, self.data = say, history, data
+        self.conditioned = model_config.conditioned
+        self.writers = None
+        if ranks.rank == 0:
+            self.writers = {name: tf.summary.create_file_writer(_writable_directory(
+                os.path.join(run_dir, TENSORBOARD, name))) for name in ("train", "validation")}
+        self.predicted_per_step = train.batch_size * train.window * ranks.size
+        self.progress = _Progress(train.steps, start_step, say)
+        self.window_started, self.window_steps = time.perf_counter(), 0
+        self.loop_started = time.perf_counter()
+        self.listener = None
+        if ranks.rank == 0 and data.validation and train.listen_seconds > 0:
+            from .listen import Listener
+
+            self.listener = Listener(run_dir, train.listen_seconds, model_config.sample_rate,
+                                     model_config.quantization_channels,
+                                     self.writers["validation"])
+
+    def step(self, step: int, loss_bits: float, trainer, final: bool) -> None:
+        """After each step: the progress line and TensorBoard when due, with the rate over the
+        steps since the last line and the learning rate read back from the optimizer."""
+        import tensorflow as tf
+
+        self.window_steps += 1
         now = time.perf_counter()
-        if progress.due(now) or step == train.steps or bool(stop_all):
-            rate = predicted_per_step * window_steps / (now - window_started)
-            learning_rate = trainer.learning_rate
-            progress.show(step, loss_bits, rate, learning_rate)
-            if writers:
-                with writers["train"].as_default(step=step):
-                    tf.summary.scalar("loss_bits_per_sample", loss_bits)
-                    tf.summary.scalar("samples_per_second", rate)
-                    tf.summary.scalar("learning_rate", learning_rate)
-            window_started, window_steps = time.perf_counter(), 0
-        if data.validation and (step % train.val_every == 0 or step == train.steps):
-            started = time.perf_counter()
-            with trainer.averaged_weights():
-                val_bits = _validate(trainer, data.validation, rank, size,
-                                     windows["val_batches"], hvd)
-            val_seconds = time.perf_counter() - started
-            watchdog.beat()
-            if rank == 0:
-                say(f"step {step}: validation loss {val_bits:.3f} bits/sample"
-                    + history.versus_baselines(val_bits) + f" ({val_seconds:.1f} s)")
-                history.add(step, val_bits, time.perf_counter() - loop_started)
-                with writers["validation"].as_default(step=step):
-                    tf.summary.scalar("loss_bits_per_sample", val_bits)
-                if listener:
-                    codes, condition = data.validation.batch(0, 0)
-                    with trainer.averaged_weights():  # the weights validation scored
-                        listener.start(trainer.model, codes[0],
-                                       int(condition[0]) if model_config.conditioned else None,
-                                       step, wait=step == train.steps)
-            window_started, window_steps = time.perf_counter(), 0
-        if listener:
-            for line in listener.finished():
-                say(line)
-        if bool(stop_all):
-            stopped = True
-            break
-        if step % train.ckpt_every == 0 and step < train.steps:
-            save(step)
-            watchdog.beat()
-    watchdog.stop()
-    save(step)
-    progress.finish()
-    digests = _check_ranks_in_sync(trainer, hvd, size)
-    if listener:
-        for line in listener.close():
-            say(line)
-    if writers:
-        for w in writers.values():
-            w.flush()
-    summary = {"step": step, "loss_bits": loss_bits, "validation_bits": val_bits,
-               "stopped": stopped, "resumed_from": start_step if restored else None,
-               "checkpoint": manager.latest_checkpoint if rank == 0 else None,
-               "weights_sha256": digests}
-    if stopped:
-        say(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {step}: "
-            f"checkpoint written; rerun the same command to resume")
-    say(f"done: step {step}, train loss {loss_bits:.3f} bits/sample"
-        + (f", validation {val_bits:.3f}" + history.versus_baselines(val_bits)
-           if val_bits is not None and history is not None else "")
-        + f"; checkpoint {summary['checkpoint']}")
-    return summary
+        if not (self.progress.due(now) or final):
+            return
+        rate = self.predicted_per_step * self.window_steps / (now - self.window_started)
+        learning_rate = trainer.learning_rate
+        self.progress.show(step, loss_bits, rate, learning_rate)
+        if self.writers:
+            with self.writers["train"].as_default(step=step):
+                tf.summary.scalar("loss_bits_per_sample", loss_bits)
+                tf.summary.scalar("samples_per_second", rate)
+                tf.summary.scalar("learning_rate", learning_rate)
+        self.window_started, self.window_steps = time.perf_counter(), 0
+
+    def validated(self, step: int, bits: float, seconds: float, trainer, wait: bool) -> None:
+        """A validation's line, log entry and scalar, and a listening sample from the weights
+        it scored."""
+        import tensorflow as tf
+
+        if self.history is not None:
+            self.say(f"step {step}: validation loss {bits:.3f} bits/sample"
+                     + self.history.versus_baselines(bits) + f" ({seconds:.1f} s)")
+            self.history.add(step, bits, time.perf_counter() - self.loop_started)
+            with self.writers["validation"].as_default(step=step):
+                tf.summary.scalar("loss_bits_per_sample", bits)
+            if self.listener:
+                codes, condition = self.data.validation.batch(0, 0)
+                with trainer.averaged_weights():
+                    self.listener.start(trainer.model, codes[0],
+                                        int(condition[0]) if self.conditioned else None,
+                                        step, wait=wait)
+        self.window_started, self.window_steps = time.perf_counter(), 0
+
+    def listened(self) -> None:
+        """The lines of listening samples finished since the last call."""
+        if self.listener:
+            for line in self.listener.finished():
+                self.say(line)
+
+    def close(self) -> None:
+        self.progress.finish()
+        if self.listener:
+            for line in self.listener.close():
+                self.say(line)
+        if self.writers:
+            for w in self.writers.values():
+                w.flush()
 
 
 def _writable_directory(path: str) -> str:
@@ -574,55 +421,22 @@ def _writable_directory(path: str) -> str:
 def _baselines(data, model_config: ModelConfig, val_batches: int):
     """The store's code histogram and bigram, fitted on the training tracks, scored on the
     validation windows the model is scored on."""
+    from ..model.output import for_model
     from .baselines import count_codes, evaluate
 
-    counts = count_codes(data.train.code_chunks(), data.levels)
+    counts = count_codes(data.train.code_chunks(), for_model(model_config).codes)
     windows = (data.validation.batch(0, i)[0] for i in range(val_batches))
     return evaluate(counts, windows, model_config.receptive_field)
 
 
-_HELD_LOCKS: list = []
-
-
-def _lock_run_dir(run_dir: str, rank: int, size: int, hvd) -> None:
-    """Rank 0 takes RUN_DIR/lock for the rest of the process (released when it exits, however
-    it exits); every rank learns whether it got it, so a refused job stops on all ranks."""
-    refusal = None
-    if rank == 0:
-        try:
-            lock = DirectoryLock(run_dir)
-            lock.acquire()
-            _HELD_LOCKS.append(lock)  # never released here: it lives as long as this process
-        except DwaveError as exc:
-            refusal = str(exc)
-    if size > 1:
-        refusal = hvd.broadcast_object(refusal, root_rank=0)
-    if refusal:
-        raise DwaveError(refusal)
-
-
-def _validate(trainer: Trainer, sampler, rank: int, size: int, batches: int, hvd) -> float:
-    """Mean loss in bits over a fixed set of validation batches, shared out over the ranks
-    (the same windows every time, so the curve compares like with like)."""
-    import tensorflow as tf
-
-    mine = range(rank, batches, size)
-    total = sum(float(trainer.eval_step(*sampler.batch(0, i))) for i in mine)
-    totals = tf.constant([total, float(len(mine))], tf.float64)
-    if size > 1:
-        totals = hvd.allreduce(totals, op=hvd.Sum)
-    total, count = totals.numpy()
-    return total / max(count, 1) / LN2
-
-
-def _check_ranks_in_sync(trainer: Trainer, hvd, size: int) -> list[str]:
+def _check_ranks_in_sync(trainer, ranks: Ranks) -> list[str]:
     """Every rank's weight digest; a mismatch would mean the ranks trained different models."""
-    digest = weights_digest(trainer.model.variables)
-    digests = hvd.allgather_object(digest) if size > 1 else [digest]
-    if hvd.rank() == 0:
+    digests = trainer.weight_digests()
+    if ranks.rank == 0:
+        size = ranks.size
         if len(set(digests)) == 1:
             print(f"weights identical on {size} rank{'s' if size > 1 else ''}: sha256 "
-                  f"{digest[:16]}", file=sys.stderr)
+                  f"{digests[0][:16]}", file=sys.stderr)
         else:
             print("warning: ranks ended with different weights: "
                   + ", ".join(f"rank {i} {d[:16]}" for i, d in enumerate(digests)),
@@ -630,6 +444,13 @@ def _check_ranks_in_sync(trainer: Trainer, hvd, size: int) -> list[str]:
         for i, d in enumerate(digests):
             print(f"rank {i} weights sha256 {d}", file=sys.stderr)
     return digests
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class _Progress:

@@ -53,17 +53,6 @@ class RankWarmup(tf.keras.optimizers.schedules.LearningRateSchedule):
                 "decay_steps": self.decay_steps, "decay_to": self.decay_to}
 
 
-def rate_at(update: int, base: float, peak: float, warmup_steps: int, decay_steps: int = 0,
-            decay_to: float = 1.0) -> float:
-    """RankWarmup in plain Python: what update number `update` (0-based) uses."""
-    warmup_steps = warmup_steps if base != peak else 0
-    rate = peak if warmup_steps == 0 else base + (peak - base) * min(1.0, update / warmup_steps)
-    if decay_to < 1.0 and decay_steps > warmup_steps:
-        progress = min(1.0, max(0.0, (update - warmup_steps) / (decay_steps - warmup_steps)))
-        rate *= decay_to + (1.0 - decay_to) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return rate
-
-
 def make_optimizer(lr: float, world_size: int, warmup_steps: int, mixed: bool = False,
                    decay_steps: int = 0, decay_to: float = 1.0):
     """Adam on RankWarmup(lr, lr x world_size, ...); float16 loss scaling for `mixed`."""
