@@ -84,13 +84,14 @@ def condition_index(config, value: str | None) -> int | None:
     return values.index(value)
 
 
-def prime_codes(path: str, seconds: float, sample_rate: int, channels: int) -> np.ndarray:
+def prime_codes(path: str, seconds: float, sample_rate: int,
+                quantization_channels: int) -> np.ndarray:
     """The opening of a real song, through preprocessing's decode/resample/mu-law path."""
     from ..store.audio import AudioError, decode_to_mono, encode_in_place, normalisation_gain
 
     try:
         decoded = decode_to_mono(path, sample_rate)
-        codes = encode_in_place(decoded, normalisation_gain(decoded), channels)
+        codes = encode_in_place(decoded, normalisation_gain(decoded), quantization_channels)
     except (AudioError, OSError) as exc:
         raise DwaveError(f"--prime {path}: {exc}") from None
     return codes[: max(1, int(seconds * sample_rate))].astype(np.int64)
@@ -119,11 +120,12 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
     loaded = load_model(options.run_dir, _checkpoint_to_use(options, job, say))
     model, config, checkpoint = loaded.model, loaded.config, loaded.checkpoint
     gid = condition_index(config, options.genre)
-    rate, q = config.sample_rate, config.quantization_channels
-    dtype = code_dtype(q)  # codes as written, not int64
+    rate, quantization_channels = config.sample_rate, config.quantization_channels
+    dtype = code_dtype(quantization_channels)  # codes as written, not int64
     prime = None
     if options.prime:
-        prime = prime_codes(options.prime, options.prime_seconds, rate, q).astype(dtype)
+        prime = prime_codes(options.prime, options.prime_seconds, rate,
+                            quantization_channels).astype(dtype)
     total = int(round(options.seconds * rate))
     if total < 1:
         raise DwaveError(f"--seconds {options.seconds:g} is less than one sample at {rate} Hz: "
@@ -186,7 +188,8 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
             generated += made_now
             if not stopped:
                 stopped = _write_songs(job, options.out, batch.songs, generator, streams,
-                                       files, head, total, rate, q, dtype, stop, done)
+                                       files, head, total, rate, quantization_channels, dtype,
+                                       stop, done)
         finally:
             for f in files:
                 f.close()
@@ -293,8 +296,8 @@ def _advance(generator, streams: list, files: list, made: int, end: int, options
 
 
 def _write_songs(job: GenerationJob, out: str, songs: list, generator, streams: list,
-                 files: list, head: int, total: int, rate: int, q: int, dtype, stop,
-                 done: list) -> bool:
+                 files: list, head: int, total: int, rate: int, quantization_channels: int,
+                 dtype, stop, done: list) -> bool:
     """Each song's WAV and PNG from its codes, then its progress files go. A stop request
     between two songs saves the rest as made in full (thousands of songs take minutes to
     write): the rerun writes them without generating. Returns whether it stopped."""
@@ -304,7 +307,8 @@ def _write_songs(job: GenerationJob, out: str, songs: list, generator, streams: 
                   head + total)
             return True
         files[i].flush()
-        _write_song_files(job, out, song_stem(song), head, total, rate, q, dtype)
+        _write_song_files(job, out, song_stem(song), head, total, rate, quantization_channels,
+                          dtype)
         done.append(song)
     return False
 
@@ -348,10 +352,11 @@ def _save(job: GenerationJob, songs: list, rows, state, streams: list, files: li
 
 
 def _write_song_files(job: GenerationJob, out: str, stem: str, head: int, total: int,
-                      rate: int, q: int, dtype) -> None:
+                      rate: int, quantization_channels: int, dtype) -> None:
     """The song's WAV and PNG from its codes on disk, a chunk at a time; then its progress
     files go."""
-    writer = SongWriter(os.path.join(out, stem), head + total, rate, q, primed=head)
+    writer = SongWriter(os.path.join(out, stem), head + total, rate, quantization_channels,
+                        primed=head)
     try:
         with open(job.codes_path(stem), "rb") as f:
             while len(codes := np.fromfile(f, dtype, count=16 * CHUNK)):

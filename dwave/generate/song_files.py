@@ -68,7 +68,8 @@ class SongWriter:
                  primed: int = 0):
         import soundfile as sf
 
-        self.stem, self.total, self.rate, self.q = stem, total, sample_rate, quantization_channels
+        self.stem, self.total, self.rate = stem, total, sample_rate
+        self.quantization_channels = quantization_channels
         self.primed, self.written = primed, 0
         segment = min(SEGMENT, total)  # a song shorter than one segment (--seconds 0.01) too
         self.segment, self.overlap = segment, segment * 3 // 4  # SEGMENT - HOP for a full one
@@ -97,7 +98,7 @@ class SongWriter:
         if self.written + len(codes) > self.total:
             raise ValueError(f"{self.stem}: {self.written + len(codes)} samples for a song of "
                              f"{self.total}")
-        audio = np.clip(mu_law_decode(codes, self.q), -1.0, 1.0)
+        audio = np.clip(mu_law_decode(codes, self.quantization_channels), -1.0, 1.0)
         self.sound.write(audio)
         self.written += len(audio)
         buffer = np.concatenate([self.tail, audio])

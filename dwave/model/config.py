@@ -1,5 +1,6 @@
-"""Model configuration: presets, the receptive field, the product precisions, JSON round trip. No TensorFlow here, so
-the CLI and the data pipeline can read a run's config without importing it."""
+"""Model configuration: presets, the receptive field, the product precisions, JSON round trip.
+No TensorFlow here, so the CLI and the data pipeline can read a run's config without importing
+it."""
 
 from __future__ import annotations
 

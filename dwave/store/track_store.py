@@ -9,7 +9,7 @@ opens every piece)::
       parts/<part_id>/          one group per batch of songs written by one preprocessing task;
                                 attrs: tracks (the part's track table), samples, complete,
                                 written_by (the software that wrote this part)
-        codes                   1-D uint8 (uint16 above 256 levels) mu-law codes of the part's
+        codes                   1-D uint8 (uint16 above 256 codes) mu-law codes of the part's
                                 tracks, one after another; sharded (see dwave.store.part_codes)
       index/                    attrs: parts (the parts folded in), tracks (their track table),
                                 failures [{source, reason}], updated
