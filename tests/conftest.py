@@ -66,6 +66,24 @@ def run_dwave(*args, env=None, timeout=300, check=None, cwd=None) -> subprocess.
     return proc
 
 
+def dwave_here(*args, check=None) -> subprocess.CompletedProcess:
+    """`dwave ARGS` called in this process (dwave.cli.main), its output captured: for commands
+    where a process of their own would prove nothing more (no signals, no environment of their
+    own, no exit-time behaviour), at none of the seconds a Python start costs."""
+    import contextlib
+    import io
+
+    from dwave.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    proc = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> tuple[str, str]:
     """Six synthetic 8-second MP3 songs with FMA-style names, and their genre CSV."""
@@ -137,7 +155,7 @@ def s3_bucket(s3_endpoint, request) -> str:
 
 
 def synthetic_codes(seconds: float, rate: int = 16000, kind: str = "tone", seed: int = 0,
-                    levels: int = 256):
+                    quantization_channels: int = 256):
     """mu-law codes of a tone or a chirp: structure a WaveNet can learn in a few steps."""
     from dwave.store.audio import mu_law_encode
 
@@ -149,17 +167,17 @@ def synthetic_codes(seconds: float, rate: int = 16000, kind: str = "tone", seed:
         f0, f1 = 150.0, 900.0
         phase = 2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * t[-1]))
         audio = 0.6 * np.sin(phase)
-    return mu_law_encode(audio.astype(np.float32), levels)
+    return mu_law_encode(audio.astype(np.float32), quantization_channels)
 
 
 def make_store(url: str, tracks: dict, rate: int = 16000, storage_options=None,
-               levels: int = 256, tracks_per_part: int = 2) -> str:
+               quantization_channels: int = 256, tracks_per_part: int = 2) -> str:
     """A store written directly (no decoding): `tracks` maps id -> (codes, genre), written
     `tracks_per_part` to a part, as preprocessing batches them."""
     from dwave.store.track_store import TrackStore
 
     store = TrackStore(url, storage_options)
-    store.prepare(rate, levels, overwrite=True)
+    store.prepare(rate, quantization_channels, overwrite=True)
     items = list(tracks.items())
     for first in range(0, len(items), tracks_per_part):
         batch = items[first:first + tracks_per_part]

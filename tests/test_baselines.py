@@ -10,9 +10,9 @@ import pytest
 from dwave.train.baselines import bigram_bits, count_codes, evaluate, unigram_bits
 
 
-def brute_force(tracks, levels, previous, targets):
-    uni = np.ones(levels)
-    pairs = np.ones((levels, levels))
+def brute_force(tracks, quantization_channels, previous, targets):
+    uni = np.ones(quantization_channels)
+    pairs = np.ones((quantization_channels, quantization_channels))
     for t in tracks:
         for a in t:
             uni[a] += 1
@@ -26,19 +26,20 @@ def brute_force(tracks, levels, previous, targets):
 
 def test_counts_and_bits_equal_brute_force_and_pairs_stay_within_a_track():
     rng = np.random.default_rng(0)
-    levels = 8
-    tracks = [rng.integers(0, levels, n).astype(np.uint8) for n in (50, 1, 31)]
-    counts = count_codes(tracks, levels)
+    quantization_channels = 8
+    tracks = [rng.integers(0, quantization_channels, n).astype(np.uint8) for n in (50, 1, 31)]
+    counts = count_codes(tracks, quantization_channels)
     assert counts.samples == 82 and counts.bigram.sum() == 49 + 0 + 30  # no cross-track pair
-    previous, targets = rng.integers(0, levels, 40), rng.integers(0, levels, 40)
-    uni, bi = brute_force(tracks, levels, previous, targets)
+    previous = rng.integers(0, quantization_channels, 40)
+    targets = rng.integers(0, quantization_channels, 40)
+    uni, bi = brute_force(tracks, quantization_channels, previous, targets)
     assert unigram_bits(counts, targets) == pytest.approx(uni, rel=1e-12)
     assert bigram_bits(counts, previous, targets) == pytest.approx(bi, rel=1e-12)
 
 
 def test_evaluate_scores_the_targets_after_the_receptive_field():
-    levels, rf = 4, 3
-    counts = count_codes([np.array([0, 1, 2, 3] * 20)], levels)  # 0->1->2->3->0...
+    quantization_channels, rf = 4, 3
+    counts = count_codes([np.array([0, 1, 2, 3] * 20)], quantization_channels)  # 0->1->2->3->0...
     windows = [np.array([[3, 3, 3, 0, 1, 2, 3]])]  # targets 0,1,2,3 after 3,0,1,2: all seen
     result = evaluate(counts, windows, rf)
     # 3 -> 0 was seen 19 times (row 3: 19 pairs), the other three pairs 20 times in 20.

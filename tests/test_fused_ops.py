@@ -211,42 +211,50 @@ def test_ranks_starting_together_build_once_into_an_empty_cache(tmp_path):
         "build.lock", "fused_ops.so"]  # no partial library left behind
 
 
-def test_without_a_compiler_the_model_falls_back_with_one_line(tmp_path):
-    p = run_python(LOAD, str(tmp_path / "cache"), CXX="no-such-compiler")
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err
-    assert out.split() == ["fallback", "False"]
-    lines = [line for line in err.splitlines() if line.startswith("dwave:")]
+def load_afresh(monkeypatch, capsys, cache, **env):
+    """fused_ops.load() as a process's first call would make it, in this process: `env` set,
+    nothing loaded yet. Returns (what for_training gives, dwave's lines on stderr)."""
+    from dwave.model import fused_ops
+
+    monkeypatch.setattr(fused_ops, "_loaded", {})  # restored after the test
+    monkeypatch.setenv("DWAVE_CACHE", str(cache))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    fused_ops.load()
+    kernels = fused_ops.for_training("fp32")
+    err = capsys.readouterr().err
+    return kernels, [line for line in err.splitlines() if line.startswith("dwave:")]
+
+
+def test_without_a_compiler_the_model_falls_back_with_one_line(tmp_path, monkeypatch, capsys):
+    kernels, lines = load_afresh(monkeypatch, capsys, tmp_path / "cache", CXX="no-such-compiler")
+    assert kernels is None
     assert lines == ["dwave: fused CPU kernels unavailable, training uses TensorFlow's own ops "
                      "(slower): no C++ compiler (no-such-compiler) on PATH"]
 
 
-def test_a_failing_build_falls_back_naming_the_compiler_error(tmp_path):
-    p = run_python(LOAD, str(tmp_path / "cache"), CXX="false")
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err
-    assert out.split() == ["fallback", "False"]
-    assert "dwave: fused CPU kernels unavailable" in err and "false failed building" in err
+def test_a_failing_build_falls_back_naming_the_compiler_error(tmp_path, monkeypatch, capsys):
+    kernels, lines = load_afresh(monkeypatch, capsys, tmp_path / "cache", CXX="false")
+    assert kernels is None
+    assert len(lines) == 1 and "dwave: fused CPU kernels unavailable" in lines[0] \
+        and "false failed building" in lines[0]
     assert not any(name.endswith(".so") for _, _, names in os.walk(tmp_path) for name in names)
 
 
-def test_an_unwritable_cache_falls_back_naming_it_and_what_to_do(tmp_path):
+def test_an_unwritable_cache_falls_back_naming_it_and_what_to_do(tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
     cache.write_text("a file where the cache folder would be")  # makedirs fails, whoever runs it
-    p = run_python(LOAD, str(cache))
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err
-    assert out.split() == ["fallback", "False"]
-    line, = [line for line in err.splitlines() if line.startswith("dwave:")]
+    kernels, lines = load_afresh(monkeypatch, capsys, cache)
+    assert kernels is None
+    line, = lines
     assert str(cache) in line and "set DWAVE_CACHE to a writable folder" in line
     assert cache.read_text() == "a file where the cache folder would be"
 
 
-def test_dwave_fused_ops_0_asks_for_tensorflows_ops_quietly(tmp_path):
-    p = run_python(LOAD, str(tmp_path / "cache"), DWAVE_FUSED_OPS="0")
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err
-    assert out.split() == ["fallback", "False"] and "dwave:" not in err
+def test_dwave_fused_ops_0_asks_for_tensorflows_ops_quietly(tmp_path, monkeypatch, capsys):
+    kernels, lines = load_afresh(monkeypatch, capsys, tmp_path / "cache", DWAVE_FUSED_OPS="0")
+    assert kernels is None and lines == []
 
 
 def test_a_portable_level_is_one_build_for_every_cpu_that_has_it(monkeypatch):

@@ -53,6 +53,7 @@ def test_a_store_records_the_software_that_created_it_and_wrote_each_part(tone_s
     assert f"created by dwave {dwave.__version__}, python" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # trained_run trains a model
 def test_a_run_dir_records_the_software_that_wrote_it(trained_run):
     config = json.load(open(os.path.join(trained_run, "config.json")))
     assert config["written_by"] == _expected()

@@ -56,7 +56,10 @@ def test_config_json_round_trip_and_errors():
         ModelConfig(input_kernel=3)
 
 
-@pytest.mark.parametrize("preset,input_kernel", [(p, 2) for p in PRESETS] + [("tiny", 1)])
+# The presets with the largest receptive fields take seconds each: the slow tier's.
+@pytest.mark.parametrize("preset,input_kernel", [
+    pytest.param(p, 2, marks=[pytest.mark.slow] if p in ("base", "music") else [])
+    for p in PRESETS] + [("tiny", 1)])
 def test_causal_exactly_and_receptive_field_is_tight(preset, input_kernel, tf):
     """Changing inputs at t >= k never changes outputs before k (bit-exact), and the output at
     t depends on the input at t - (receptive_field - 1) but not on anything earlier."""

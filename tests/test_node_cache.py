@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import ROOT, make_store
 
@@ -20,6 +21,7 @@ print("BATCHES", hashlib.sha256(codes).hexdigest(), flush=True)
 """
 
 
+@pytest.mark.slow  # two processes, each reading the store
 def test_two_ranks_of_a_node_share_one_copy_of_an_s3_store(s3_bucket, tmp_path):
     from dwave.train.data import open_training_data
     from dwave.store.track_store import TrackStore

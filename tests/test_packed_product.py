@@ -111,7 +111,7 @@ print("equal", packed_product.KERNEL)
 
 
 def test_the_barrier_holds_with_more_threads_than_cores():
-    """Four threads on (here) two cores, 3,000 barriers: each thread sees every other's phase
+    """Four threads on (here) two cores, 2,000 barriers: each thread sees every other's phase
     before it goes on (a partner that was descheduled is waited for by napping, not spun for)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -127,7 +127,7 @@ def test_the_barrier_holds_with_more_threads_than_cores():
                     errors[me] += 1
             barrier(arrivals, me, parts, 2 * n)  # nobody runs ahead into phase n + 1
 
-    parts, rounds = 4, 3000
+    parts, rounds = 4, 1000
     arrivals, phases = flags(parts), np.zeros(parts * 8, np.int64)
     errors = np.zeros(parts, np.int64)
     worker(flags(1), 0, 1, np.zeros(8, np.int64), 1, np.zeros(1, np.int64))  # compile first

@@ -102,7 +102,7 @@ def flaky_server(tmp_path):
     handler = type("Handler", (_FlakyRangeHandler,),
                    {"payload": payload, "cut": len(payload) // 3, "requests": []})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/000042.flac", payload, handler
     server.shutdown()
 
@@ -203,7 +203,7 @@ def test_a_dangling_symlink_is_a_failed_song_not_a_crash(tmp_path):
 def _serve(handler_class, **attrs):
     handler = type("Handler", (handler_class,), {"requests": [], **attrs})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     return server, handler
 
 

@@ -11,7 +11,8 @@ import os
 import numpy as np
 import pytest
 
-from conftest import run_dwave, start_moto_server, tone, write_audio
+from conftest import (make_store, run_dwave, start_moto_server, synthetic_codes, tone,
+                      write_audio)
 
 
 def tree(path) -> dict[str, bytes]:
@@ -153,12 +154,12 @@ def test_sources_and_store_have_their_own_storage_options(s3_bucket, s3_endpoint
         other.wait(10)
 
 
-def test_a_closed_pipe_ends_dwave_info_quietly(tmp_path, song):
+def test_a_closed_pipe_ends_dwave_info_quietly(tmp_path):
     import subprocess
     import sys
 
     store = tmp_path / "store"
-    run_dwave("preprocess", song, "--out", store, "--workers", "1", "--no-progress", check=0)
+    make_store(str(store), {"a": (synthetic_codes(0.5), "tone")})
     # The reader is gone before dwave writes a byte: every write meets a closed pipe.
     read, write = os.pipe()
     os.close(read)
@@ -278,13 +279,14 @@ class _S3ErrorHandler:
                 pass
 
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         return server
 
 
 @pytest.mark.parametrize("status, code, message", [
     (403, "AccessDenied", "cannot read it"),
-    (503, "SlowDown", "cannot tell what is there")])
+    # s3fs retries a SlowDown with backoff before it gives up: seconds.
+    pytest.param(503, "SlowDown", "cannot tell what is there", marks=pytest.mark.slow)])
 def test_s3_errors_while_checking_the_store_are_errors_not_an_empty_place(status, code, message,
                                                                          song):
     server = _S3ErrorHandler.serve(status, code)
@@ -372,6 +374,7 @@ def test_a_store_created_meanwhile_with_other_settings_is_not_relabelled(tmp_pat
     assert TrackStore(url).config().sample_rate == 8000
 
 
+@pytest.mark.slow  # preprocess runs end to end
 def test_a_damaged_index_is_an_error_for_readers_and_rebuilt_from_the_parts_by_preprocess(
         tmp_path, song):
     """The parts are the truth: a cut-short index/zarr.json stops `info` with one line saying

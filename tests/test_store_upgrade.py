@@ -9,7 +9,7 @@ import pytest
 
 from dwave.store.track_store import TrackStore
 
-from conftest import run_dwave
+from conftest import dwave_here
 
 
 def write_version1_store(path: str, tracks: dict) -> None:
@@ -52,19 +52,19 @@ def version1(tmp_path):
 def test_a_version1_store_is_upgraded_in_place_with_its_codes_and_attributes(version1):
     path, tracks = version1
     for args in (["info", path], ["train", path, "--run-dir", f"{path}-run", "--steps", "1"]):
-        refused = run_dwave(*args)
+        refused = dwave_here(*args)
         assert refused.returncode == 2
         assert refused.stderr.strip().splitlines()[-1] == (
             f"dwave: error: store {path} is a version-1 store (one Zarr array per track): "
             "convert it once, in place and without decoding anything again, with `dwave store "
             f"upgrade {path}`")
-    done = run_dwave("store", "upgrade", path, check=0)
+    done = dwave_here("store", "upgrade", path, check=0)
     assert "3 complete version-1 tracks to convert" in done.stderr
     assert "version 2, 3 tracks in 1 parts (1 written now)" in done.stderr
     store = TrackStore(path)
     for tid, (codes, _) in tracks.items():
         np.testing.assert_array_equal(store.read_codes(tid), codes)
-    info = json.loads(run_dwave("info", path, "--json", check=0).stdout)
+    info = json.loads(dwave_here("info", path, "--json", check=0).stdout)
     assert [(t["id"], t["genre"], t["source"], t["fingerprint"]) for t in info["tracks"]] == [
         ("1", "rock", "/songs/1.mp3", "size=1"), ("2", "jazz", "/songs/2.mp3", "size=2"),
         ("3", None, "/songs/3.mp3", "size=3")]
@@ -74,7 +74,7 @@ def test_a_version1_store_is_upgraded_in_place_with_its_codes_and_attributes(ver
     assert "consolidated_metadata" not in root  # the version-1 listing of every track is gone
     import os
     assert sorted(os.listdir(path)) == ["index", "parts", "zarr.json"]
-    again = run_dwave("store", "upgrade", path, check=0)
+    again = dwave_here("store", "upgrade", path, check=0)
     assert "already version 2: nothing to do" in again.stderr
 
 

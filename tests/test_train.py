@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import MPI_ENV, ROOT, make_store, run_dwave, synthetic_codes
+from conftest import MPI_ENV, ROOT, dwave_here, make_store, run_dwave, synthetic_codes
 
 VENV_BIN = os.path.dirname(sys.executable)
 FAST = ["--window", "256", "--batch-size", "2", "--val-every", "1000", "--listen-seconds", "0"]
@@ -308,25 +308,27 @@ def test_a_job_on_a_busy_run_dir_is_refused_before_it_reads_the_store(tone_store
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("levels", [64, 1024])
-def test_the_stores_levels_define_the_model_and_the_songs(levels, tmp_path):
-    """A 64- or 1024-level store trains a model of that many levels on its codes as stored
+@pytest.mark.parametrize("quantization_channels", [64, 1024])
+def test_the_stores_quantization_channels_define_the_model_and_the_songs(quantization_channels,
+                                                                        tmp_path):
+    """A store of 64 or 1024 codes trains a model of that many codes on its codes as stored
     (uint16 above 256: never wrapped to uint8), and generation decodes with them."""
     from dwave.train.data import open_training_data
 
+    Q = quantization_channels
     url = make_store(str(tmp_path / "store"), {
-        str(i): (synthetic_codes(1.0, seed=i, levels=levels), "tone") for i in range(3)},
-        levels=levels)
+        str(i): (synthetic_codes(1.0, seed=i, quantization_channels=Q), "tone")
+        for i in range(3)}, quantization_channels=Q)
     data = open_training_data(url, 300, 2, 0)
     codes = data.train.batch(0, 0)[0]
-    assert codes.dtype == (np.uint8 if levels <= 256 else np.uint16)
-    assert codes.max() < levels and (levels < 256 or codes.max() > 255)
+    assert codes.dtype == (np.uint8 if Q <= 256 else np.uint16)
+    assert codes.max() < Q and (Q < 256 or codes.max() > 255)
     run = tmp_path / "run"
     run_dwave("train", url, "--run-dir", run, "--steps", "3", *FAST, check=0)
     config = json.loads((run / "config.json").read_text())
-    assert config["model"]["quantization_channels"] == levels
+    assert config["model"]["quantization_channels"] == Q
     baselines = json.loads((run / "validation.json").read_text())["baselines"]
-    assert baselines["unigram_bits"] < np.log2(levels) + 0.5
+    assert baselines["unigram_bits"] < np.log2(Q) + 0.5
     out = tmp_path / "songs"
     run_dwave("generate", run, "--out", out, "--seconds", "0.05", check=0)
     import tensorflow as tf
@@ -334,10 +336,10 @@ def test_the_stores_levels_define_the_model_and_the_songs(levels, tmp_path):
     from dwave.model.rundir import load_model
 
     model = load_model(str(run)).model
-    assert model.head2_w.shape[-1] == levels and model.embedding.shape[0] == levels
+    assert model.head2_w.shape[-1] == Q and model.embedding.shape[0] == Q
     assert sf.info(str(out / "song-000.wav")).frames == 800
     assert tf.reduce_all(tf.shape(model(tf.zeros((1, 400), tf.int32))) ==
-                         [1, 400 - model.config.receptive_field + 1, levels])
+                         [1, 400 - model.config.receptive_field + 1, Q])
 
 
 @pytest.mark.slow
@@ -363,18 +365,27 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes(tone_store,
     assert f"at step {resumes_from}" in again.stderr and "done: step 40" in again.stderr
 
 
-def test_status_of_finished_missing_and_foreign_run_dirs(trained_run, tmp_path):
-    status = run_dwave("status", trained_run, check=0)
-    assert status.stdout.strip() == f"{trained_run}: step 30 of 30, finished"
+def test_status_of_finished_missing_and_foreign_run_dirs(tmp_path):
+    from dwave.model.config import ModelConfig
+    from dwave.model.rundir import write_run_config
+    from dwave.train.config import TrainConfig
+
+    run = tmp_path / "run"  # as training leaves it after its last checkpoint
+    run.mkdir()
+    write_run_config(str(run), ModelConfig(), TrainConfig(store="s", steps=30).__dict__, 1, 30)
+    status = dwave_here("status", run, check=0)
+    assert status.stdout.strip() == f"{run}: step 30 of 30, finished"
+    write_run_config(str(run), ModelConfig(), TrainConfig(store="s", steps=30).__dict__, 1, 20)
+    assert dwave_here("status", run).returncode == 3  # not finished: a job script requeues
     (tmp_path / "config.json").write_text("[1, 2]")
     for run_dir, reason in [(tmp_path / "nowhere", "does not exist"),
                             (tmp_path, "is not a dwave run config")]:
-        proc = run_dwave("status", run_dir, check=2)
+        proc = dwave_here("status", run_dir, check=2)
         assert reason in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     for absurd in ('{"step": 1e400, "train": {"steps": 10}}', '{"step": -3, "train": {"steps": 1}}',
                    '{"step": 5, "train": {"steps": "many"}}'):
         (tmp_path / "config.json").write_text(absurd)
-        proc = run_dwave("status", tmp_path, check=2)
+        proc = dwave_here("status", tmp_path, check=2)
         assert "is not a dwave run config" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -470,6 +481,7 @@ def test_a_stopped_rank_ends_the_job_instead_of_hanging_it(tone_store, tmp_path)
         subprocess.run(["pkill", "-9", "-f", f"--run-dir {run}"])
 
 
+@pytest.mark.slow
 def test_a_moving_average_is_checkpointed_and_generation_uses_it(tone_store, tmp_path):
     """--ema turned on at a resume starts the average from the weights; the checkpoint holds
     it beside the weights, and `dwave generate` runs the average (and says so)."""
