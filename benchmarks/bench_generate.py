@@ -269,21 +269,10 @@ def random_weights(preset: str):
     """ExportedWeights of the preset's shapes, random, in numpy (no TensorFlow: a GPU machine
     may not have it)."""
     from dwave.model.config import ModelConfig
-    from dwave.model.weights import ExportedWeights
+    from dwave.model.weights import random_weights as draw
 
     c = ModelConfig.from_preset(preset)
-    Q, C, D, S, L = (c.quantization_channels, c.residual_channels, c.dilation_channels,
-                     c.skip_channels, len(c.dilations))
-    rng = np.random.default_rng(0)
-
-    def normal(*shape, scale=0.1):
-        return rng.normal(0, scale, shape).astype(np.float32)
-
-    weights = ExportedWeights(normal(Q, C), normal(Q, C), normal(L, 2 * C, 2 * D, scale=0.2),
-                              normal(L, 2 * D), normal(L - 1, D, C), normal(L - 1, C),
-                              normal(L * D, S), normal(S), normal(S, S), normal(S),
-                              normal(S, Q, scale=0.5), normal(Q), None)
-    return weights, c.dilations
+    return draw(c, scale=0.1, conv_scale=0.2, bias_scale=0.1, head_scale=0.5), c.dilations
 
 
 def agreement_section(preset: str, songs: int, steps: int) -> dict:

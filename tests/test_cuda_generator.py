@@ -8,27 +8,18 @@ import numpy as np
 import pytest
 
 from dwave.generate.cpu_engine import FastGenerator
-from dwave.model.weights import ExportedWeights
+from dwave.model.config import ModelConfig
+from dwave.model.weights import random_weights as weights_of
 
 
-def random_weights(Q=20, C=6, D=5, S=8, dilations=(1, 2, 1, 2), conditions=3,
-                   two_codes=True, seed=0):
-    """A small network of odd sizes (the CPU engine pads them, the CUDA engine does not)."""
-    rng = np.random.default_rng(seed)
-    layers = len(dilations)
-
-    def normal(*shape, scale=0.3):
-        return rng.normal(0, scale, shape).astype(np.float32)
-
-    weights = ExportedWeights(
-        embedding=normal(Q, C), embedding_previous=normal(Q, C) if two_codes else None,
-        conv=normal(layers, 2 * C, 2 * D), conv_bias=normal(layers, 2 * D, scale=0.1),
-        residual=normal(layers - 1, D, C), residual_bias=normal(layers - 1, C, scale=0.1),
-        skip=normal(layers * D, S), skip_bias=normal(S, scale=0.1), head1=normal(S, S),
-        head1_bias=normal(S, scale=0.1), head2=normal(S, Q, scale=1.0),
-        head2_bias=normal(Q, scale=0.1),
-        condition=normal(conditions, layers * 2 * D, scale=0.1) if conditions else None)
-    return weights, dilations
+def random_weights(conditions=3, two_codes=True):
+    """A small network of odd sizes (the CPU engine pads them, the CUDA engine does not):
+    20 codes, channels 6 / 5 / 8, dilations 1, 2, 1, 2."""
+    config = ModelConfig(quantization_channels=20, residual_channels=6, dilation_channels=5,
+                         skip_channels=8, stacks=2, max_dilation=2,
+                         input_kernel=2 if two_codes else 1,
+                         condition_values=[str(i) for i in range(conditions)])
+    return weights_of(config), config.dilations
 
 
 def engines(weights, dilations, batch, condition):

@@ -30,3 +30,31 @@ class ExportedWeights(NamedTuple):
     head2: np.ndarray  # (S, Q)
     head2_bias: np.ndarray  # (Q,)
     condition: np.ndarray | None  # (conditions, layers * 2D) gate biases; None: unconditioned
+
+
+def random_weights(config, seed: int = 0, scale: float = 0.3, conv_scale: float | None = None,
+                   bias_scale: float = 0.1, head_scale: float = 1.0) -> ExportedWeights:
+    """Weights of `config`'s shapes (a ModelConfig) drawn from normal distributions, without
+    TensorFlow: what the engines' tests and benchmarks run on where no trained model is needed
+    (a GPU node's benchmark has no TensorFlow). `scale` is the weights' spread (`conv_scale`
+    the convolutions', default the same), `bias_scale` the biases' and the condition table's,
+    `head_scale` the last layer's."""
+    rng = np.random.default_rng(seed)
+    Q, C, D, S = (config.quantization_channels, config.residual_channels,
+                  config.dilation_channels, config.skip_channels)
+    layers = len(config.dilations)
+
+    def normal(*shape, spread=scale):
+        return rng.normal(0, spread, shape).astype(np.float32)
+
+    return ExportedWeights(
+        embedding=normal(Q, C),
+        embedding_previous=normal(Q, C) if config.input_kernel == 2 else None,
+        conv=normal(layers, 2 * C, 2 * D, spread=conv_scale or scale),
+        conv_bias=normal(layers, 2 * D, spread=bias_scale),
+        residual=normal(layers - 1, D, C), residual_bias=normal(layers - 1, C, spread=bias_scale),
+        skip=normal(layers * D, S), skip_bias=normal(S, spread=bias_scale),
+        head1=normal(S, S), head1_bias=normal(S, spread=bias_scale),
+        head2=normal(S, Q, spread=head_scale), head2_bias=normal(Q, spread=bias_scale),
+        condition=(normal(len(config.condition_values), layers * 2 * D, spread=bias_scale)
+                   if config.conditioned else None))
