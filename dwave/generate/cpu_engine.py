@@ -314,7 +314,7 @@ def _dense(a, packed, bias, out, lo, hi, relu, tiled):
 
 
 # error_model="numpy": no zero-division checks, whose branches stop the element loops from
-# vectorising (the gate loop runs 8x faster without them).
+# vectorising (the gate loop is several times faster without them).
 @numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def _run(weights, dilations, offsets, gate_bias, caches, t0, first_code, first_previous,
          two_codes, uniforms, inv_t, forced, codes_out, logits_out, keep_logits, work, me,

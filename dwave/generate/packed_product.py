@@ -8,7 +8,7 @@ packed once, in panels of 16 columns stored k-major (`pack`), and a kernel keeps
 to 4 rows x 16 columns in eight 8-float registers while it runs down K: two vector loads and
 four broadcasts feed eight fused multiply-adds per k (fewer rows: more panels at once, still
 eight independent chains). benchmarks/bench_generate.py measures the products of one step of
-the base model for 32 songs on one core: 64-86 GFLOP/s here against BLAS's 25-33.
+the base model for 32 songs on one core against BLAS's (benchmarks/results has the figures).
 
 Every output element is one float32 FMA chain over k in order, whatever the number of rows or
 where a row sits in the batch: a song's numbers do not depend on its batch.

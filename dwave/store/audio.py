@@ -53,8 +53,9 @@ def mu_law_encode(audio: np.ndarray,
     """
     dtype = code_dtype(quantization_channels)
     mu = quantization_channels - 1
-    # The same formula, in place on one buffer: ~6x faster than the textbook expression (which
-    # allocates a temporary per operation), because numpy vectorises float32 log (not log1p).
+    # The same formula, in place on one buffer: several times faster than the textbook
+    # expression (which allocates a temporary per operation), because numpy vectorises float32
+    # log (not log1p).
     # 1 + mu|x| >= 1, so log loses no precision that matters. float32 resolves 256 levels
     # exactly enough; 16-bit codes need float64.
     work = np.float32 if quantization_channels <= 256 else np.float64
@@ -104,7 +105,8 @@ class DecodedAudio:
 
 def _downmix(block: np.ndarray) -> np.ndarray:
     """Average channels to mono. A matrix-vector product: one pass over the interleaved frames
-    (BLAS), ~2x faster than adding strided columns and ~35x faster than `mean(axis=1)`."""
+    (BLAS), faster than adding strided columns and far faster than `mean(axis=1)`, which
+    reduces along the strided axis."""
     channels = block.shape[1]
     if channels == 1:
         return block[:, 0]

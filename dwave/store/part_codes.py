@@ -8,8 +8,8 @@ sizes chosen for training:
 * uncompressed inner chunks of CHUNK_SAMPLES samples, written in order with none left out
   ("dense"): sample i of a shard then lies at byte i * itemsize of its object, so a training
   window is ONE byte-range read of exactly its own bytes, with no shard index to fetch first.
-  mu-law codes of music compress by only ~1.14x with zstd, so storing them raw costs ~14 %
-  space and saves every reader a decompression and every window a 1 MiB chunk read. A stock
+  mu-law codes of music compress little with zstd (benchmarks/results/HISTORY.md), so storing
+  them raw costs little space and saves every reader a decompression and every window a 1 MiB chunk read. A stock
   Zarr reader fetches the shard's index and the <= 2 inner chunks (16 KiB each) a window touches.
 
 encode_shards writes the shards in exactly that form (see there why dwave writes them itself).
@@ -49,8 +49,8 @@ def encode_shards(codes: np.ndarray) -> list[bytes]:
     """A codes array's shard objects, byte for byte as Zarr's sharding codec stores them with
     the codecs create_codes_array declares: inner chunks raw and in order (the last padded with
     the fill value 0), then the index of every inner chunk of a whole shard, then its crc32c.
-    Written by dwave itself because Zarr spends ~1.7 ms per inner chunk (2 s for 20 M samples,
-    more than decoding them); a test reads them back through Zarr."""
+    Written by dwave itself because Zarr's per-inner-chunk cost, over a part's thousands of
+    chunks, exceeds decoding the songs; a test reads them back through Zarr."""
     import google_crc32c
 
     itemsize = codes.dtype.itemsize

@@ -22,9 +22,9 @@ from .track_store import (Index, IndexDamaged, StoreConfig, TrackStore, part_id_
                           resolve_storage_options)
 
 # A part holds at most this many songs and this much source data: enough songs that a Dask
-# task's fixed cost (20-40 ms) is nothing beside their decoding (a 30-s clip: ~30 ms), few
-# enough bytes that a worker holds a part's codes easily (64 MiB of MP3 at 128 kbit/s is ~70 min
-# of audio, 67 MB of 16 kHz codes) and a killed task redoes little.
+# task's fixed cost (tens of milliseconds, about a 30-s clip's decoding) is nothing beside
+# their decoding, few enough bytes that a worker holds a part's codes easily (64 MiB of MP3 at
+# 128 kbit/s is ~70 min of audio, 67 MB of 16 kHz codes) and a killed task redoes little.
 PART_MAX_SONGS = 256
 PART_MAX_SOURCE_BYTES = 64 << 20
 # ... and the parts are small enough that every worker gets several (load balance).

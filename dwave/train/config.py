@@ -60,8 +60,8 @@ class TrainConfig:
     decay_to: float = 1.0  # the rate's cosine decay after the warm-up ends here (x peak); 1: none
     clip_norm: float = 0.0  # the gradients' global norm is clipped to this; 0: not clipped
     # Validate, listen and generate with an exponential moving average of the weights (decay
-    # min(ema, (1 + t) / (10 + t)) at update t); 0: off. On the learning benchmark's tuning half
-    # it is 0.05 bit better from step 300 on, and lags the weights in the first 200 steps.
+    # min(ema, (1 + t) / (10 + t)) at update t); 0: off. Better after the first few hundred
+    # steps on the learning benchmark's tuning half, behind the weights before them.
     ema: float = 0.999
 
     def __post_init__(self):
