@@ -77,7 +77,7 @@ def run_demo(config: DemoConfig, log=print) -> int:
 
 def learning_summary(run_dir: str) -> str:
     """The last validation loss against the store's baselines, from RUN_DIR/validation.json."""
-    from .model.rundir import read_validation_log
+    from .model.rundir import read_validation_log, versus_baselines
 
     log = read_validation_log(run_dir)
     if not log or not log.get("history") or not log.get("baselines"):
@@ -85,8 +85,8 @@ def learning_summary(run_dir: str) -> str:
     last, b = log["history"][-1], log["baselines"]
     verdict = ("below the bigram: it learns from context" if last["bits"] < b["bigram_bits"]
                else "not yet below the bigram: train longer (--steps)")
-    return (f"validation {last['bits']:.3f} bits/sample at step {last['step']}; the store's "
-            f"bigram {b['bigram_bits']:.3f}, code histogram {b['unigram_bits']:.3f} ({verdict})")
+    return (f"validation {last['bits']:.3f} bits/sample at step {last['step']}"
+            f"{versus_baselines(last['bits'], b)}: {verdict}")
 
 
 def train_command(store: str, run_dir: str, steps: int, ranks: int) -> list[str]:

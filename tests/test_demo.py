@@ -33,6 +33,7 @@ def test_demo_runs_every_stage(tmp_path):
     log = json.loads((out / "run" / "validation.json").read_text())
     last, b = log["history"][-1], log["baselines"]
     line = re.search(r"learning +(validation .*)", proc.stderr).group(1)
-    assert line.startswith(f"validation {last['bits']:.3f} bits/sample at step 20; the store's "
-                           f"bigram {b['bigram_bits']:.3f}, code histogram "
-                           f"{b['unigram_bits']:.3f}")
+    bigram = b["bigram_bits"]
+    assert line.startswith(f"validation {last['bits']:.3f} bits/sample at step 20 (bigram "
+                           f"{bigram:.3f}: {last['bits'] - bigram:+.3f}; code histogram "
+                           f"{b['unigram_bits']:.3f}): ")

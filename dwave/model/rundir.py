@@ -283,6 +283,16 @@ def validation_windows(run_dir: str, resuming: bool, flags: dict) -> dict:
     return {k: flags[k] for k in VALIDATION_WINDOW_FIELDS}
 
 
+def versus_baselines(bits: float, baselines: dict | None) -> str:
+    """A validation loss set against the run's baselines (validation.json's "baselines"), as
+    every report of one words it: " (bigram B: +-D; code histogram U)"; "" without them."""
+    if not baselines:
+        return ""
+    bigram = baselines["bigram_bits"]
+    return (f" (bigram {bigram:.3f}: {bits - bigram:+.3f}; code histogram "
+            f"{baselines['unigram_bits']:.3f})")
+
+
 class ValidationLog:
     """RUN_DIR/validation.json: how the validation windows are drawn, the store's baselines
     (computed anew at each start) and every validation loss of the run (kept across resumes),
@@ -296,11 +306,7 @@ class ValidationLog:
             self.history = saved["history"]  # a damaged log is only history: start it again
 
     def versus_baselines(self, bits: float) -> str:
-        if not self.baselines:
-            return ""
-        bigram = self.baselines["bigram_bits"]
-        return (f" (bigram {bigram:.3f}: {bits - bigram:+.3f}; code histogram "
-                f"{self.baselines['unigram_bits']:.3f})")
+        return versus_baselines(bits, self.baselines)
 
     def add(self, step: int, bits: float, seconds: float) -> None:
         """`seconds`: since this process started training (a resumed run starts again at 0)."""
