@@ -69,13 +69,7 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     start_step = int(trainer.step.numpy())
 
     _describe_run(say, run, data, trainer, ranks, threads, restored, start_step)
-    history = ValidationLog(run_dir, run.resuming, run.windows) if ranks.rank == 0 else None
-    if history is not None and data.validation:
-        history.baselines = _baselines(data, model_config, run.windows["val_batches"]).to_dict()
-        b = history.baselines
-        say(f"baselines on the validation windows: code histogram {b['unigram_bits']:.3f} "
-            f"bits/sample, bigram p(x_t | x_t-1) {b['bigram_bits']:.3f}: a WaveNet that learns "
-            f"is below the bigram within a few hundred steps")
+    history = _validation_log(run_dir, run, data, ranks.rank, say)
     if start_step >= train.steps:
         say(f"run already at step {start_step} >= --steps {train.steps}: nothing to do")
         return {"step": start_step, "stopped": False, "resumed_from": start_step}
@@ -416,6 +410,21 @@ def _writable_directory(path: str) -> str:
                          "make it writable (or move it away) and rerun; the run resumes from "
                          "its checkpoint") from None
     return path
+
+
+def _validation_log(run_dir: str, run: _Run, data, rank: int, say) -> ValidationLog | None:
+    """Rank 0's validation log, with the store's baselines on the run's validation windows
+    (said once: what the losses to come are set against)."""
+    if rank != 0:
+        return None
+    history = ValidationLog(run_dir, run.resuming, run.windows)
+    if data.validation:
+        history.baselines = _baselines(data, run.model, run.windows["val_batches"]).to_dict()
+        b = history.baselines
+        say(f"baselines on the validation windows: code histogram {b['unigram_bits']:.3f} "
+            f"bits/sample, bigram p(x_t | x_t-1) {b['bigram_bits']:.3f}: a WaveNet that learns "
+            f"is below the bigram within a few hundred steps")
+    return history
 
 
 def _baselines(data, model_config: ModelConfig, val_batches: int):
