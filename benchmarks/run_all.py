@@ -21,8 +21,9 @@
 
 Writes OUT/summary.md and OUT/summary.json (every figure, its target, and the machine it ran
 on) next to each benchmark's JSON and PNG; --publish copies them all into the given folder
-(what the README shows). Takes about 25 minutes on a 2-core machine. Run nothing else meanwhile:
-the figures are only as quiet as the machine.
+(benchmarks/results/HISTORY.md explains them; the README shows the headline rows). Takes
+about 25 minutes on a 2-core machine. Run nothing else meanwhile: the figures are only as quiet
+as the machine.
 """
 
 from __future__ import annotations
