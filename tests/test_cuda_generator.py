@@ -32,7 +32,8 @@ def engines(weights, dilations, batch, condition):
     return cpu, gpu
 
 
-@pytest.mark.parametrize("conditions, two_codes", [(3, True), (0, False)])
+@pytest.mark.parametrize("conditions, two_codes", [
+    (3, True), pytest.param(0, False, marks=pytest.mark.slow)])  # the simulator takes seconds
 def test_the_cuda_engine_gives_the_cpu_engines_logits_and_codes(conditions, two_codes):
     from numba import config
 

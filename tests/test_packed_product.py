@@ -63,6 +63,7 @@ def test_pad_blocks_pads_each_block_and_pack_makes_panels():
     np.testing.assert_array_equal(packed[1, :, 3], p[:, WIDTH + 3])
 
 
+@pytest.mark.slow  # compiles the kernel for five layouts: seconds
 def test_matmul_refuses_shapes_and_strides_that_do_not_fit():
     w = pack(np.ones((8, 32), np.float32))
     a, out = np.ones((3, 8), np.float32), np.zeros((3, 32), np.float32)
@@ -110,6 +111,7 @@ print("equal", packed_product.KERNEL)
     assert proc.returncode == 0 and "equal loops" in proc.stdout, proc.stderr[-3000:]
 
 
+@pytest.mark.slow  # thousands of barriers with threads napping for cores
 def test_the_barrier_holds_with_more_threads_than_cores():
     """Four threads on (here) two cores, 2,000 barriers: each thread sees every other's phase
     before it goes on (a partner that was descheduled is waited for by napping, not spun for)."""
