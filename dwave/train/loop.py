@@ -63,7 +63,7 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     trainer = Trainer(model_config, train.lr, train.warmup_steps, ranks.size, train.precision,
                       ranks, seed=train.seed, decay_steps=train.steps,
                       decay_to=train.decay_to, clip_norm=train.clip_norm, ema=train.ema)
-    checkpoints = _Checkpoints(run_dir, train, model_config, trainer, ranks.rank)
+    checkpoints = _Checkpoints(run_dir, train, model_config, trainer)
     restored = checkpoints.restore(run.resuming)
     trainer.broadcast_from_rank0()
     start_step = int(trainer.step.numpy())
@@ -265,10 +265,9 @@ class _Checkpoints:
     """The run's checkpoints: the model, optimizer, step and (with --ema) the weights' moving
     average, restored on every rank and saved by rank 0."""
 
-    def __init__(self, run_dir: str, train: TrainConfig, model_config: ModelConfig, trainer,
-                 rank: int):
+    def __init__(self, run_dir: str, train: TrainConfig, model_config: ModelConfig, trainer):
         self.run_dir, self.train, self.model_config = run_dir, train, model_config
-        self.trainer, self.rank, self.world_size = trainer, rank, trainer.ranks.size
+        self.trainer, self.rank, self.world_size = trainer, trainer.ranks.rank, trainer.ranks.size
         self.state = dict(model=trainer.model, optimizer=trainer.optimizer, step=trainer.step)
         averages = {AVERAGE: trainer.averages} if trainer.averages else {}
         self.checkpoint, self.manager = checkpoint_manager(

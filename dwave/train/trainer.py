@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 
 from ..model.config import ModelConfig
 from ..ranks import Ranks
@@ -128,8 +129,6 @@ class Trainer:
     def validation_bits(self, sampler, batches: int) -> float:
         """Mean loss in bits over a fixed set of validation batches, shared out over the ranks
         (the same windows every time, so the curve compares like with like)."""
-        import math
-
         import tensorflow as tf
 
         mine = range(self.ranks.rank, batches, self.ranks.size)
