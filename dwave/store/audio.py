@@ -6,12 +6,16 @@ Dask, Zarr or TensorFlow, so every piece is testable on its own.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import re
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 import numpy as np
+
+from .decoders import AudioError, StreamInfo, choose_decoder
+
+__all__ = ["AudioError", "StreamInfo"]  # re-exported: the rest of dwave imports them from here
 
 #: Frames decoded per block. 2^18 stereo float32 frames = 2 MiB: a 30-s clip is read in 6
 #: calls (libsndfile's MP3 decoder costs a little per call), and the buffer stays small next
@@ -20,10 +24,6 @@ DECODE_BLOCK_FRAMES = 1 << 18
 
 #: A signal whose peak is below this (about -120 dBFS) is treated as silence.
 SILENCE_PEAK = 1e-6
-
-
-class AudioError(Exception):
-    """A file that cannot become a track; the message is the reason shown to the user."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,95 +97,43 @@ class DecodedAudio:
     source_sample_rate: int
     source_channels: int
     peak: float  # max |sample| before normalisation
+    length_source: str = "header"  # how the length was established: decoders.LENGTH_SOURCES
+    decoder: str = ""  # which decoder, and its version
 
     @property
     def duration(self) -> float:
         return len(self.samples) / self.sample_rate
 
 
-def _downmix(block: np.ndarray) -> np.ndarray:
-    """Average channels to mono. A matrix-vector product: one pass over the interleaved frames
-    (BLAS), faster than adding strided columns and far faster than `mean(axis=1)`, which
-    reduces along the strided axis."""
-    channels = block.shape[1]
-    if channels == 1:
-        return block[:, 0]
-    return block @ np.full(channels, 1.0 / channels, dtype=np.float32)
-
-
-@dataclass(frozen=True)
-class StreamInfo:
-    """What a source file's header says, and the output length that implies."""
-
-    source_rate: int
-    source_channels: int
-    declared_frames: int  # from the header; an estimate for MP3s without a Xing/LAME header
-    sample_rate: int
-
-    @property
-    def expected_length(self) -> int:
-        if not 0 < self.declared_frames < (1 << 40):
-            return 0
-        return -(-self.declared_frames * self.sample_rate // self.source_rate)
-
-
 def iter_mono_blocks(
     file: BinaryIO | str, sample_rate: int, block_frames: int = DECODE_BLOCK_FRAMES
 ) -> Iterator[tuple[np.ndarray, StreamInfo]]:
-    """Decode `file` block by block to mono float32 at `sample_rate`.
+    """Decode `file` block by block to mono float32 at `sample_rate`, to the song's real end.
 
-    Yields `(block, info)`. Memory is O(block), whatever the length of the song. Raises
-    :class:`AudioError` for anything libsndfile cannot decode, or a file cut short.
+    Yields `(block, info)`. Memory is O(block), whatever the length of the song. The decoder
+    is chosen from the file's first bytes (dwave.store.decoders). Raises :class:`AudioError`
+    for anything that cannot be decoded, or a file cut short.
     """
-    import soundfile as sf
     import soxr
 
     if _size_of(file) == 0:
         raise AudioError("empty file (0 bytes)")
-    try:
-        sound = sf.SoundFile(file)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        raise AudioError(f"not a decodable audio file ({_libsndfile_reason(exc)})") from None
-    with sound:
-        _check_header_log(sound.extra_info)
-        info = StreamInfo(sound.samplerate, sound.channels, sound.frames, sample_rate)
-        resampler = None
-        if info.source_rate != sample_rate:
+    decoder = choose_decoder(file)
+    resampler = None
+    for mono, source_info in decoder.blocks(file, block_frames):
+        info = dataclasses.replace(source_info, sample_rate=sample_rate)
+        if resampler is None and info.source_rate != sample_rate:
             resampler = soxr.ResampleStream(info.source_rate, sample_rate, 1, dtype="float32")
-        buffer = np.empty((block_frames, info.source_channels), dtype=np.float32)
-        decoded_frames = 0
-        while True:
-            try:
-                n = sound.read(out=buffer, dtype="float32", always_2d=True).shape[0]
-            except (sf.LibsndfileError, RuntimeError) as exc:
-                raise AudioError(
-                    f"decoding failed after {decoded_frames / info.source_rate:.1f} s "
-                    f"({_libsndfile_reason(exc)})"
-                ) from None
-            last = n < block_frames
-            mono = _downmix(buffer[:n])
-            decoded_frames += n
-            if resampler is not None:
-                mono = resampler.resample_chunk(mono, last=last)
-            elif info.source_channels == 1:
-                mono = mono.copy()  # a view of `buffer`, which the next read overwrites
-            if len(mono):
-                yield mono, info
-            if last:
-                break
-    _check_not_truncated(info.declared_frames, decoded_frames, info.source_rate)
-
-
-def _check_not_truncated(declared: int, decoded: int, rate: int) -> None:
-    # libsndfile takes the frame count from the header (WAV/FLAC sizes, the MP3 Xing/LAME
-    # header). Decoding noticeably fewer frames than declared means the file was cut short.
-    # A few MPEG frames of slack (encoder delay and padding) are normal.
-    slack = max(4096, int(0.01 * declared))
-    if 0 < declared < (1 << 40) and decoded + slack < declared:
-        raise AudioError(
-            f"truncated: decoded {decoded / rate:.2f} s of the {declared / rate:.2f} s "
-            "its header declares"
-        )
+        if resampler is not None:
+            mono = resampler.resample_chunk(mono)
+        else:
+            mono = mono.copy()  # may be a view of the decoder's buffer, reused for the next
+        if len(mono):
+            yield mono, info
+    if resampler is not None:  # the filter's tail: the last input samples' outputs
+        tail = resampler.resample_chunk(np.empty(0, dtype=np.float32), last=True)
+        if len(tail):
+            yield tail, info
 
 
 def _size_of(file: BinaryIO | str | bytes) -> int | None:
@@ -197,30 +145,6 @@ def _size_of(file: BinaryIO | str | bytes) -> int | None:
         return size
     except (AttributeError, OSError):
         return None
-
-
-_WAV_SHORT_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
-
-
-def _check_header_log(log: str) -> None:
-    # WAV and Ogg files cut short still open: libsndfile shrinks the frame count to what is
-    # there and says so only in its log. Those notes are the evidence of truncation.
-    short = _WAV_SHORT_DATA.search(log)
-    if short and int(short.group(2)) < int(short.group(1)):
-        raise AudioError(
-            f"truncated: the data chunk holds {short.group(2)} of the {short.group(1)} bytes "
-            "its header declares"
-        )
-    if "lacks an end-of-stream bit" in log:
-        raise AudioError("truncated: the Ogg stream ends without its end-of-stream page")
-
-
-def _libsndfile_reason(exc: Exception) -> str:
-    text = str(exc)
-    # soundfile prefixes the message with the (often synthetic) file name; keep the reason.
-    if text.startswith("Error opening"):
-        text = text.split(": ", 1)[-1]
-    return text or f"libsndfile error {getattr(exc, 'code', '?')}"
 
 
 # Longer songs are failures: a worker holds 4 bytes per output sample (690 MB for 3 hours at
@@ -261,7 +185,7 @@ def decode_to_mono(file: BinaryIO | str, sample_rate: int,
         if limit is not None and end > limit:
             raise too_long(end / sample_rate, "decoded past")
         if end > len(samples):
-            capacity = max(end, info.expected_length + 4096, int(len(samples) * 1.25))
+            capacity = max(end, info.estimated_length + 4096, int(len(samples) * 1.25))
             if limit is not None:
                 capacity = min(capacity, limit + 4096)
             grown = np.empty(capacity, dtype=np.float32)
@@ -272,7 +196,8 @@ def decode_to_mono(file: BinaryIO | str, sample_rate: int,
         peak = max(peak, float(block.max()), -float(block.min()))  # no |x| temporary
     if info is None or filled == 0:
         raise AudioError("empty: no audio frames")
-    return DecodedAudio(samples[:filled], sample_rate, info.source_rate, info.source_channels, peak)
+    return DecodedAudio(samples[:filled], sample_rate, info.source_rate, info.source_channels, peak,
+                        info.length_source, info.decoder)
 
 
 def normalisation_gain(decoded: DecodedAudio) -> np.float32:

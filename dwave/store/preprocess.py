@@ -102,6 +102,8 @@ def decode_track(task: TrackTask, config: StoreConfig, max_seconds: float):
             "source_sample_rate": decoded.source_sample_rate,
             "source_channels": decoded.source_channels,
             "peak": decoded.peak,
+            "length_source": decoded.length_source,
+            "decoder": decoded.decoder,
         }
         codes = encode_in_place(decoded, gain, config.quantization_channels)
     except AudioError as exc:

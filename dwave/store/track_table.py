@@ -27,6 +27,11 @@ TRACK_FIELDS: dict[str, str] = {
     "source_sample_rate": "the song's own sample rate",
     "source_channels": "the song's own channel count",
     "peak": "the song's peak amplitude before normalisation",
+    "length_source": "how the song's length was established: 'header' (decoded to the end and "
+                     "checked against the count the file declares) or 'decoded' (the file "
+                     "declares none: decoded to its last complete frame); null in stores "
+                     "written before dwave recorded it (`dwave store verify --against-source`)",
+    "decoder": "the decoder and its version (libsndfile 1.2.2; ffmpeg's libavcodec through PyAV)",
 }
 REQUIRED_FIELDS = ("id", "part", "offset", "length")
 

@@ -1,0 +1,401 @@
+"""Decoders: a song's bytes -> float32 frames at its own rate, to the song's real end.
+
+Two decoders behind one interface (:class:`Decoder`), chosen by the file's first bytes:
+
+- ``mpeg`` (FFmpeg's decoder, through PyAV, whose wheels carry FFmpeg's libraries): MP3/MP2.
+  An MPEG stream has no length field; a Xing/Info or VBRI header gives the frame count when the
+  encoder wrote one, otherwise any length "in the header" is a guess from the first frame's
+  bitrate. libsndfile stops at that guess, so VBR songs without a Xing header lost half their
+  length or more (benchmarks/results/HISTORY.md, "Decoders"); FFmpeg decodes every frame to the
+  end and matches the ``ffmpeg`` command to the sample.
+- ``libsndfile`` (soundfile's wheels): WAV, FLAC, Ogg/Vorbis, Opus, AIFF, ...: formats whose
+  headers state their length exactly, which libsndfile checks (and logs when short).
+
+Each decoder says how the length it decoded was established (:data:`LENGTH_SOURCES`): the store
+records it per track, so a user can tell a length checked against the file's own count from one
+that is simply where the decode ended.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator, Protocol
+
+import numpy as np
+
+
+class AudioError(Exception):
+    """A file that cannot become a track; the message is the reason shown to the user."""
+
+
+#: How a decoded length was established: the values of the track table's `length_source`.
+LENGTH_SOURCES = {
+    "header": "decoded to the end and checked against the frame count the file declares (a "
+              "WAV/FLAC/Ogg header, an MP3's Xing/Info or VBRI header)",
+    "decoded": "the file declares no length (an MP3 without a Xing header): decoded frame by "
+               "frame to its end, the last frame checked complete",
+}
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What a source file says of itself, and the output length that implies."""
+
+    source_rate: int
+    source_channels: int
+    declared_frames: int  # the exact frame count the file declares; 0 where it declares none
+    sample_rate: int  # the rate the caller resamples to
+    estimated_frames: int = 0  # a guess (a buffer's first size), never a check
+    length_source: str = "header"
+    decoder: str = ""
+
+    @property
+    def expected_length(self) -> int:
+        """Output samples the declared length implies; 0 where the file declares none."""
+        if not 0 < self.declared_frames < (1 << 40):
+            return 0
+        return -(-self.declared_frames * self.sample_rate // self.source_rate)
+
+    @property
+    def estimated_length(self) -> int:
+        frames = self.declared_frames or self.estimated_frames
+        if not 0 < frames < (1 << 40):
+            return 0
+        return -(-frames * self.sample_rate // self.source_rate)
+
+
+class Decoder(Protocol):
+    """Opens a song and yields `(mono, info)`: float32 blocks, the mean of the song's channels
+    at its own rate, the last one ending where the song does (a block may be a view of the
+    decoder's buffer, valid until the next one). Raises AudioError for a file that
+    is not audio, is damaged, or is cut short."""
+
+    name: str
+
+    def blocks(self, file: BinaryIO | str | bytes,
+               block_frames: int) -> Iterator[tuple[np.ndarray, StreamInfo]]: ...
+
+
+def check_not_truncated(declared: int, decoded: int, rate: int) -> None:
+    """A decode that ended noticeably short of the declared count: the file was cut. A few MPEG
+    frames of slack (encoder delay and padding) are normal."""
+    slack = max(4096, int(0.01 * declared))
+    if 0 < declared < (1 << 40) and decoded + slack < declared:
+        raise AudioError(
+            f"truncated: decoded {decoded / rate:.2f} s of the {declared / rate:.2f} s "
+            "its header declares"
+        )
+
+
+def downmix(block: np.ndarray) -> np.ndarray:
+    """Average interleaved (frames, channels) to mono. A matrix-vector product: one pass over
+    the interleaved frames (BLAS), faster than adding strided columns and far faster than
+    `mean(axis=1)`, which reduces along the strided axis."""
+    channels = block.shape[1]
+    if channels == 1:
+        return block[:, 0]
+    return block @ np.full(channels, 1.0 / channels, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# libsndfile
+# --------------------------------------------------------------------------------------------
+
+_WAV_SHORT_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+
+
+class LibsndfileDecoder:
+    name = "libsndfile"
+
+    def blocks(self, file, block_frames):
+        import soundfile as sf
+
+        try:
+            sound = sf.SoundFile(file)
+        except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+            raise AudioError(f"not a decodable audio file ({_libsndfile_reason(exc)})") from None
+        with sound:
+            _check_header_log(sound.extra_info)
+            info = StreamInfo(sound.samplerate, sound.channels, sound.frames, 0,
+                              length_source="header", decoder=f"libsndfile {_sndfile_version()}")
+            buffer = np.empty((block_frames, info.source_channels), dtype=np.float32)
+            decoded = 0
+            while True:
+                try:
+                    n = sound.read(out=buffer, dtype="float32", always_2d=True).shape[0]
+                except (sf.LibsndfileError, RuntimeError) as exc:
+                    raise AudioError(
+                        f"decoding failed after {decoded / info.source_rate:.1f} s "
+                        f"({_libsndfile_reason(exc)})"
+                    ) from None
+                decoded += n
+                if n:
+                    yield downmix(buffer[:n]), info
+                if n < block_frames:
+                    break
+        check_not_truncated(info.declared_frames, decoded, info.source_rate)
+
+
+def _sndfile_version() -> str:
+    import soundfile as sf
+
+    return sf.__libsndfile_version__
+
+
+def _check_header_log(log: str) -> None:
+    # WAV and Ogg files cut short still open: libsndfile shrinks the frame count to what is
+    # there and says so only in its log. Those notes are the evidence of truncation.
+    short = _WAV_SHORT_DATA.search(log)
+    if short and int(short.group(2)) < int(short.group(1)):
+        raise AudioError(
+            f"truncated: the data chunk holds {short.group(2)} of the {short.group(1)} bytes "
+            "its header declares"
+        )
+    if "lacks an end-of-stream bit" in log:
+        raise AudioError("truncated: the Ogg stream ends without its end-of-stream page")
+
+
+def _libsndfile_reason(exc: Exception) -> str:
+    text = str(exc)
+    # soundfile prefixes the message with the (often synthetic) file name; keep the reason.
+    if text.startswith("Error opening"):
+        text = text.split(": ", 1)[-1]
+    return text or f"libsndfile error {getattr(exc, 'code', '?')}"
+
+
+# --------------------------------------------------------------------------------------------
+# MPEG audio (FFmpeg through PyAV)
+# --------------------------------------------------------------------------------------------
+
+# kbit/s by (MPEG-1?, layer); MPEG-2 and 2.5 share a table. Index 0 is "free format".
+_BITRATES = {
+    (True, 1): (0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
+    (True, 2): (0, 32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
+    (True, 3): (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    (False, 1): (0, 32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
+    (False, 2): (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+_BITRATES[(False, 3)] = _BITRATES[(False, 2)]
+_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+
+
+@dataclass(frozen=True)
+class MpegFrameHeader:
+    """The four bytes that start every MPEG audio frame (ISO/IEC 11172-3, 2.4.1.3)."""
+
+    version: int  # 3 = MPEG-1, 2 = MPEG-2, 0 = MPEG-2.5
+    layer: int
+    bitrate: int  # kbit/s; 0 for free format
+    sample_rate: int
+    padding: int
+    mono: bool
+
+    @classmethod
+    def parse(cls, head: bytes) -> "MpegFrameHeader | None":
+        if len(head) < 4 or head[0] != 0xFF or head[1] & 0xE0 != 0xE0:
+            return None
+        version, layer = (head[1] >> 3) & 3, 4 - ((head[1] >> 1) & 3)
+        bitrate_index, rate_index = head[2] >> 4, (head[2] >> 2) & 3
+        if version == 1 or layer == 4 or bitrate_index == 15 or rate_index == 3:
+            return None
+        return cls(version, layer, _BITRATES[(version == 3, layer)][bitrate_index],
+                   _RATES[version][rate_index], (head[2] >> 1) & 1, head[3] >> 6 == 3)
+
+    @property
+    def length(self) -> int:
+        """Bytes in the frame, header included; 0 for free format (no length to check)."""
+        if not self.bitrate:
+            return 0
+        if self.layer == 1:
+            return (12 * self.bitrate * 1000 // self.sample_rate + self.padding) * 4
+        per_frame = 72 if self.layer == 3 and self.version != 3 else 144
+        return per_frame * self.bitrate * 1000 // self.sample_rate + self.padding
+
+    def has_length_tag(self, frame: bytes) -> bool:
+        """Whether this first frame is a Xing/Info or VBRI header: the stream's frame count."""
+        if self.layer != 3:
+            return False
+        side_info = (17 if self.mono else 32) if self.version == 3 else (9 if self.mono else 17)
+        return frame[4 + side_info:8 + side_info] in (b"Xing", b"Info") or frame[36:40] == b"VBRI"
+
+
+def id3v2_size(head: bytes) -> int:
+    """Bytes of the ID3v2 tag at the start of `head` (0 where there is none)."""
+    if len(head) < 10 or head[:3] != b"ID3":
+        return 0
+    size = (head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | head[9] & 0x7F
+    return 10 + size + (10 if head[5] & 0x10 else 0)
+
+
+def first_mpeg_frame(data: bytes) -> tuple[int, MpegFrameHeader] | None:
+    """Offset and header of the first frame in `data` whose successor also starts where its
+    length says (a lone 0xFFE sync pattern in a tag or in noise is not a frame)."""
+    at = data.find(b"\xff")
+    while 0 <= at < len(data) - 4:
+        header = MpegFrameHeader.parse(data[at:at + 4])
+        if header is not None:
+            following = at + header.length
+            if not header.length or following + 4 > len(data) or \
+                    MpegFrameHeader.parse(data[following:following + 4]) is not None:
+                return at, header
+        at = data.find(b"\xff", at + 1)
+    return None
+
+
+class MpegDecoder:
+    """MP3 (and MP2) through FFmpeg, every frame to the end of the file."""
+
+    name = "mpeg"
+    #: Undecodable frames tolerated (FFmpeg, like mpg123, conceals a damaged frame and goes
+    #: on); more than this share of the song is a damaged file, not a glitch.
+    MAX_BAD_FRAME_SHARE = 0.01
+
+    def __init__(self, head: bytes, tag_bytes: int):
+        self.head, self.tag_bytes = head, tag_bytes
+
+    def blocks(self, file, block_frames):
+        import av
+
+        found = first_mpeg_frame(self.head[self.tag_bytes:])
+        has_length_tag = found is not None and found[1].has_length_tag(
+            self.head[self.tag_bytes + found[0]:])
+        if isinstance(file, bytes):  # a path that is not UTF-8
+            file = os.fsdecode(file)
+        try:
+            container = av.open(file, format="mp3")
+        except (av.error.FFmpegError, UnicodeDecodeError) as exc:
+            raise AudioError(f"not a decodable MPEG audio file ({_ffmpeg_reason(exc)})") from None
+        with container:
+            if not container.streams.audio:
+                raise AudioError("no MPEG audio frames")
+            stream = container.streams.audio[0]
+            rate, channels = stream.rate, stream.channels
+            seconds = float(stream.duration * stream.time_base) if stream.duration else 0.0
+            info = StreamInfo(
+                rate, channels, round(seconds * rate) if has_length_tag else 0, 0,
+                estimated_frames=round(seconds * rate), decoder=f"ffmpeg {_ffmpeg_version()}",
+                length_source="header" if has_length_tag else "decoded")
+            # Frames (1,152 samples each) are gathered in FFmpeg's own FIFO and taken out in
+            # blocks: one numpy operation per block, not per frame, which would cost more
+            # than the decoding.
+            fifo = av.AudioFifo()
+            decoded = bad = packets = 0
+            last_packet = None
+            for packet in container.demux(stream):
+                if not packet.size:
+                    continue
+                packets += 1
+                last_packet = packet
+                try:
+                    frames = packet.decode()
+                except av.error.InvalidDataError:
+                    bad += 1
+                    continue
+                for frame in frames:
+                    frame.pts = None  # a gap in the timestamps is not ours to refuse
+                    try:
+                        fifo.write(frame)
+                    except ValueError:
+                        raise AudioError(
+                            f"the stream changes its sample rate or channels after "
+                            f"{decoded / rate:.1f} s: not one song") from None
+                    decoded += frame.samples
+                    if fifo.samples >= block_frames:
+                        yield _mono_of(fifo.read(block_frames)), info
+            if packets == 0:
+                raise AudioError("no MPEG audio frames")
+            if bad > max(2, self.MAX_BAD_FRAME_SHARE * packets):
+                raise AudioError(f"damaged: {bad} of {packets} MPEG frames cannot be decoded")
+            if fifo.samples:
+                yield _mono_of(fifo.read()), info
+            last_packet = bytes(last_packet)
+        _check_last_frame(last_packet, decoded, rate)
+        check_not_truncated(info.declared_frames, decoded, rate)
+
+
+def _mono_of(frame) -> np.ndarray:
+    """An FFmpeg audio frame as mono float32: the mean of its channels, read from its planes
+    (FFmpeg's MP3 decoder gives planar float: one buffer per channel, nothing to deinterleave)."""
+    n, channels = frame.samples, len(frame.layout.channels)
+    if frame.format.name == "fltp":
+        planes = [np.frombuffer(plane, np.float32, count=n) for plane in frame.planes[:channels]]
+        if channels == 1:
+            return planes[0]
+        mono = planes[0] + planes[1]
+        for plane in planes[2:]:
+            mono += plane
+        mono *= np.float32(1.0 / channels)
+        return mono
+    array = frame.to_ndarray().reshape(channels, n) if frame.format.is_planar else \
+        frame.to_ndarray().reshape(n, channels).T
+    if array.dtype.kind in "iu":
+        array = array / np.float32(np.iinfo(array.dtype).max + 1)
+    return array.astype(np.float32).mean(axis=0, dtype=np.float32)
+
+
+def _check_last_frame(packet: bytes, decoded: int, rate: int) -> None:
+    # A stream with no length tag can only show it was cut by its last frame: shorter than its
+    # own header says. (A file cut exactly between two frames cannot be told from a whole one.)
+    header = MpegFrameHeader.parse(packet[:4])
+    if header is not None and header.length and len(packet) < header.length:
+        raise AudioError(
+            f"truncated: the last MPEG frame holds {len(packet)} of its {header.length} bytes "
+            f"(the file ends mid-frame, after {decoded / rate:.2f} s)")
+
+
+def _ffmpeg_version() -> str:
+    import av
+
+    major, minor, _ = av.library_versions["libavcodec"]
+    return f"(libavcodec {major}.{minor}, PyAV {av.__version__})"
+
+
+def _ffmpeg_reason(exc: Exception) -> str:
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing one
+# --------------------------------------------------------------------------------------------
+
+#: The magic numbers of the containers libsndfile reads; anything else that starts with an ID3
+#: tag or an MPEG frame goes to the MPEG decoder.
+_LIBSNDFILE_MAGIC = (b"RIFF", b"RIFX", b"RF64", b"riff", b"fLaC", b"OggS", b"FORM", b".snd",
+                     b"caff", b"BW64", b"wvpk")
+SNIFF_BYTES = 1 << 16
+
+DECODERS: dict[str, type] = {"mpeg": MpegDecoder, "libsndfile": LibsndfileDecoder}
+
+
+def choose_decoder(file: BinaryIO | str | bytes) -> Decoder:
+    """The decoder for this file, from its first bytes (never its name: a `.wav` that holds an
+    MP3 is decoded as the MP3 it is)."""
+    head = _read_head(file, SNIFF_BYTES)
+    if head[:4] in _LIBSNDFILE_MAGIC:
+        return LibsndfileDecoder()
+    tag = id3v2_size(head)
+    if tag:
+        if tag > len(head) - 4:  # cover art in the tag: read past it
+            head = _read_head(file, tag + SNIFF_BYTES)
+        at_end = len(head) < tag + SNIFF_BYTES  # the whole file is in `head`
+        if at_end and first_mpeg_frame(head[tag:]) is None:
+            raise AudioError(f"no audio: an ID3 tag and no MPEG audio frames after it "
+                             f"({len(head)} bytes in all)")
+        return MpegDecoder(head, tag)
+    found = first_mpeg_frame(head[:SNIFF_BYTES])
+    if found is not None and found[0] == 0:
+        return MpegDecoder(head, 0)
+    return LibsndfileDecoder()
+
+
+def _read_head(file: BinaryIO | str | bytes, size: int) -> bytes:
+    if isinstance(file, (str, bytes)):
+        with open(file, "rb") as f:
+            return f.read(size)
+    start = file.tell()
+    try:
+        return file.read(size)
+    finally:
+        file.seek(start)
