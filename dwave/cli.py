@@ -230,7 +230,8 @@ def _add_store(sub) -> None:
     up.add_argument("--storage-options", type=_json_object, metavar="JSON", default={})
     up.set_defaults(func=_cmd_store_upgrade)
     check = actions.add_parser(
-        "verify", help="check that every track's shards are there and whole",
+        "verify", help="check that every track's shards are there and whole (and, with "
+                       "--against-source, as long as its song)",
         description="Check every part of a store: its shard objects there at the size its "
                     "track table says (one listing of parts/; no codes read). Exit 1 if a part "
                     "is damaged. --repair moves damaged parts aside (to STORE/damaged/, kept) "
@@ -239,14 +240,28 @@ def _add_store(sub) -> None:
     check.add_argument("store", metavar="STORE")
     check.add_argument("--repair", action="store_true",
                        help="move damaged parts aside so a preprocess rerun redoes their tracks")
+    check.add_argument("--against-source", action="store_true",
+                       help="also decode every track's source again (on Dask workers, as "
+                            "preprocess does) and name the tracks whose stored length differs "
+                            "from it by more than 50 ms: songs an older dwave cut short; with "
+                            "--repair their parts are set aside to be written again in full")
     check.add_argument("--storage-options", type=_json_object, metavar="JSON", default={})
+    check.add_argument("--source-storage-options", type=_json_object, metavar="JSON",
+                       default={}, help="fsspec options for s3:// sources (--against-source)")
+    check.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_cluster_flags(check)
     check.set_defaults(func=_cmd_store_verify)
 
 
 def _cmd_store_verify(args) -> int:
     from .store.verify import verify_store
 
-    return 0 if verify_store(args.store, args.storage_options, args.repair, log=_log) else 1
+    whole = verify_store(args.store, args.storage_options, args.repair, log=_log,
+                         against_source=args.against_source,
+                         cluster=_config_from(ClusterConfig, args),
+                         source_storage_options=args.source_storage_options,
+                         progress=not args.no_progress)
+    return 0 if whole else 1
 
 
 def _cmd_store_upgrade(args) -> int:

@@ -122,3 +122,47 @@ def test_frame_lengths_follow_the_standard():
     assert MpegFrameHeader.parse(bytes([0xFF, 0xFB, 0x92, 0x64])).length == 418
     assert MpegFrameHeader.parse(bytes([0xFF, 0xF3, 0x80, 0xC4])).length == 208
     assert MpegFrameHeader.parse(b"RIFF") is None
+
+
+@pytest.mark.slow
+def test_verify_against_source_finds_and_repairs_songs_an_older_dwave_cut_short(tmp_path):
+    """A store written as dwave did before these decoders (libsndfile's length for an MP3
+    without a Xing header) is found out, set aside and written again in full."""
+    from dwave.store.sources import expand_sources
+    from dwave.store.track_store import TrackStore
+
+    from conftest import run_dwave
+
+    songs = tmp_path / "songs"
+    songs.mkdir()
+    vbr_song(songs / "000002.mp3", 30.0, xing=False, seed=1)  # libsndfile: ~9 s of it
+    vbr_song(songs / "000005.mp3", 12.0, xing=True, seed=2)   # right then and now
+    store_url = str(tmp_path / "store")
+    store = TrackStore(store_url)
+    store.prepare(16000, 256, overwrite=True)
+    rows, codes = [], []
+    for source in expand_sources([str(songs)]).sources:
+        old_length = round(sf.info(source.uri).frames / 44100 * 16000)  # where libsndfile stopped
+        rows.append({"id": source.track_id, "sample_rate": 16000, "duration": old_length / 16000,
+                     "source": source.uri, "fingerprint": source.fingerprint, "genre": None})
+        codes.append(np.full(old_length, 128, np.uint8))
+    store.write_part("p000000", rows, codes)
+    store.write_index([])
+
+    found = run_dwave("store", "verify", store_url, "--against-source", "--workers", "1",
+                      "--no-progress", check=1)
+    assert "1 stored at a length more than 50 ms from their source's" in found.stderr
+    short = [line for line in found.stderr.splitlines() if line.strip().startswith("track 2 ")]
+    assert len(short) == 1 and "the source decodes to 30.0" in short[0], found.stderr
+    assert "track 5 " not in found.stderr
+
+    run_dwave("store", "verify", store_url, "--against-source", "--repair", "--workers", "1",
+              "--no-progress", check=0)
+    run_dwave("preprocess", songs, "--out", store_url, "--workers", "1", "--no-progress",
+              check=0)
+    run_dwave("store", "verify", store_url, "--against-source", "--workers", "1",
+              "--no-progress", check=0)
+    tracks = {row["id"]: row for row in TrackStore(store_url).read_index().tracks.rows()}
+    reference = len(ffmpeg_decode(songs / "000002.mp3", channels=1, rate=16000))
+    assert abs(tracks["2"]["length"] - reference) <= 0.05 * 16000
+    assert tracks["2"]["length_source"] == "decoded" and tracks["5"]["length_source"] == "header"
