@@ -18,7 +18,7 @@ that is simply where the decode ended.
 
 from __future__ import annotations
 
-import os
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Protocol
@@ -261,57 +261,64 @@ class MpegDecoder:
         found = first_mpeg_frame(self.head[self.tag_bytes:])
         has_length_tag = found is not None and found[1].has_length_tag(
             self.head[self.tag_bytes + found[0]:])
-        if isinstance(file, bytes):  # a path that is not UTF-8
-            file = os.fsdecode(file)
-        try:
-            container = av.open(file, format="mp3")
-        except (av.error.FFmpegError, UnicodeDecodeError) as exc:
-            raise AudioError(f"not a decodable MPEG audio file ({_ffmpeg_reason(exc)})") from None
-        with container:
-            if not container.streams.audio:
-                raise AudioError("no MPEG audio frames")
-            stream = container.streams.audio[0]
-            rate, channels = stream.rate, stream.channels
-            seconds = float(stream.duration * stream.time_base) if stream.duration else 0.0
-            info = StreamInfo(
-                rate, channels, round(seconds * rate) if has_length_tag else 0, 0,
-                estimated_frames=round(seconds * rate), decoder=f"ffmpeg {_ffmpeg_version()}",
-                length_source="header" if has_length_tag else "decoded")
-            # Frames (1,152 samples each) are gathered in FFmpeg's own FIFO and taken out in
-            # blocks: one numpy operation per block, not per frame, which would cost more
-            # than the decoding.
-            fifo = av.AudioFifo()
-            decoded = bad = packets = 0
-            last_packet = None
-            for packet in container.demux(stream):
-                if not packet.size:
-                    continue
-                packets += 1
-                last_packet = packet
+        with contextlib.ExitStack() as stack:
+            if isinstance(file, bytes):  # a path that is not UTF-8: FFmpeg takes str paths
+                file = stack.enter_context(open(file, "rb"))
+            try:
+                container = stack.enter_context(av.open(file, format="mp3"))
+            except av.error.FFmpegError as exc:
+                raise AudioError(
+                    f"not a decodable MPEG audio file ({_ffmpeg_reason(exc)})") from None
+            yield from self._decode(container, has_length_tag, block_frames)
+
+    def _decode(self, container, has_length_tag: bool, block_frames: int):
+        import av
+
+        # The demuxer's duration is the Xing/VBRI count where there is one (FFmpeg has already
+        # taken the encoder's delay and padding off it); otherwise a guess from the bitrate.
+        if not container.streams.audio:
+            raise AudioError("no MPEG audio frames")
+        stream = container.streams.audio[0]
+        rate, channels = stream.rate, stream.channels
+        seconds = float(stream.duration * stream.time_base) if stream.duration else 0.0
+        info = StreamInfo(
+            rate, channels, round(seconds * rate) if has_length_tag else 0, 0,
+            estimated_frames=round(seconds * rate), decoder=f"ffmpeg {_ffmpeg_version()}",
+            length_source="header" if has_length_tag else "decoded")
+        # Frames (1,152 samples each) are gathered in FFmpeg's own FIFO and taken out in
+        # blocks: one numpy operation per block, not per frame, which would cost more
+        # than the decoding.
+        fifo = av.AudioFifo()
+        decoded = bad = packets = 0
+        last_packet = None
+        for packet in container.demux(stream):
+            if not packet.size:
+                continue
+            packets += 1
+            last_packet = packet
+            try:
+                frames = packet.decode()
+            except av.error.InvalidDataError:
+                bad += 1
+                continue
+            for frame in frames:
+                frame.pts = None  # a gap in the timestamps is not ours to refuse
                 try:
-                    frames = packet.decode()
-                except av.error.InvalidDataError:
-                    bad += 1
-                    continue
-                for frame in frames:
-                    frame.pts = None  # a gap in the timestamps is not ours to refuse
-                    try:
-                        fifo.write(frame)
-                    except ValueError:
-                        raise AudioError(
-                            f"the stream changes its sample rate or channels after "
-                            f"{decoded / rate:.1f} s: not one song") from None
-                    decoded += frame.samples
-                    if fifo.samples >= block_frames:
-                        yield _mono_of(fifo.read(block_frames)), info
-            if packets == 0:
-                raise AudioError("no MPEG audio frames")
-            if bad > max(2, self.MAX_BAD_FRAME_SHARE * packets):
-                raise AudioError(f"damaged: {bad} of {packets} MPEG frames cannot be decoded")
-            if fifo.samples:
-                yield _mono_of(fifo.read()), info
-            last_packet = bytes(last_packet)
-        _check_last_frame(last_packet, decoded, rate)
+                    fifo.write(frame)
+                except ValueError:
+                    raise AudioError(
+                        f"the stream changes its sample rate or channels after "
+                        f"{decoded / rate:.1f} s: not one song") from None
+                decoded += frame.samples
+                if fifo.samples >= block_frames:
+                    yield _mono_of(fifo.read(block_frames)), info
+        if packets == 0:
+            raise AudioError("no MPEG audio frames")
+        if bad > max(2, self.MAX_BAD_FRAME_SHARE * packets):
+            raise AudioError(f"damaged: {bad} of {packets} MPEG frames cannot be decoded")
+        if fifo.samples:
+            yield _mono_of(fifo.read()), info
+        _check_last_frame(bytes(last_packet), decoded, rate)
         check_not_truncated(info.declared_frames, decoded, rate)
 
 

@@ -18,6 +18,7 @@ from .audio import (DEFAULT_MAX_SONG_MINUTES, AudioError, decode_to_mono, encode
                     normalisation_gain)
 from .cluster import ClusterConfig
 from .sources import Source, check_out_apart_from_sources, expand_sources
+from .zip_members import ArchivePool
 from .track_store import (Index, IndexDamaged, StoreConfig, TrackStore, part_id_for,
                           resolve_storage_options)
 
@@ -71,12 +72,13 @@ def process_part(part: PartTask, store_url: str, storage_options: dict, config: 
     infrastructure trouble (an S3 hiccup, a dead disk), which Dask retries (the whole part).
     """
     results, rows, codes = [], [], []
-    for task in part.tracks:
-        result, row, track_codes = decode_track(task, config, max_seconds)
-        results.append(result)
-        if track_codes is not None:
-            rows.append(row)
-            codes.append(track_codes)
+    with ArchivePool() as archives:  # each zip archive opened once for the part's songs
+        for task in part.tracks:
+            result, row, track_codes = decode_track(task, config, max_seconds, archives)
+            results.append(result)
+            if track_codes is not None:
+                rows.append(row)
+                codes.append(track_codes)
     if codes:
         # Outside decode_track's handling: an error while writing is the store's trouble, not
         # a song's, so Dask retries the part rather than reporting songs as unreadable.
@@ -84,12 +86,13 @@ def process_part(part: PartTask, store_url: str, storage_options: dict, config: 
     return results
 
 
-def decode_track(task: TrackTask, config: StoreConfig, max_seconds: float):
+def decode_track(task: TrackTask, config: StoreConfig, max_seconds: float,
+                 archives: ArchivePool | None = None):
     """One song's (result, track table row, codes); codes None for a song that failed."""
     started = time.perf_counter()
     result = {"track_id": task.track_id, "source": task.source.uri}
     try:
-        with task.source.open() as file:
+        with task.source.open(archives) as file:
             decoded = decode_to_mono(file, config.sample_rate, max_seconds)
         gain = normalisation_gain(decoded)
         row = {

@@ -1,7 +1,7 @@
 """What a SOURCE can be, expanded to individual songs that any worker can open.
 
 A SOURCE is a file, a directory (walked recursively), a glob, a ``.zip`` archive (members read
-in place, never extracted), an ``s3://`` prefix or object, or an ``http(s)://`` URL (downloaded
+in place, never extracted; ``ARCHIVE.zip::PATTERN`` for the members a glob matches), an ``s3://`` prefix or object, or an ``http(s)://`` URL (downloaded
 with resume; ``#sha256=HEX`` after the URL checks the result). Each song becomes a
 :class:`Source`: a small, plain value that a Dask worker can open on its own.
 """
@@ -19,6 +19,7 @@ from typing import BinaryIO, Iterator
 
 from ..errors import DwaveError
 from .download import download, split_checksum
+from .zip_members import ArchivePool, ZipMember
 
 #: Extensions of the formats libsndfile decodes. Files with other extensions found while walking
 #: a directory, glob or archive are not songs (cover art, READMEs, checksums) and are counted,
@@ -38,14 +39,19 @@ class Source:
     fingerprint: str  # size + mtime, zip CRC, S3 ETag, or URL + checksum
     size: int = field(default=0, compare=False)  # bytes, where known: longest songs go first
     storage_options: dict = field(default_factory=dict, compare=False, hash=False)
+    # A zip member's place in its archive, read from the central directory when the archive
+    # was listed: a worker then reads the member without parsing that directory again.
+    member: ZipMember | None = field(default=None, compare=False)
 
     @property
     def track_id(self) -> str:
         return track_id_for(self.uri)
 
-    def open(self) -> contextlib.AbstractContextManager[BinaryIO | str]:
-        """The song as something libsndfile opens: a local path, or a seekable binary file."""
-        return _open_source(self)
+    def open(self, archives: ArchivePool | None = None
+             ) -> contextlib.AbstractContextManager[BinaryIO | str]:
+        """The song as something a decoder opens: a local path, or a seekable binary file.
+        `archives` keeps zip archives open across the songs of a part."""
+        return _open_source(self, archives)
 
 
 def track_id_for(uri: str) -> str:
@@ -127,6 +133,15 @@ def expand_sources(
 
 
 def _expand_local(spec: str, ignored: list[str]) -> list[Source]:
+    in_zip = zip_member(spec)
+    if in_zip:  # ARCHIVE.zip::PATTERN: the members the pattern matches (`fma_large/000/*`)
+        archive, pattern = in_zip
+        regex = re.compile(_glob_regex(pattern))
+        members = [s for s in _expand_zip(archive, ignored)
+                   if regex.fullmatch(zip_member(s.uri)[1])]
+        if not members:
+            raise DwaveError(f"no audio member of {archive} matches {pattern!r}")
+        return members
     if glob.has_magic(spec):
         paths = glob_paths(spec)
         if not paths:
@@ -251,7 +266,7 @@ def _expand_zip(path: str, ignored: list[str], opener=None, fingerprint: str = "
             ignored.append(uri)
             continue
         found.append(Source(uri, f"{fingerprint}crc32={member.CRC:08x},size={member.file_size}",
-                            member.file_size, storage_options or {}))
+                            member.file_size, storage_options or {}, ZipMember.of(member)))
     return found
 
 
@@ -303,16 +318,15 @@ def _expand_http(spec: str, cache_dir: str | None) -> list[Source] | None:
 
 
 @contextlib.contextmanager
-def _open_source(source: Source) -> Iterator[BinaryIO | str]:
+def _open_source(source: Source, archives: ArchivePool | None) -> Iterator[BinaryIO | str]:
     uri = source.uri
     in_zip = zip_member(uri)
-    if in_zip and in_zip[0].startswith("s3://"):
-        import fsspec
-
-        fs = fsspec.filesystem("s3", **source.storage_options)
-        with fs.open(in_zip[0], "rb", block_size=4 << 20) as archive_file, \
-                zipfile.ZipFile(archive_file) as archive, archive.open(in_zip[1]) as f:
-            yield f
+    if in_zip:
+        with contextlib.ExitStack() as stack:
+            if archives is None:
+                archives = stack.enter_context(ArchivePool())
+            yield stack.enter_context(archives.open(*in_zip, source.member,
+                                                    source.storage_options))
     elif uri.startswith("s3://"):
         import fsspec
 
@@ -323,13 +337,10 @@ def _open_source(source: Source) -> Iterator[BinaryIO | str]:
     elif uri.startswith(("http://", "https://")):
         with open(download(uri, source.storage_options.get("cache_dir")), "rb") as f:
             yield f
-    elif in_zip:
-        with zipfile.ZipFile(in_zip[0]) as archive, archive.open(in_zip[1]) as f:
-            yield f
     else:
-        # A local path goes to libsndfile as a path: it then reads the file itself, without
-        # a Python callback per read (~40,000 of them for a 7-minute MP3). As bytes where the
-        # name is not UTF-8 (soundfile would encode it strictly).
+        # A local path goes to the decoder as a path: it then reads the file itself, without
+        # a Python callback per read (~40,000 of them for a 7-minute MP3 in libsndfile). As
+        # bytes where the name is not UTF-8 (soundfile would encode it strictly).
         try:
             uri.encode()
             yield uri
