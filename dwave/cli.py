@@ -13,7 +13,7 @@ import os
 import sys
 
 from .demo import DemoConfig
-from .errors import DwaveError, printable
+from .errors import DwaveError, missing_package, printable
 from .generate.command import GenerateConfig
 from .generate.engines import ENGINES
 from .model.config import MODEL_FLAGS, PRECISIONS, PRESETS
@@ -543,11 +543,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # TensorFlow's start-up INFO lines (CPU features, oneDNN) on every command say nothing a
+    # user can act on; its warnings and errors still print.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except DwaveError as exc:
         print(f"dwave: error: {printable(exc)}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        what = missing_package(exc)
+        if what is None:
+            raise
+        print(f"dwave: error: `dwave {args.command}` needs {what}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dwave: interrupted" + (": finished tracks are kept in the store; rerun the same "

@@ -5,6 +5,25 @@ class DwaveError(Exception):
     """A user-facing error: bad flag, bad config, missing input. The message says what to do."""
 
 
+#: Packages a lean install may lack (`pip install wavenet-dwave` without an extra; a
+#: preprocessing node without TensorFlow; a laptop without Horovod), and how to get each.
+OPTIONAL_PACKAGES = {
+    "tensorflow": "TensorFlow, which is not installed: pip install 'wavenet-dwave[cpu]' (or "
+                  "[gpu]), or run `bash scripts/setup.sh` in dwave's checkout",
+    "horovod": "Horovod, which is not installed (one process trains without it; several ranks "
+               "need it): `bash scripts/install-horovod.sh .venv/bin/python cpu` in dwave's "
+               "checkout builds it against this TensorFlow and MPI",
+    "mpi4py": "mpi4py, which is not installed: pip install mpi4py (it needs an MPI library, "
+              "e.g. apt-get install libopenmpi-dev)",
+}
+
+
+def missing_package(exc: ModuleNotFoundError) -> str | None:
+    """What to say for an import that failed because one of OPTIONAL_PACKAGES is missing."""
+    root = (exc.name or "").split(".")[0]
+    return OPTIONAL_PACKAGES.get(root)
+
+
 def printable(text: str) -> str:
     """`text` with control and format characters escaped (\\x1b, \\n, \\u202e, ...): names from
     archives and file systems are printed as they are, and a file named with an escape sequence

@@ -28,14 +28,36 @@ MPI_DEFAULTS = {"OMPI_MCA_mpi_yield_when_idle": "1"}
 GLOO_DEFAULTS = {"HOROVOD_CYCLE_TIME": "20"}  # milliseconds
 
 
+# What each launcher tells its ranks of the job's size: Open MPI's mpirun, horovodrun's Gloo,
+# MPICH/PMI-2 (srun --mpi=pmi2), and srun's own step.
+_LAUNCHER_SIZES = ("OMPI_COMM_WORLD_SIZE", "HOROVOD_SIZE", "PMI_SIZE", "PMIX_SIZE",
+                   "SLURM_STEP_NUM_TASKS")
+
+
+def launched_size() -> int:
+    """How many ranks a launcher started this process among (1 where none did)."""
+    for name in _LAUNCHER_SIZES:
+        try:
+            return max(1, int(os.environ[name]))
+        except (KeyError, ValueError):
+            continue
+    return 1
+
+
 def start_horovod() -> "Ranks":
-    """hvd.init() with dwave's defaults; this process's Ranks."""
+    """hvd.init() with dwave's defaults; this process's Ranks. A process started alone trains
+    without Horovod where it is not installed (a job of one needs no collectives)."""
     defaults = dict(MPI_DEFAULTS)
     if os.environ.get("HOROVOD_CONTROLLER") == "gloo":  # set by horovodrun --gloo
         defaults.update(GLOO_DEFAULTS)
     for name, value in defaults.items():
         os.environ.setdefault(name, value)
-    import horovod.tensorflow as hvd
+    try:
+        import horovod.tensorflow as hvd
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "horovod" or launched_size() > 1:
+            raise
+        return Ranks()
 
     hvd.init()
     return Ranks(hvd)
