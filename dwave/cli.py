@@ -21,7 +21,7 @@ from .store.audio import (DEFAULT_MAX_SONG_MINUTES, DEFAULT_QUANTIZATION_CHANNEL
                           DEFAULT_SAMPLE_RATE)
 from .store.cluster import CLUSTER_KINDS, ClusterConfig
 from .train.config import (DATA_MODES, DEFAULT_CACHE_BYTES, PRESET_LEARNING_RATES,
-                           STREAM_WINDOWS_PER_READ, TrainConfig)
+                           STREAM_WINDOWS_PER_READ, UNLABELLED_CHOICES, TrainConfig)
 from .versions import version_line
 
 
@@ -349,6 +349,10 @@ def _add_train(sub) -> None:
     p.add_argument("--genre-conditioning", action="store_true",
                    default=_default(T, "genre_conditioning"),
                    help="condition on the store's genres (global conditioning)")
+    p.add_argument("--unlabelled", choices=UNLABELLED_CHOICES, default=_default(T, "unlabelled"),
+                   help="with --genre-conditioning, tracks the store has no genre for (about "
+                        "half of fma_large): one more class named 'unknown' (class, the "
+                        "default; the start line counts them) or left out (skip)")
     p.add_argument("--val-every", type=_positive_int, default=_default(T, "val_every"),
                    help="steps between validation passes (%(default)s)")
     p.add_argument("--ckpt-every", type=_positive_int, default=_default(T, "ckpt_every"),
@@ -488,13 +492,14 @@ def _add_generate(sub) -> None:
                    help="save every song in progress this often, so that a killed job loses at "
                         "most this much work (%(default)g; 0: only on SIGTERM/SIGUSR1/Ctrl-C, "
                         "which always save and stop)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 
 
 def _cmd_generate(args) -> int:
     from .generate.command import run_generate
 
-    run_generate(_config_from(GenerateConfig, args), log=_log)
+    run_generate(_config_from(GenerateConfig, args, progress=not args.no_progress), log=_log)
     return 0
 
 

@@ -24,6 +24,21 @@ def missing_package(exc: ModuleNotFoundError) -> str | None:
     return OPTIONAL_PACKAGES.get(root)
 
 
+def describe(exc: BaseException) -> str:
+    """An exception in words for a one-line error: its message, or what its kind means where
+    the message is empty or only a class name would say it (a user reads no Python)."""
+    kinds = ((FileNotFoundError, "nothing there"), (PermissionError, "permission denied"),
+             (ConnectionRefusedError, "connection refused"), (TimeoutError, "timed out"),
+             (KeyError, "an entry is missing"))
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    for kind, words in kinds:
+        if isinstance(exc, kind):
+            return words if not text or isinstance(exc, KeyError) else f"{words}: {text}"
+    if "NotFound" in type(exc).__name__:  # zarr's GroupNotFoundError, botocore's NoSuchKey
+        return "nothing there"
+    return text or "an unexpected error"
+
+
 def printable(text: str) -> str:
     """`text` with control and format characters escaped (\\x1b, \\n, \\u202e, ...): names from
     archives and file systems are printed as they are, and a file named with an escape sequence

@@ -50,7 +50,9 @@ def check_against_ffmpeg(path, xing: bool):
     reference = len(ffmpeg_decode(path, channels=1, rate=16000)) / 16000
     assert abs(decoded.duration - reference) <= 0.050, (decoded.duration, reference)
     assert decoded.length_source == ("header" if xing else "decoded")
-    assert decoded.decoder.startswith("ffmpeg (libavcodec")
+    # an MP3 whose Xing header covers the whole file goes to mpg123 (libsndfile), others to
+    # FFmpeg, which decodes every frame to the end
+    assert decoded.decoder.startswith("libsndfile" if xing else "ffmpeg (libavcodec")
     return decoded
 
 
@@ -108,11 +110,27 @@ def test_the_decoder_is_chosen_by_content_not_name(tmp_path):
     mp3 = vbr_song(tmp_path / "song.mp3", 3.0, xing=True)
     disguised = tmp_path / "song.wav"
     disguised.write_bytes(open(mp3, "rb").read())
-    assert isinstance(choose_decoder(str(disguised)), MpegDecoder)
+    assert isinstance(choose_decoder(str(disguised)), LibsndfileDecoder)  # its Xing covers it
+    no_xing = tmp_path / "v.wav"
+    no_xing.write_bytes(open(vbr_song(tmp_path / "v.mp3", 3.0, xing=False), "rb").read())
+    assert isinstance(choose_decoder(str(no_xing)), MpegDecoder)
     assert isinstance(choose_decoder(write_tone(tmp_path / "t.flac")), LibsndfileDecoder)
     assert decode_to_mono(str(disguised), 16000).length_source == "header"
     assert decode_to_mono(write_tone(tmp_path / "t.wav"), 16000).length_source == "header"
     assert set(LENGTH_SOURCES) == {"header", "decoded"}
+
+
+def test_a_xing_header_that_does_not_cover_the_file_is_not_trusted(tmp_path):
+    # Two songs joined (`cat a.mp3 b.mp3`, an edited file): the first one's Xing header counts
+    # only its own frames. Decoding stops at no header's count: ffmpeg's length, to the end.
+    first = vbr_song(tmp_path / "a.mp3", 8.0, xing=True, seed=1)
+    second = vbr_song(tmp_path / "b.mp3", 12.0, xing=True, seed=2)
+    joined = tmp_path / "joined.mp3"
+    joined.write_bytes(open(first, "rb").read() + open(second, "rb").read())
+    assert isinstance(choose_decoder(str(joined)), MpegDecoder)
+    decoded = decode_to_mono(str(joined), 16000)
+    reference = len(ffmpeg_decode(joined, channels=1, rate=16000)) / 16000
+    assert decoded.duration > 19.0 and abs(decoded.duration - reference) <= 0.050
 
 
 def test_frame_lengths_follow_the_standard():

@@ -563,3 +563,17 @@ def test_a_stop_while_songs_are_written_saves_the_rest_whole(trained_run, tmp_pa
     assert f"{len(written)} song(s) finished, {len(saved)} resumed" in proc.stderr
     assert "0 samples in" in proc.stderr  # nothing generated again
     assert _digests(out) == _digests(whole)
+
+
+def test_genre_names_are_matched_without_case_and_a_near_miss_is_suggested():
+    from dwave.errors import DwaveError
+    from dwave.generate.command import condition_index
+    from dwave.model.config import ModelConfig
+
+    config = ModelConfig.from_preset("tiny", condition_values=["Electronic", "Hip-Hop", "Rock"])
+    assert condition_index(config, "rock") == 2 and condition_index(config, "HIP-HOP") == 1
+    with pytest.raises(DwaveError, match=r"unknown genre 'Hiphop' \(did you mean 'Hip-Hop'\?\); "
+                                         "this model knows Electronic, Hip-Hop, Rock"):
+        condition_index(config, "Hiphop")
+    with pytest.raises(DwaveError, match=r"unknown genre 'jazz'; this model knows"):
+        condition_index(config, "jazz")

@@ -154,6 +154,18 @@ def test_fma_tracks_csv_with_three_header_rows(tmp_path):
         '140,1,"Cool, Album",Folk,[17],Ohio\n'
     )
     assert load_genres(str(path)) == {"2": "Hip-Hop", "140": "Folk"}
+    # fma_metadata.zip as it ships: its tracks.csv is read in place
+    shipped = tmp_path / "fma_metadata.zip"
+    with zipfile.ZipFile(shipped, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("fma_metadata/README.txt", "FMA metadata")
+        z.writestr("fma_metadata/genres.csv", "genre_id,title\n21,Hip-Hop\n")
+        z.write(path, "fma_metadata/tracks.csv")
+    assert load_genres(str(shipped)) == {"2": "Hip-Hop", "140": "Folk"}
+    other = tmp_path / "other.zip"
+    with zipfile.ZipFile(other, "w") as z:
+        z.writestr("genres.csv", "x")
+    with pytest.raises(DwaveError, match="a zip without a tracks.csv: unzip it"):
+        load_genres(str(other))
 
 
 def test_plain_metadata_csv_and_bad_ones(tmp_path):

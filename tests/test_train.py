@@ -514,3 +514,22 @@ def test_a_moving_average_is_checkpointed_and_generation_uses_it(tone_store, tmp
     songs = run_dwave("generate", run, "--out", tmp_path / "songs", "--seconds", "0.01",
                       check=0).stderr
     assert "(its moving average of the weights)" in songs
+
+
+@pytest.mark.slow
+def test_tracks_without_a_genre_are_a_class_the_start_line_counts_or_left_out(tmp_path):
+    # fma_large: about half the tracks have no genre_top
+    tracks = {str(i): (synthetic_codes(2.0, kind="tone", seed=i), None if i % 2 else "rock")
+              for i in range(1, 9)}
+    store = make_store(str(tmp_path / "store"), tracks)
+    as_class = run_dwave("train", store, "--run-dir", tmp_path / "a", "--genre-conditioning",
+                         "--steps", "1", *FAST, check=0)
+    assert re.search(r"genre conditioning: 2 classes \(rock, unknown\); \d+ of the \d+ training "
+                     r"tracks have no genre and train as the class 'unknown'", as_class.stderr)
+    skipped = run_dwave("train", store, "--run-dir", tmp_path / "b", "--genre-conditioning",
+                        "--unlabelled", "skip", "--steps", "1", *FAST, check=0)
+    assert "genre conditioning: 1 classes (rock)" in skipped.stderr
+    assert re.search(r"left out 4 track\(s\) of genres this run was not started with "
+                     r"\(unknown\): 'unknown' is the tracks without a genre", skipped.stderr)
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["model"]["condition_values"] == ["rock"]

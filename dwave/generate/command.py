@@ -10,6 +10,7 @@ seed: its random draws come from its own stream seeded by (seed, i), whichever r
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import sys
@@ -47,6 +48,7 @@ class GenerateConfig:
     threads: int | None = None  # per rank; None: the rank's cores (dwave.cores.cores_per_rank)
     engine: str | None = None  # cpu or cuda; None: cuda where Numba finds a GPU, else cpu
     save_every: float = 60.0  # seconds between saves of the songs in progress; 0: on signals only
+    progress: bool = True  # the progress bar on rank 0
 
     def __post_init__(self):
         if not (self.seconds > 0 and math.isfinite(self.seconds)):
@@ -79,9 +81,16 @@ def condition_index(config, value: str | None) -> int | None:
     if value is None:
         raise DwaveError(f"this model is conditioned on {name}: pass --{name}, one of "
                          f"{', '.join(values)}")
-    if value not in values:
-        raise DwaveError(f"unknown {name} {value!r}; this model knows {', '.join(values)}")
-    return values.index(value)
+    if value in values:
+        return values.index(value)
+    # "rock" for FMA's "Rock": one value that differs only in case is the one meant
+    folded = [v for v in values if v.casefold() == value.casefold()]
+    if len(folded) == 1:
+        return values.index(folded[0])
+    close = difflib.get_close_matches(value, values, n=1, cutoff=0.6)
+    raise DwaveError(f"unknown {name} {value!r}" + (f" (did you mean {close[0]!r}?)" if close
+                                                      else "") +
+                     f"; this model knows {', '.join(values)}")
 
 
 def prime_codes(path: str, seconds: float, sample_rate: int,
@@ -172,7 +181,7 @@ def run_generate(options: GenerateConfig, log=print) -> dict:
     started = time.perf_counter()
     generated, stopped, done = 0, False, []
     progress = _progress(rank, sum(len(b.songs) * (head + total - max(b.made, head))
-                                   for b in batches), size)
+                                   for b in batches), size, options.progress)
     for batch in batches:
         condition = None if gid is None else [gid] * len(batch.songs)
         generator, streams = _start(batch, engine, model, weights, prime, condition, options,
@@ -452,9 +461,9 @@ def _check_writable(directory: str) -> None:
                          "choose another directory") from None
 
 
-def _progress(rank: int, total: int, size: int):
+def _progress(rank: int, total: int, size: int, shown: bool = True):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="sample", unit_scale=True, disable=rank != 0,
+    return tqdm(total=total, unit="sample", unit_scale=True, disable=rank != 0 or not shown,
                 desc=f"generating (rank 0 of {size})" if size > 1 else "generating",
                 file=sys.stderr, smoothing=0.1)

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Iterator
 
-from ..errors import DwaveError
+from ..errors import DwaveError, describe
 
 CLUSTER_KINDS = ("local", "slurm", "ec2")
 
@@ -123,7 +123,7 @@ def _connect(options: ClusterConfig):
         return Client(**kwargs)
     except (OSError, TimeoutError, ValueError) as exc:
         raise DwaveError(f"--scheduler {target}: cannot reach the Dask scheduler within "
-                         f"{options.connect_timeout:.0f} s ({type(exc).__name__}): is it running, "
+                         f"{options.connect_timeout:.0f} s ({describe(exc)}): is it running, "
                          "and is the address right?") from None
 
 
@@ -309,9 +309,8 @@ def _started(kind: str, kwargs: dict):
     try:
         return cluster_class(kind)(**kwargs)
     except Exception as exc:  # noqa: BLE001 - boto, asyncio and sbatch errors alike end here
-        message = str(exc).strip().splitlines()
         raise DwaveError(f"--cluster {kind}: could not start the cluster: "
-                         f"{type(exc).__name__}: {message[0] if message else ''}") from None
+                         f"{describe(exc)}") from None
 
 
 def _check_aws_credentials() -> None:

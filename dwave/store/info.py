@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 from ..errors import printable
+from .sources import track_id_order
 from .track_store import TrackStore
 
 
@@ -17,7 +18,7 @@ def describe_store(url: str, storage_options: dict | None = None) -> dict:
     # One listing: what is really there.
     damaged = store.damaged_parts(index.tracks.extents(), config.dtype.itemsize)
     tracks = sorted((t for t in index.tracks.rows() if t["part"] not in damaged),
-                    key=lambda t: _id_order(t["id"]))
+                    key=lambda t: track_id_order(t["id"]))
     seconds = sum(t["duration"] for t in tracks)
     return {
         "store": store.url,
@@ -40,11 +41,6 @@ def _software(versions: dict | None) -> str:
     if not versions:
         return "not recorded (a store from before dwave recorded its versions)"
     return ", ".join(f"{name} {version or 'absent'}" for name, version in versions.items())
-
-
-def _id_order(track_id: str) -> tuple:
-    """Numeric ids in numeric order (FMA's), then the rest by name."""
-    return (0, int(track_id), "") if track_id.isdigit() else (1, 0, track_id)
 
 
 def format_description(d: dict, max_rows: int = 50) -> str:

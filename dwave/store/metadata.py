@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
+import zipfile
 
 from ..errors import DwaveError
 
@@ -14,12 +17,34 @@ def _normalise_id(track_id: str) -> str:
     return str(int(track_id)) if track_id.isascii() and track_id.isdigit() else track_id
 
 
-def load_genres(path: str) -> dict[str, str]:
-    """Map track id -> genre. Tracks without a genre are left out."""
-    try:
-        # utf-8-sig: a spreadsheet's CSV export starts with a byte-order mark, which would
-        # otherwise become part of the first header name ("\ufefftrack_id").
+#: FMA's metadata archive holds its track table here.
+FMA_TRACKS_MEMBER = "fma_metadata/tracks.csv"
+
+
+@contextlib.contextmanager
+def _open_table(path: str):
+    """The CSV as text; FMA's fma_metadata.zip as it ships: its tracks.csv read in place."""
+    # utf-8-sig: a spreadsheet's CSV export starts with a byte-order mark, which would
+    # otherwise become part of the first header name ("\ufefftrack_id").
+    if not zipfile.is_zipfile(path):
         with open(path, newline="", encoding="utf-8-sig") as f:
+            yield f
+        return
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n == FMA_TRACKS_MEMBER] or \
+            [n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "tracks.csv"]
+        if not names:
+            raise DwaveError(f"metadata file {path} is a zip without a tracks.csv: unzip it and "
+                             "pass the CSV that has the genres")
+        with archive.open(names[0]) as raw:
+            yield io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+
+
+def load_genres(path: str) -> dict[str, str]:
+    """Map track id -> genre. Tracks without a genre are left out. `path` is a CSV, or FMA's
+    fma_metadata.zip (its tracks.csv)."""
+    try:
+        with _open_table(path) as f:
             rows = csv.reader(f)
             header = next(rows, None)
             if header is None:
@@ -48,6 +73,8 @@ def load_genres(path: str) -> dict[str, str]:
             return genres
     except OSError as exc:
         raise DwaveError(f"cannot read metadata file {path}: {exc.strerror}") from None
+    except zipfile.BadZipFile as exc:
+        raise DwaveError(f"metadata file {path} is a damaged zip ({exc})") from None
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DwaveError(f"metadata file {path} is not a readable CSV: {exc}") from None
 

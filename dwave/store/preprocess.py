@@ -17,7 +17,7 @@ from ..errors import DwaveError, printable
 from .audio import (DEFAULT_MAX_SONG_MINUTES, AudioError, decode_to_mono, encode_in_place,
                     normalisation_gain)
 from .cluster import ClusterConfig
-from .sources import Source, check_out_apart_from_sources, expand_sources
+from .sources import Source, check_out_apart_from_sources, expand_sources, track_id_order
 from .zip_members import ArchivePool
 from .track_store import (Index, IndexDamaged, StoreConfig, TrackStore, part_id_for,
                           resolve_storage_options)
@@ -245,7 +245,8 @@ def run_preprocess(
     relabelled = store.set_genres(relabel, index.tracks) if relabel else set()
     if relabel:
         log(f"--metadata: genre set on {len(relabel)} finished track(s) whose genre it changes")
-    unmatched = sorted(set(genres) - {s.track_id for s in expansion.sources} - set(done))
+    unmatched = sorted(set(genres) - {s.track_id for s in expansion.sources} - set(done),
+                       key=track_id_order)
     if unmatched:
         log(f"--metadata: {len(unmatched)} track id(s) match no song here or in the store "
             f"(e.g. {printable(', '.join(unmatched[:5]))})")

@@ -66,6 +66,13 @@ def track_id_for(uri: str) -> str:
     return f"{slug}-{hashlib.sha1(uri.encode('utf-8', 'surrogateescape')).hexdigest()[:10]}"
 
 
+def track_id_order(track_id: str) -> tuple:
+    """Track ids in the order a reader expects: FMA's numbers by value (2 before 10), then the
+    others by name."""
+    numeric = track_id.isascii() and track_id.isdigit()
+    return (0, int(track_id), "") if numeric else (1, 0, track_id)
+
+
 ZIP_MEMBER = "::"  # ARCHIVE.zip::MEMBER
 
 

@@ -257,9 +257,13 @@ class TrackStore:
                 f"{self.url}: access denied: check the credentials (AWS_PROFILE, "
                 "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, --storage-options) and the bucket's "
                 "policy") from None
-        except (FileNotFoundError, KeyError, ValueError) as exc:
-            raise DwaveError(f"{self.url} is not a dwave store ({exc.__class__.__name__})") \
-                from None
+        except (FileNotFoundError, KeyError):  # zarr's GroupNotFoundError among them
+            fs, root = self._filesystem()
+            what = "no Zarr group" if fs.exists(root) else "nothing"
+            raise DwaveError(f"{self.url} is not a dwave store ({what} there)") from None
+        except ValueError:
+            raise DwaveError(f"{self.url} is not a dwave store (its {ZARR_JSON} is not valid "
+                             "Zarr metadata)") from None
         except OSError as exc:  # a dead mount, an unreachable endpoint: not "not a store"
             raise DwaveError(f"{self.url}: cannot read it ({type(exc).__name__}: "
                              f"{str(exc)[:160]}); check the location and retry") from None

@@ -33,6 +33,9 @@ DEFAULT_CACHE_BYTES = 4 << 30
 STREAM_WINDOWS_PER_READ = 16
 
 
+UNLABELLED_CHOICES = ("class", "skip")
+
+
 @dataclass
 class TrainConfig:
     """How to train (the architecture is ModelConfig). Saved beside the model config."""
@@ -44,6 +47,9 @@ class TrainConfig:
     warmup_steps: int = 100  # N ranks: the rate climbs from lr to N * lr over these updates
     window: int = 4000  # predicted samples per window; the span read is receptive field + this
     genre_conditioning: bool | None = None  # None: as the run dir has it, else off
+    # Conditioned runs: tracks the store has no genre for (about half of fma_large) are one
+    # more class ("class", named UNKNOWN_VALUE) or left out ("skip"). Read at a run's start.
+    unlabelled: str = "class"
     val_every: int = 200
     val_batches: int = 8
     ckpt_every: int = 500
@@ -65,6 +71,9 @@ class TrainConfig:
     ema: float = 0.999
 
     def __post_init__(self):
+        if self.unlabelled not in UNLABELLED_CHOICES:
+            raise DwaveError(f"--unlabelled must be one of {', '.join(UNLABELLED_CHOICES)}, got "
+                             f"{self.unlabelled!r}")
         if self.precision not in PRECISIONS:
             raise DwaveError(f"--precision must be one of {', '.join(PRECISIONS)}, got "
                              f"{self.precision!r}")

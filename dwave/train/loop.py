@@ -37,6 +37,7 @@ from ..model.rundir import (AVERAGE, TENSORBOARD, ValidationLog, check_checkpoin
 from ..ranks import Ranks
 from ..stop_signal import StopSignal
 from .config import TrainConfig, default_learning_rate, resolve_model_config, resume_changes
+from .data import UNKNOWN_VALUE
 
 LN2 = math.log(2.0)
 
@@ -162,8 +163,11 @@ def _resolve_run(train: TrainConfig, run_dir: str, preset: str | None, overrides
     train = dataclasses.replace(train, lr=default_learning_rate(train.lr, preset, saved))
     # The condition the run's tracks are labelled by: the saved model's, else the default's.
     scan = scan_store(train.store, storage_options, (saved_model or ModelConfig()).condition)
+    values = scan.condition_values
+    if train.unlabelled == "skip":  # a new run's classes; a resumed run keeps its own
+        values = [v for v in values if v != UNKNOWN_VALUE]
     model_config = resolve_model_config(saved_model, preset, overrides,
-                                        train.genre_conditioning, scan.condition_values,
+                                        train.genre_conditioning, values,
                                         scan.sample_rate, run_dir, scan.quantization_channels)
     resuming = saved_model is not None
     if not resuming:
@@ -220,10 +224,19 @@ def _describe_run(say, run: _Run, data, trainer, ranks: Ranks, threads: int, res
             f"missing or cut short (--on-bad-track skip; e.g. {data.left_out['damaged'][0].id} "
             f"in parts/{data.left_out['damaged'][0].part}): `dwave store verify --repair` and "
             "a preprocess rerun bring them back")
+    if model_config.conditioned:
+        unlabelled = sum(t.condition == UNKNOWN_VALUE for t in data.train.tracks)
+        say(f"{model_config.condition} conditioning: {len(model_config.condition_values)} "
+            f"classes ({', '.join(model_config.condition_values)})" + (
+                f"; {unlabelled} of the {len(data.train.tracks)} training tracks have no "
+                f"{model_config.condition} and train as the class '{UNKNOWN_VALUE}' "
+                "(--unlabelled skip leaves them out of a new run)" if unlabelled else ""))
     if data.left_out["tracks"]:
+        without = UNKNOWN_VALUE in data.left_out["values"]
         say(f"left out {data.left_out['tracks']} track(s) of {model_config.condition}s this run "
-            f"was not started with ({', '.join(data.left_out['values'])}): a new --run-dir can "
-            "condition on them")
+            f"was not started with ({', '.join(data.left_out['values'])})" + (
+                f": '{UNKNOWN_VALUE}' is the tracks without a {model_config.condition} "
+                "(--unlabelled skip)" if without else ": a new --run-dir can condition on them"))
 
 
 def _precision_line(product_dtype: str, on_gpu: bool, fused: bool) -> str:
