@@ -118,6 +118,9 @@ def _add_preprocess(sub) -> None:
                    default=DEFAULT_MAX_SONG_MINUTES,
                    help="a longer song is a failure, so a worker's memory stays bounded (4 bytes "
                         "per output sample) whatever the input (%(default)g)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="decode again the songs that failed in an earlier run and have not "
+                        "changed since (by default they are counted, not tried again)")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any song failed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_preprocess)
@@ -182,6 +185,7 @@ def _cmd_preprocess(args) -> int:
         source_storage_options=args.source_storage_options,
         cache_dir=args.cache_dir,
         max_song_minutes=args.max_song_minutes,
+        retry_failed=args.retry_failed,
         progress=not args.no_progress,
         log=_log,
     )
@@ -190,8 +194,9 @@ def _cmd_preprocess(args) -> int:
     if summary.store_tracks == 0:
         _log("dwave: error: no track could be written")
         return 1
-    if args.strict and summary.failures:
-        _log(f"dwave: error: {len(summary.failures)} songs failed (--strict)")
+    failed = len(summary.failures) + summary.known_failures
+    if args.strict and failed:
+        _log(f"dwave: error: {failed} songs failed (--strict)")
         return 1
     return 0
 

@@ -78,11 +78,15 @@ def test_end_to_end_with_bad_files_genres_and_resume(tmp_path, corpus):
         expected = independent_codes(str(source / f"{int(tid):06d}.mp3"))
         np.testing.assert_array_equal(contents[tid][0], expected)
 
-    # A rerun skips the finished tracks, retries the failed files, and changes nothing.
+    # A rerun skips the finished tracks and the failed files (unchanged: counted, not decoded
+    # again), and changes nothing; --retry-failed decodes them again.
     again = run_dwave("preprocess", source, "--out", store, "--workers", "1", "--no-progress",
                       check=0)
+    assert "0 to process, 6 already in the store, 4 that failed before" in again.stderr
+    again = run_dwave("preprocess", source, "--out", store, "--workers", "1", "--no-progress",
+                      "--retry-failed", check=0)
     assert "4 to process, 6 already in the store" in again.stderr
-    assert "0 written" in again.stderr
+    assert "0 written" in again.stderr and "4 failed" in again.stderr
     after = store_contents(str(store))
     assert after.keys() == contents.keys()
     assert all(np.array_equal(after[t][0], contents[t][0]) for t in after)

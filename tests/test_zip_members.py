@@ -107,3 +107,32 @@ def test_a_member_pattern_selects_part_of_an_archive(tmp_path, songs):
     assert [s.track_id for s in expand_sources([f"{archive}::**/*.wav"]).sources] == ["777"]
     with pytest.raises(DwaveError, match="no audio member of .* matches 'fma_large/9/\\*'"):
         expand_sources([f"{archive}::fma_large/9/*"])
+
+
+@pytest.mark.slow
+def test_a_failure_is_the_songs_wherever_it_is_read_from(tmp_path, songs):
+    """One bad song in two archives is one failure, not tried again while it is unchanged."""
+    import json
+
+    from conftest import run_dwave
+
+    bad = tmp_path / "000099.mp3"
+    bad.write_bytes(b"ID3\x03\x00\x00\x00\x00\x00\x00")  # FMA's known-empty kind
+    first = fma_zip(tmp_path / "fma_large.zip", {"000099.mp3": str(bad),
+                                                 "000002.mp3": songs["000002.mp3"]})
+    second = fma_zip(tmp_path / "fma_full.zip", {"000099.mp3": str(bad)})
+    store = tmp_path / "store"
+    args = ("--out", store, "--workers", "1", "--no-progress")
+    one = run_dwave("preprocess", first, *args, check=0)
+    assert "1 written, 0 already done, 1 failed" in one.stderr
+    two = run_dwave("preprocess", second, *args, check=0)
+    assert "1 that failed before and are unchanged (not tried again; --retry-failed" in two.stderr
+    info = json.loads(run_dwave("info", store, "--json", check=0).stdout)
+    assert len(info["failures"]) == 1 and info["failures"][0]["track_id"] == "99"
+    again = run_dwave("preprocess", second, *args, "--retry-failed", check=0)
+    assert "0 written, 0 already done, 1 failed" in again.stderr
+    assert "an ID3 tag and no MPEG audio frames" in again.stderr
+    fixed = fma_zip(tmp_path / "fixed.zip", {"000099.mp3": songs["000005.mp3"]})
+    run_dwave("preprocess", fixed, *args, check=0)
+    info = json.loads(run_dwave("info", store, "--json", check=0).stdout)
+    assert info["failures"] == [] and len(info["tracks"]) == 2

@@ -132,6 +132,7 @@ class Summary:
     skipped: int = 0
     failures: list[dict] = field(default_factory=list)
     ignored: int = 0
+    known_failures: int = 0  # failed in an earlier run, unchanged since: not tried again
     wall_seconds: float = 0.0
     store_tracks: int = 0
     store_hours: float = 0.0
@@ -149,7 +150,9 @@ class Summary:
             f"store {self.store}: {self.store_tracks} tracks, {self.store_hours:.2f} h of audio "
             f"at {self.config.sample_rate} Hz",
             f"this run: {len(self.written)} written, {self.skipped} already done, "
-            f"{len(self.failures)} failed, {self.ignored} non-audio files ignored",
+            f"{len(self.failures)} failed" + (f", {self.known_failures} known failures not "
+                                              "tried again" if self.known_failures else "")
+            + f", {self.ignored} non-audio files ignored",
         ]
         if self.written:
             out.append(
@@ -164,11 +167,14 @@ class Summary:
 
 
 def plan_tasks(
-    sources: list[Source], genres: dict[str, str], done: dict[str, dict]
-) -> tuple[list[TrackTask], int, list[dict], dict[str, str]]:
+    sources: list[Source], genres: dict[str, str], done: dict[str, dict],
+    failed: dict[str, dict] | None = None,
+) -> tuple[list[TrackTask], int, list[dict], dict[str, str], list[dict]]:
     """Which songs still need processing: (tasks, number already done, id failures, genres to
-    set on finished tracks whose --metadata genre differs from the stored one)."""
-    tasks, skipped, failures, relabel = [], 0, [], {}
+    set on finished tracks whose --metadata genre differs from the stored one, known failures:
+    songs that failed before and are unchanged since, not tried again). `failed` maps a track
+    id to its recorded failure; None tries every failed song again."""
+    tasks, skipped, failures, relabel, known = [], 0, [], {}, []
     claimed: dict[str, str] = {}
     for source in sources:
         track_id = source.track_id
@@ -195,11 +201,15 @@ def plan_tasks(
                           "replace it",
             })
             continue
+        before = (failed or {}).get(track_id)
+        if not previous and before and before.get("fingerprint") == source.fingerprint:
+            known.append(before)  # the same bytes fail the same way: not decoded again
+            continue
         tasks.append(TrackTask(source, track_id, genres.get(track_id)))
     # Longest first (by file size): the last tasks to finish are then short ones, so workers
     # run out of work at nearly the same time (LPT scheduling; songs differ in length by 10x).
     tasks.sort(key=lambda task: -task.source.size)
-    return tasks, skipped, failures, relabel
+    return tasks, skipped, failures, relabel, known
 
 
 def run_preprocess(
@@ -215,6 +225,7 @@ def run_preprocess(
     source_storage_options: dict | None = None,
     cache_dir: str | None = None,
     max_song_minutes: float = DEFAULT_MAX_SONG_MINUTES,
+    retry_failed: bool = False,
     progress: bool = True,
     log=print,
 ) -> Summary:
@@ -241,7 +252,11 @@ def run_preprocess(
         log(f"{len(index.gone)} part(s) the index lists are no longer in the store: their "
             "tracks count as not done")
     done = index.tracks.by_id()
-    tasks, skipped, failures, relabel = plan_tasks(expansion.sources, genres, done)
+    # A failure is the song's (its track id and bytes), wherever it was read from: one bad
+    # song seen through two archives is one failure, and an unchanged one is not retried.
+    failed = {f["track_id"]: f for f in index.failures if f.get("track_id")}
+    tasks, skipped, failures, relabel, known = plan_tasks(
+        expansion.sources, genres, done, None if retry_failed else failed)
     relabelled = store.set_genres(relabel, index.tracks) if relabel else set()
     if relabel:
         log(f"--metadata: genre set on {len(relabel)} finished track(s) whose genre it changes")
@@ -252,9 +267,11 @@ def run_preprocess(
             f"(e.g. {printable(', '.join(unmatched[:5]))})")
     summary = Summary(store.url, config, len(expansion.sources), skipped=skipped,
                       ignored=len(expansion.ignored))
+    summary.known_failures = len(known)
     log(f"{len(expansion.sources)} songs found: {len(tasks)} to process, {skipped} already in "
-        f"the store" + (f", {len(expansion.ignored)} non-audio files ignored"
-                        if expansion.ignored else ""))
+        f"the store" + (f", {len(known)} that failed before and are unchanged (not tried "
+                        "again; --retry-failed tries them)" if known else "")
+        + (f", {len(expansion.ignored)} non-audio files ignored" if expansion.ignored else ""))
 
     if tasks:
         with dask_client(cluster, log=log) as client:
@@ -266,12 +283,19 @@ def run_preprocess(
         failures += [r for r in results if r["status"] == "failed"]
     summary.failures = failures
 
-    # Keep earlier runs' failures for sources this run did not touch; drop those now handled.
+    # Keep earlier runs' failures of songs this run did not try; those it tried are replaced
+    # by what happened now (written: gone; failed: the new reason).
+    tried = {t.track_id for t in tasks}
+    fingerprints = {s.track_id: s.fingerprint for s in expansion.sources}
     touched = {s.uri for s in expansion.sources}
-    kept = [f for f in index.failures if f["source"] not in touched]
+    kept = [f for f in index.failures
+            if (f["track_id"] not in tried and f["track_id"] not in done if f.get("track_id")
+                else f["source"] not in touched)]  # a record of an older dwave: by its path
+    recorded = [{"source": f["source"], "track_id": f["track_id"],
+                 "fingerprint": fingerprints.get(f["track_id"]), "reason": f["reason"]}
+                for f in failures if not f["reason"].startswith("duplicate track id")]
     try:
-        index = store.write_index(kept + [{"source": f["source"], "reason": f["reason"]}
-                                          for f in failures], refresh=relabelled, base=stored)
+        index = store.write_index(kept + recorded, refresh=relabelled, base=stored)
     except OSError as exc:
         raise DwaveError(
             f"cannot write the index of {store.url} ({type(exc).__name__}: "
