@@ -65,15 +65,25 @@ def test_real_music_with_default_flags_goes_below_the_bigram_and_writes_samples(
     assert config["train"]["lr"] == 5e-3  # the preset's rate, recorded for a resume
     assert latest_step(run) == 300
     events = [f for d, _, fs in os.walk(run / "tensorboard") for f in fs if "tfevents" in f]
-    assert len(events) == 2  # train and validation
+    assert len(events) == 4  # train, validation and the two baselines
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train_events = EventAccumulator(str(run / "tensorboard" / "train"), size_guidance={}).Reload()
+    train_events = EventAccumulator(str(run / "tensorboard" / "train"),
+                                    size_guidance={"tensors": 0}).Reload()  # every point
     tags = train_events.Tags()["tensors"]
     assert {"loss_bits_per_sample", "samples_per_second", "learning_rate"} <= set(tags)
     # The rate logged is the optimizer's: one rank, no warm-up, the preset's 5e-3 throughout.
     logged = [float(tf_value(e)) for e in train_events.Tensors("learning_rate")]
     assert logged and all(r == pytest.approx(5e-3) for r in logged)
+    # a point every 10 steps, not only when the progress line was due
+    assert [e.step for e in train_events.Tensors("loss_bits_per_sample")] == list(
+        range(10, 301, 10))
+    # the baselines beside the validation loss: flat lines at the store's own figures
+    for name, value in (("baseline_bigram", bigram), ("baseline_code_histogram", unigram)):
+        line = EventAccumulator(str(run / "tensorboard" / name), size_guidance={}).Reload()
+        points = line.Tensors("loss_bits_per_sample")
+        assert [e.step for e in points] == [150, 300]
+        assert all(float(tf_value(e)) == pytest.approx(value, abs=1e-5) for e in points)
 
     # Listening: per validation, the prime (the first validation window, real audio) then 1 s
     # made from it, as WAV + PNG and as TensorBoard audio.
@@ -99,6 +109,15 @@ def test_real_music_with_default_flags_goes_below_the_bigram_and_writes_samples(
                                   size_guidance={"tensors": 0}).Reload()
     audio_steps = [e.step for e in val_events.Tensors("sample")]
     assert audio_steps == [150, 300], val_events.Tags()
+    # the spectrogram beside each sample, in the images tab: the PNG written beside the WAV
+    import tensorflow as tf
+
+    pictures = val_events.Tensors("sample_spectrogram")
+    assert [e.step for e in pictures] == [150, 300]
+    encoded = tf_value(pictures[-1])  # [width, height, PNG bytes]
+    png = (run / "samples" / "step-0000300.png").read_bytes()
+    assert tf.io.decode_png(encoded[2]).numpy().tolist() == tf.io.decode_png(
+        png, channels=3).numpy().tolist()
     history = json.loads((run / "validation.json").read_text())["history"]
     assert [h["step"] for h in history] == [150, 300] and history[-1]["bits"] == pytest.approx(
         val, abs=1e-3)

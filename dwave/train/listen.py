@@ -86,12 +86,15 @@ class Listener:
             import tensorflow as tf
 
             audio = mu_law_decode(codes, self.quantization_channels).astype(np.float32)
+            with open(stem + ".png", "rb") as f:
+                picture = tf.io.decode_png(f.read(), channels=3)
+            described = (f"the first {len(prime) / self.sample_rate:.2f} s: a validation window "
+                         "(real music); after it, the fast generator's continuation")
             with self.writer.as_default(step=step):
                 tf.summary.audio("sample", audio[None, :, None], self.sample_rate,
-                                 max_outputs=1,
-                                 description=f"the first {len(prime) / self.sample_rate:.2f} s: "
-                                             "a validation window (real music); after it, the "
-                                             "fast generator's continuation")
+                                 max_outputs=1, description=described)
+                tf.summary.image("sample_spectrogram", picture[None], max_outputs=1,
+                                 description=described)
         return (f"listen: step {step} -> {os.path.relpath(stem, os.path.dirname(self.directory))}"
                 f".wav ({len(prime) / self.sample_rate:.2f} s of prime, then "
                 f"{self.samples / self.sample_rate:g} s generated in "

@@ -40,6 +40,9 @@ from .config import TrainConfig, default_learning_rate, resolve_model_config, re
 from .data import UNKNOWN_VALUE
 
 LN2 = math.log(2.0)
+# Steps between TensorBoard's training scalars: a curve of hundreds of points for a run of
+# thousands of steps (the progress line is timed instead: every 10 s in a log).
+TENSORBOARD_EVERY = 10
 
 
 def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
@@ -345,11 +348,15 @@ class _Report:
         self.conditioned = model_config.conditioned
         self.writers = None
         if ranks.rank == 0:
+            # The baselines as runs of their own, with the validation loss's tag: TensorBoard
+            # draws them as flat lines on the loss's chart (the README's "is it learning" test).
             self.writers = {name: tf.summary.create_file_writer(_writable_directory(
-                os.path.join(run_dir, TENSORBOARD, name))) for name in ("train", "validation")}
+                os.path.join(run_dir, TENSORBOARD, name))) for name in
+                ("train", "validation", "baseline_bigram", "baseline_code_histogram")}
         self.predicted_per_step = train.batch_size * train.window * ranks.size
         self.progress = _Progress(train.steps, start_step, say)
         self.window_started, self.window_steps = time.perf_counter(), 0
+        self.board_started, self.board_steps = time.perf_counter(), 0
         self.loop_started = time.perf_counter()
         self.listener = None
         if ranks.rank == 0 and data.validation and train.listen_seconds > 0:
@@ -365,17 +372,19 @@ class _Report:
         import tensorflow as tf
 
         self.window_steps += 1
+        self.board_steps += 1
         now = time.perf_counter()
-        if not (self.progress.due(now) or final):
-            return
-        rate = self.predicted_per_step * self.window_steps / (now - self.window_started)
-        learning_rate = trainer.learning_rate
-        self.progress.show(step, loss_bits, rate, learning_rate)
-        if self.writers:
+        if self.writers and (step % TENSORBOARD_EVERY == 0 or final):
+            rate = self.predicted_per_step * self.board_steps / (now - self.board_started)
             with self.writers["train"].as_default(step=step):
                 tf.summary.scalar("loss_bits_per_sample", loss_bits)
                 tf.summary.scalar("samples_per_second", rate)
-                tf.summary.scalar("learning_rate", learning_rate)
+                tf.summary.scalar("learning_rate", trainer.learning_rate)
+            self.board_started, self.board_steps = time.perf_counter(), 0
+        if not (self.progress.due(now) or final):
+            return
+        rate = self.predicted_per_step * self.window_steps / (now - self.window_started)
+        self.progress.show(step, loss_bits, rate, trainer.learning_rate)
         self.window_started, self.window_steps = time.perf_counter(), 0
 
     def validated(self, step: int, bits: float, seconds: float, trainer, wait: bool) -> None:
@@ -389,6 +398,12 @@ class _Report:
             self.history.add(step, bits, time.perf_counter() - self.loop_started)
             with self.writers["validation"].as_default(step=step):
                 tf.summary.scalar("loss_bits_per_sample", bits)
+            baselines = self.history.baselines or {}
+            for name, key in (("baseline_bigram", "bigram_bits"),
+                              ("baseline_code_histogram", "unigram_bits")):
+                if key in baselines:
+                    with self.writers[name].as_default(step=step):
+                        tf.summary.scalar("loss_bits_per_sample", baselines[key])
             if self.listener:
                 codes, condition = self.data.validation.batch(0, 0)
                 with trainer.averaged_weights():
