@@ -133,6 +133,25 @@ def test_a_xing_header_that_does_not_cover_the_file_is_not_trusted(tmp_path):
     assert decoded.duration > 19.0 and abs(decoded.duration - reference) <= 0.050
 
 
+@pytest.mark.parametrize("xing", [True, False])
+def test_damaged_frames_are_concealed_quietly_and_the_song_decoded_to_its_end(tmp_path, capfd,
+                                                                              xing):
+    # mpg123 (libsndfile) stops at such damage and prints notes on stderr (thousands of lines
+    # through the progress bar on FMA); FFmpeg conceals the frames and goes on.
+    path = vbr_song(tmp_path / "song.mp3", 20.0, xing=xing)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 3:len(data) // 3 + 400] = b"\x55" * 400
+    garbled = tmp_path / "garbled.mp3"
+    garbled.write_bytes(bytes(data))
+    capfd.readouterr()
+    decoded = decode_to_mono(str(garbled), 16000)
+    printed = capfd.readouterr()
+    assert printed.err == "" and printed.out == ""
+    reference = len(ffmpeg_decode(garbled, channels=1, rate=16000)) / 16000
+    assert abs(decoded.duration - reference) <= 0.050 and decoded.duration > 19.5
+    assert decoded.decoder.startswith("ffmpeg")
+
+
 def test_frame_lengths_follow_the_standard():
     # MPEG-1 layer III, 128 kbit/s, 44.1 kHz, no padding: 144 * 128000 / 44100 = 417 bytes
     assert MpegFrameHeader.parse(bytes([0xFF, 0xFB, 0x90, 0x64])).length == 417

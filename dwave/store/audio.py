@@ -13,7 +13,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from .decoders import AudioError, StreamInfo, choose_decoder
+from .decoders import AudioError, Decoder, StreamInfo, choose_decoder
 
 __all__ = ["AudioError", "StreamInfo"]  # re-exported: the rest of dwave imports them from here
 
@@ -106,7 +106,8 @@ class DecodedAudio:
 
 
 def iter_mono_blocks(
-    file: BinaryIO | str, sample_rate: int, block_frames: int = DECODE_BLOCK_FRAMES
+    file: BinaryIO | str, sample_rate: int, block_frames: int = DECODE_BLOCK_FRAMES,
+    decoder: Decoder | None = None,
 ) -> Iterator[tuple[np.ndarray, StreamInfo]]:
     """Decode `file` block by block to mono float32 at `sample_rate`, to the song's real end.
 
@@ -118,7 +119,7 @@ def iter_mono_blocks(
 
     if _size_of(file) == 0:
         raise AudioError("empty file (0 bytes)")
-    decoder = choose_decoder(file)
+    decoder = decoder or choose_decoder(file)
     resampler = None
     for mono, source_info in decoder.blocks(file, block_frames):
         info = dataclasses.replace(source_info, sample_rate=sample_rate)
@@ -152,8 +153,34 @@ def _size_of(file: BinaryIO | str | bytes) -> int | None:
 DEFAULT_MAX_SONG_MINUTES = 180.0
 
 
+class TooLong(AudioError):
+    """A song past --max-song-minutes."""
+
+
 def decode_to_mono(file: BinaryIO | str, sample_rate: int,
                    max_seconds: float | None = None) -> DecodedAudio:
+    """Decode a whole file to one mono float32 array at `sample_rate` (not yet normalised),
+    with the decoder its first bytes call for; where that decoder gives up on the song (an MP3
+    mpg123 cannot decode cleanly), again with its fallback (FFmpeg), from the start."""
+    if _size_of(file) == 0:
+        raise AudioError("empty file (0 bytes)")
+    decoder = choose_decoder(file)
+    while True:
+        try:
+            return _decode_whole(file, sample_rate, max_seconds, decoder)
+        except TooLong:
+            raise
+        except AudioError:
+            fallback = getattr(decoder, "fallback", None)
+            if fallback is None:
+                raise
+            decoder = fallback
+            if not isinstance(file, (str, bytes)):
+                file.seek(0)
+
+
+def _decode_whole(file: BinaryIO | str, sample_rate: int, max_seconds: float | None,
+                  decoder: Decoder) -> DecodedAudio:
     """Decode a whole file to one mono float32 array at `sample_rate` (not yet normalised).
 
     The resampled track is kept whole (the peak is known only at the end; decoding twice would
@@ -171,14 +198,14 @@ def decode_to_mono(file: BinaryIO | str, sample_rate: int,
         return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
     def too_long(seconds: float, how: str) -> AudioError:
-        return AudioError(f"too long: {how} {span(seconds)}, more than the "
+        return TooLong(f"too long: {how} {span(seconds)}, more than the "
                           f"{span(max_seconds)} allowed (--max-song-minutes)")
 
     samples = np.empty(0, dtype=np.float32)
     filled = 0
     peak = 0.0
     info = None
-    for block, info in iter_mono_blocks(file, sample_rate):
+    for block, info in iter_mono_blocks(file, sample_rate, decoder=decoder):
         end = filled + len(block)
         if limit is not None and filled == 0 and info.expected_length > limit:
             raise too_long(info.expected_length / sample_rate, "its header declares")

@@ -25,6 +25,7 @@ import contextlib
 import os
 import re
 import struct
+import sys
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Protocol
 
@@ -112,7 +113,15 @@ _WAV_SHORT_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULT
 
 
 class LibsndfileDecoder:
+    """libsndfile, for the formats it reads exactly; for an MP3 (`fallback` set: the MPEG
+    decoder) only while mpg123 decodes it cleanly. mpg123 stops at a damaged frame, or conceals
+    it and prints notes on the process's stderr; either way the song is handed to `fallback`
+    (FFmpeg conceals damage and decodes to the end, silently) by decode_to_mono."""
+
     name = "libsndfile"
+
+    def __init__(self, fallback: "Decoder | None" = None):
+        self.fallback = fallback
 
     def blocks(self, file, block_frames):
         import soundfile as sf
@@ -123,13 +132,16 @@ class LibsndfileDecoder:
             raise AudioError(f"not a decodable audio file ({_libsndfile_reason(exc)})") from None
         with sound:
             _check_header_log(sound.extra_info)
+            via = " (mpg123)" if self.fallback else ""
             info = StreamInfo(sound.samplerate, sound.channels, sound.frames, 0,
-                              length_source="header", decoder=f"libsndfile {_sndfile_version()}")
+                              length_source="header",
+                              decoder=f"libsndfile {_sndfile_version()}{via}")
             buffer = np.empty((block_frames, info.source_channels), dtype=np.float32)
             decoded = 0
             while True:
                 try:
-                    n = sound.read(out=buffer, dtype="float32", always_2d=True).shape[0]
+                    with _stderr_of_mpg123(self.fallback is not None):
+                        n = sound.read(out=buffer, dtype="float32", always_2d=True).shape[0]
                 except (sf.LibsndfileError, RuntimeError) as exc:
                     raise AudioError(
                         f"decoding failed after {decoded / info.source_rate:.1f} s "
@@ -141,6 +153,36 @@ class LibsndfileDecoder:
                 if n < block_frames:
                     break
         check_not_truncated(info.declared_frames, decoded, info.source_rate)
+
+
+class DecoderComplained(AudioError):
+    """mpg123 printed a note (a damaged frame, a lost sync) while decoding."""
+
+
+@contextlib.contextmanager
+def _stderr_of_mpg123(capture: bool):
+    """Catch what mpg123 prints on file descriptor 2 during one read (it has no quiet switch
+    through libsndfile): printed, it ran through the progress bar thousands of times on FMA.
+    Anything caught is DecoderComplained; a worker decodes on one thread, so what is caught
+    is mpg123's."""
+    if not capture:
+        yield
+        return
+    import tempfile
+
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as caught:
+        saved = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        caught.seek(0)
+        notes = caught.read().decode("utf-8", "replace").strip()
+    if notes:
+        raise DecoderComplained(f"mpg123: {notes.splitlines()[0][:160]}")
 
 
 def _sndfile_version() -> str:
@@ -429,7 +471,7 @@ def choose_decoder(file: BinaryIO | str | bytes) -> Decoder:
         if length_tag is not None and length_tag.covers(_stream_bytes(file, start)):
             # The Xing count is exact and its byte count reaches the end of the file: mpg123
             # (in libsndfile) decodes to that count, to the sample as FFmpeg does, faster.
-            return LibsndfileDecoder()
+            return LibsndfileDecoder(fallback=MpegDecoder(head, tag))
     return MpegDecoder(head, tag)
 
 
