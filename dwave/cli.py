@@ -402,8 +402,16 @@ def _cmd_train(args) -> int:
 
     overrides = {field: getattr(args, field) for field in MODEL_FLAGS
                  if getattr(args, field) is not None}  # the flags given, nothing else
-    run_training(_config_from(TrainConfig, args), args.run_dir, args.preset, overrides,
-                 args.storage_options, log=_log)
+    summary = run_training(_config_from(TrainConfig, args), args.run_dir, args.preset,
+                           overrides, args.storage_options, log=_log)
+    if summary.get("stopped"):
+        # Stopped by a signal, everything written (checkpoint, logs, TensorBoard flushed): a
+        # launcher's kill follows its SIGTERM within seconds (horovodrun 5 s, mpirun 1 s), and
+        # the interpreter's teardown of TensorFlow's and Horovod's threads can take longer.
+        # Leave now, with the status a finished stop deserves.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

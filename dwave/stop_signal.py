@@ -14,6 +14,10 @@ class StopSignal:
         self.signal_name: str | None = None
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, self._handle)
+            # Restart the system calls the signal interrupts rather than fail them with EINTR
+            # (Python's default for a handler of its own): the signal lands on whatever thread
+            # the kernel picks, Horovod's and TensorFlow's blocked in socket reads among them.
+            signal.siginterrupt(sig, False)
 
     def _handle(self, signum, _frame):
         self.requested = True

@@ -39,6 +39,8 @@ from ..model.config import DEFAULT_CONDITION
 from .config import DATA_MODES, DEFAULT_CACHE_BYTES, STREAM_WINDOWS_PER_READ
 from ..store.track_store import TrackStore
 
+# tf.data iterators a stopped run left before their end (WindowSampler.batches).
+_LEFT_OPEN: list = []
 UNKNOWN_VALUE = "unknown"  # the condition value of a track the store has none for
 # Grouped reads (WindowSampler): windows planned per round, and rounds kept in memory.
 ROUND_WINDOWS = 512
@@ -290,11 +292,20 @@ class WindowSampler:
         import tensorflow as tf
 
         self.failure = None
+        iterator = iter(self.dataset(rank, first_step, last_step, parallel))
+        exhausted = False
         try:
-            for batch in self.dataset(rank, first_step, last_step, parallel):
+            for batch in iterator:
                 if self.failure is not None:  # set before any batch after it is made
                     raise self.failure
                 yield batch
+            exhausted = True
+        except GeneratorExit:
+            # Left early (a stop): deleting a tf.data iterator whose parallel reads are in
+            # flight can hang for seconds on the GIL, past a launcher's kill. It is kept
+            # instead; the process's exit frees it.
+            _LEFT_OPEN.append(iterator)
+            raise
         except tf.errors.OpError as exc:
             said = re.search(r"DwaveError: (.*)", exc.message)
             raise DwaveError(said.group(1) if said else "reading a training batch failed: "

@@ -81,8 +81,13 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
         checkpoints.save(start_step)  # config.json and ckpt-0 on disk from the first second
 
     report = _Report(run_dir, train, model_config, ranks, data, history, start_step, say)
-    step, loss_bits, val_bits, stopped = _train_steps(trainer, data, train, run.windows, ranks,
-                                                      stop, checkpoints, report, start_step)
+    # Held here, past the checkpoint: closing a tf.data iterator whose parallel reads are in
+    # flight (a stop mid-run) can take seconds, and a launcher's kill comes 5 s after its
+    # SIGTERM (horovodrun): the checkpoint is written first.
+    batches = data.train.batches(ranks.rank, start_step, train.steps)
+    step, loss_bits, val_bits, stopped = _train_steps(trainer, batches, data, train, run.windows,
+                                                      ranks, stop, checkpoints, report,
+                                                      start_step)
     checkpoints.save(step)
     report.close()
     digests = _check_ranks_in_sync(trainer, ranks)
@@ -101,7 +106,7 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
     return summary
 
 
-def _train_steps(trainer, data, train: TrainConfig, windows: dict, ranks: Ranks, stop,
+def _train_steps(trainer, batches, data, train: TrainConfig, windows: dict, ranks: Ranks, stop,
                  checkpoints, report, start_step: int):
     """The loop: a step, its report, validation and listening when due, a checkpoint when
     due, until --steps or a stop on any rank. Returns (step, train loss, last validation loss
@@ -110,7 +115,6 @@ def _train_steps(trainer, data, train: TrainConfig, windows: dict, ranks: Ranks,
 
     from .watchdog import Watchdog
 
-    batches = data.train.batches(ranks.rank, start_step, train.steps)
     watchdog = Watchdog(train.stall_minutes * 60 if ranks.distributed else 0, ranks.rank)
     step, loss_bits, val_bits, stopped = start_step, math.nan, None, False
     while step < train.steps:
