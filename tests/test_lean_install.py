@@ -67,6 +67,9 @@ def test_one_process_trains_without_horovod(tone_store, tmp_path, hide):
                      env=env,
                      check=0)
     assert "done: step 3" in done.stdout + done.stderr
+    # dwave status needs neither engine
+    status = run_dwave("status", run, env=hide("tensorflow", "horovod"), check=0)
+    assert "step 3 of 3" in status.stdout
     # several ranks do need it: one line, no traceback, from each rank
     ranks = run_dwave("train", tone_store, "--run-dir", tmp_path / "run2", "--steps", "1",
                       env={**env, "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"})
