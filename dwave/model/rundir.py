@@ -31,7 +31,7 @@ import re
 import sys
 from typing import NamedTuple
 
-from ..errors import DwaveError
+from ..errors import DwaveError, describe
 from ..files import atomic_write_json
 from ..versions import software_versions
 from .config import ModelConfig
@@ -74,8 +74,8 @@ def read_progress(run_dir: str) -> tuple[int, int]:
         step, steps = int(data["step"]), int(data["train"]["steps"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError,
             OverflowError) as exc:
-        raise DwaveError(f"{path} is not a dwave run config ({type(exc).__name__}: "
-                         f"{str(exc)[:100]})") from None
+        raise DwaveError(f"{path} is not a dwave run config ({describe(exc)[:100]})") \
+            from None
     if step < 0 or steps < 1:
         raise DwaveError(f"{path} is not a dwave run config (step {step} of {steps})")
     return step, steps
@@ -180,7 +180,7 @@ def check_checkpoint_model(path: str, config: ModelConfig, run_dir: str,
         saved = json.loads(reader.get_tensor(_MODEL_RECORD_KEY))
     except (tf.errors.OpError, IndexError, ValueError, TypeError) as exc:
         raise DwaveError(f"cannot restore checkpoint {path}: its data is damaged "
-                         f"({type(exc).__name__}: {str(exc)[:80]}). {_if_damaged(path)}") \
+                         f"({describe(exc)[:80]}). {_if_damaged(path)}") \
             from None
     try:  # a record from before a field existed reads as ModelConfig reads it (its default)
         saved = ModelConfig.from_dict(saved).to_dict()

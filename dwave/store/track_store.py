@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import DwaveError
+from ..errors import DwaveError, describe
 from ..versions import software_versions
 from .audio import DEFAULT_QUANTIZATION_CHANNELS, DEFAULT_SAMPLE_RATE
 from .part_codes import (SHARD_KEY, MappedReader, RangeReader, create_codes_array, encode_shards,
@@ -207,8 +207,8 @@ class TrackStore:
             raise DwaveError(f"{where}: cannot read it ({exc.strerror or exc}): fix its "
                              "permissions or choose another --out") from None
         except Exception as exc:  # S3 errors, a dead mount: unknown is not "absent"
-            raise DwaveError(f"{where}: cannot tell what is there ({type(exc).__name__}: "
-                             f"{str(exc)[:200]}); nothing was changed, check the location and "
+            raise DwaveError(f"{where}: cannot tell what is there ({describe(exc)[:200]}); "
+                             "nothing was changed, check the location and "
                              "credentials and retry") from None
         try:
             attrs = json.loads(raw)["attributes"]
@@ -265,8 +265,8 @@ class TrackStore:
             raise DwaveError(f"{self.url} is not a dwave store (its {ZARR_JSON} is not valid "
                              "Zarr metadata)") from None
         except OSError as exc:  # a dead mount, an unreachable endpoint: not "not a store"
-            raise DwaveError(f"{self.url}: cannot read it ({type(exc).__name__}: "
-                             f"{str(exc)[:160]}); check the location and retry") from None
+            raise DwaveError(f"{self.url}: cannot read it ({describe(exc)[:160]}); check the "
+                             "location and retry") from None
         if "dwave_store_version" not in attrs:
             raise DwaveError(f"{self.url} is a Zarr group but not a dwave store")
         return attrs
@@ -595,7 +595,7 @@ class TrackStore:
                 "store")
         return DwaveError(
             f"store {self.url}: track {track_id} (parts/{part}) cannot be read "
-            f"({type(exc).__name__}: {exc}): `dwave store verify {self.url} --repair` sets "
+            f"({describe(exc)}): `dwave store verify {self.url} --repair` sets "
             "damaged parts aside, and a rerun of `dwave preprocess SOURCE --out STORE` writes "
             "their tracks again")
 
