@@ -35,6 +35,9 @@ if [ "$(id -u)" -eq 0 ]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
 export PYTHONUNBUFFERED=1  # log lines reach the job's output file as they happen
+# mpirun kills its ranks 1 s after the SIGTERM it sends them (Open MPI's default): too little for
+# rank 0 to finish its step and write a large checkpoint on a busy node. 30 s, unless set.
+export OMPI_MCA_odls_base_sigkill_timeout=${OMPI_MCA_odls_base_sigkill_timeout:-30}
 
 dwave_job_banner() {
   echo "[$(date '+%F %T')] ${SLURM_JOB_NAME:-dwave} job ${SLURM_JOB_ID:-?}" \
