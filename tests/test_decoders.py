@@ -152,6 +152,15 @@ def test_damaged_frames_are_concealed_quietly_and_the_song_decoded_to_its_end(tm
     assert decoded.decoder.startswith("ffmpeg")
 
 
+def test_a_trailing_id3v1_tag_is_not_a_frame_more(tmp_path):
+    song = open(vbr_song(tmp_path / "a.mp3", 5.0, xing=True), "rb").read()
+    tagged = tmp_path / "tagged.mp3"
+    tagged.write_bytes(song + b"TAG" + b"Title".ljust(30, b"\0") + bytes(95))
+    assert isinstance(choose_decoder(str(tagged)), LibsndfileDecoder)  # the Xing count holds
+    reference = len(ffmpeg_decode(tagged, channels=1, rate=16000)) / 16000
+    assert abs(decode_to_mono(str(tagged), 16000).duration - reference) <= 0.050
+
+
 def test_frame_lengths_follow_the_standard():
     # MPEG-1 layer III, 128 kbit/s, 44.1 kHz, no padding: 144 * 128000 / 44100 = 417 bytes
     assert MpegFrameHeader.parse(bytes([0xFF, 0xFB, 0x90, 0x64])).length == 417
