@@ -92,6 +92,11 @@ class Ranks:
         """`tensor` summed over the ranks."""
         return self.hvd.allreduce(tensor, op=self.hvd.Sum) if self.distributed else tensor
 
+    def shutdown(self) -> None:
+        """End Horovod (and MPI under it) now; a job of one has nothing to end."""
+        if self.hvd:
+            self.hvd.shutdown()
+
     def gather(self, value) -> list:
         """Every rank's `value` (any picklable object), on every rank, in rank order."""
         return self.hvd.allgather_object(value) if self.distributed else [value]

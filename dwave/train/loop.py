@@ -103,6 +103,10 @@ def run_training(train: TrainConfig, run_dir: str, preset: str | None = None,
         + (f", validation {val_bits:.3f}" + history.versus_baselines(val_bits)
            if val_bits is not None and history is not None else "")
         + f"; checkpoint {summary['checkpoint']}")
+    if stopped:
+        # The process leaves without Python's teardown (dwave.cli): Horovod is shut down
+        # here, so that MPI is finalized and mpirun sees ranks that ended, not ranks that died.
+        ranks.shutdown()
     return summary
 
 
