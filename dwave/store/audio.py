@@ -171,10 +171,9 @@ def decode_to_mono(file: BinaryIO | str, sample_rate: int,
         except TooLong:
             raise
         except AudioError:
-            fallback = getattr(decoder, "fallback", None)
-            if fallback is None:
+            if decoder.fallback is None:
                 raise
-            decoder = fallback
+            decoder = decoder.fallback
             if not isinstance(file, (str, bytes)):
                 file.seek(0)
 

@@ -26,6 +26,7 @@ import os
 import re
 import struct
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Protocol
 
@@ -79,6 +80,7 @@ class Decoder(Protocol):
     is not audio, is damaged, or is cut short."""
 
     name: str
+    fallback: "Decoder | None"  # decodes the song again where this one gives up on it
 
     def blocks(self, file: BinaryIO | str | bytes,
                block_frames: int) -> Iterator[tuple[np.ndarray, StreamInfo]]: ...
@@ -126,8 +128,15 @@ class LibsndfileDecoder:
     def blocks(self, file, block_frames):
         import soundfile as sf
 
+        with contextlib.ExitStack() as stack:
+            # mpg123's notes are caught (one file for the whole decode), other formats' not
+            caught = stack.enter_context(tempfile.TemporaryFile()) if self.fallback else None
+            yield from self._blocks(sf, file, block_frames, caught)
+
+    def _blocks(self, sf, file, block_frames, caught):
         try:
-            sound = sf.SoundFile(file)
+            with _stderr_into(caught):
+                sound = sf.SoundFile(file)
         except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
             raise AudioError(f"not a decodable audio file ({_libsndfile_reason(exc)})") from None
         with sound:
@@ -140,7 +149,7 @@ class LibsndfileDecoder:
             decoded = 0
             while True:
                 try:
-                    with _stderr_of_mpg123(self.fallback is not None):
+                    with _stderr_into(caught):
                         n = sound.read(out=buffer, dtype="float32", always_2d=True).shape[0]
                 except (sf.LibsndfileError, RuntimeError) as exc:
                     raise AudioError(
@@ -160,29 +169,26 @@ class DecoderComplained(AudioError):
 
 
 @contextlib.contextmanager
-def _stderr_of_mpg123(capture: bool):
-    """Catch what mpg123 prints on file descriptor 2 during one read (it has no quiet switch
-    through libsndfile): printed, it ran through the progress bar thousands of times on FMA.
-    Anything caught is DecoderComplained; a worker decodes on one thread, so what is caught
-    is mpg123's."""
-    if not capture:
+def _stderr_into(caught):
+    """File descriptor 2 into `caught` (an open file; None: left alone) for a call into mpg123,
+    which has no quiet switch through libsndfile: printed, its notes ran through the progress
+    bar thousands of times on FMA. Anything caught is DecoderComplained; a worker decodes on
+    one thread, so what is caught is mpg123's."""
+    if caught is None:
         yield
         return
-    import tempfile
-
     sys.stderr.flush()
-    with tempfile.TemporaryFile() as caught:
-        saved = os.dup(2)
-        os.dup2(caught.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    saved = os.dup(2)
+    os.dup2(caught.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    if caught.tell():
         caught.seek(0)
         notes = caught.read().decode("utf-8", "replace").strip()
-    if notes:
-        raise DecoderComplained(f"mpg123: {notes.splitlines()[0][:160]}")
+        raise DecoderComplained(f"mpg123: {notes.splitlines()[0][:160] if notes else notes}")
 
 
 def _sndfile_version() -> str:
@@ -324,15 +330,14 @@ class MpegDecoder:
     #: on); more than this share of the song is a damaged file, not a glitch.
     MAX_BAD_FRAME_SHARE = 0.01
 
-    def __init__(self, head: bytes, tag_bytes: int):
-        self.head, self.tag_bytes = head, tag_bytes
+    fallback = None
+
+    def __init__(self, counted: bool):
+        self.counted = counted  # the first frame is a Xing/VBRI header with a frame count
 
     def blocks(self, file, block_frames):
         import av
 
-        found = first_mpeg_frame(self.head[self.tag_bytes:])
-        length_tag = found and found[1].length_tag(self.head[self.tag_bytes + found[0]:])
-        has_length_tag = bool(length_tag and length_tag.frames)
         with contextlib.ExitStack() as stack:
             if isinstance(file, bytes):  # a path that is not UTF-8: FFmpeg takes str paths
                 file = stack.enter_context(open(file, "rb"))
@@ -341,7 +346,7 @@ class MpegDecoder:
             except av.error.FFmpegError as exc:
                 raise AudioError(
                     f"not a decodable MPEG audio file ({_ffmpeg_reason(exc)})") from None
-            yield from self._decode(container, has_length_tag, block_frames)
+            yield from self._decode(container, self.counted, block_frames)
 
     def _decode(self, container, has_length_tag: bool, block_frames: int):
         import av
@@ -445,9 +450,6 @@ _LIBSNDFILE_MAGIC = (b"RIFF", b"RIFX", b"RF64", b"riff", b"fLaC", b"OggS", b"FOR
                      b"caff", b"BW64", b"wvpk")
 SNIFF_BYTES = 1 << 16
 
-DECODERS: dict[str, type] = {"mpeg": MpegDecoder, "libsndfile": LibsndfileDecoder}
-
-
 def choose_decoder(file: BinaryIO | str | bytes) -> Decoder:
     """The decoder for this file, from its first bytes (never its name: a `.wav` that holds an
     MP3 is decoded as the MP3 it is)."""
@@ -465,6 +467,7 @@ def choose_decoder(file: BinaryIO | str | bytes) -> Decoder:
     found = first_mpeg_frame(head[tag:tag + SNIFF_BYTES])
     if not tag and (found is None or found[0] != 0):
         return LibsndfileDecoder()
+    length_tag = None
     if found is not None:
         start = tag + found[0]
         length_tag = found[1].length_tag(head[start:])
@@ -476,8 +479,8 @@ def choose_decoder(file: BinaryIO | str | bytes) -> Decoder:
                                        or length_tag.covers(stream_bytes - 128)):
             # The Xing count is exact and its byte count reaches the end of the file: mpg123
             # (in libsndfile) decodes to that count, to the sample as FFmpeg does, faster.
-            return LibsndfileDecoder(fallback=MpegDecoder(head, tag))
-    return MpegDecoder(head, tag)
+            return LibsndfileDecoder(fallback=MpegDecoder(counted=True))
+    return MpegDecoder(counted=bool(length_tag and length_tag.frames))
 
 
 def _file_size(file: BinaryIO | str | bytes) -> int:
