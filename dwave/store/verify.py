@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import printable
+from ..errors import DwaveError, printable
 from .audio import AudioError, decode_to_mono
 from .sources import Source
 from .track_store import TrackStore
+from .zip_members import ArchivePool
 
 #: A stored length this far from the source's decode is a song stored wrong, not rounding.
 LENGTH_TOLERANCE_SECONDS = 0.05
@@ -48,21 +49,28 @@ class Remeasured:
 
 def _remeasure(rows: list[dict], sample_rate: int,
                source_storage_options: dict) -> list[Remeasured]:
-    """Decode each row's source again (runs on a worker); the same decode as preprocess."""
+    """Decode each row's source again (runs on a worker); the same decode as preprocess, with
+    each zip archive opened once for the batch."""
     out = []
-    for row in rows:
-        stored = row["length"] / sample_rate
-        source = Source(row["source"], row.get("fingerprint") or "", 0,
-                        {} if row["source"].startswith(("http://", "https://"))
-                        else source_storage_options)
-        try:
-            with source.open() as file:
-                seconds = decode_to_mono(file, sample_rate).duration
-            out.append(Remeasured(row["id"], row["part"], row["source"], stored, seconds))
-        except (AudioError, OSError, ValueError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            out.append(Remeasured(row["id"], row["part"], row["source"], stored, None, reason))
+    with ArchivePool() as archives:
+        for row in rows:
+            out.append(_remeasure_one(row, sample_rate, source_storage_options, archives))
     return out
+
+
+def _remeasure_one(row: dict, sample_rate: int, source_storage_options: dict,
+                   archives: ArchivePool) -> Remeasured:
+    stored = row["length"] / sample_rate
+    source = Source(row["source"], row.get("fingerprint") or "", 0,
+                    {} if row["source"].startswith(("http://", "https://"))
+                    else source_storage_options)
+    try:
+        with source.open(archives) as file:
+            seconds = decode_to_mono(file, sample_rate).duration
+    except (AudioError, OSError, ValueError, DwaveError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return Remeasured(row["id"], row["part"], row["source"], stored, None, reason)
+    return Remeasured(row["id"], row["part"], row["source"], stored, seconds)
 
 
 def remeasure_store(store: TrackStore, rows: list[dict], sample_rate: int, cluster=None,
@@ -75,6 +83,8 @@ def remeasure_store(store: TrackStore, rows: list[dict], sample_rate: int, clust
 
     from .cluster import dask_client
 
+    # By source: a batch's zip members then share their archive (its directory read once)
+    rows = sorted(rows, key=lambda row: row["source"])
     batches = [rows[i:i + SONGS_PER_TASK] for i in range(0, len(rows), SONGS_PER_TASK)]
     results: list[Remeasured] = []
     with dask_client(cluster, log=log) as client:
