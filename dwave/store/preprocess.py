@@ -180,7 +180,7 @@ def plan_tasks(
         track_id = source.track_id
         if track_id in claimed:
             failures.append({
-                "source": source.uri, "track_id": track_id,
+                "source": source.uri, "track_id": track_id, "duplicate": True,
                 "reason": f"duplicate track id {track_id} (also from {claimed[track_id]})",
             })
             continue
@@ -293,7 +293,7 @@ def run_preprocess(
                 else f["source"] not in touched)]  # a record of an older dwave: by its path
     recorded = [{"source": f["source"], "track_id": f["track_id"],
                  "fingerprint": fingerprints.get(f["track_id"]), "reason": f["reason"]}
-                for f in failures if not f["reason"].startswith("duplicate track id")]
+                for f in failures if not f.get("duplicate")]  # the other source's record holds
     try:
         index = store.write_index(kept + recorded, refresh=relabelled, base=stored)
     except OSError as exc:
